@@ -1,0 +1,425 @@
+"""Per-micro-batch, per-worker and per-example gradient statistics for one step.
+
+:class:`GradientStatistics` attaches to a model (or a
+``DistributedDataParallel`` wrapper) and, for each optimiser step, yields a
+:class:`GradientSummary` of per-layer squared norms: what AdaScale, LENA and
+CLARS consume (methods.md). A "layer" is one parameter tensor.
+
+Scales. Let ``g^(i)`` be the *mean* gradient over the examples of sample i
+(a micro-batch or a worker), ``m`` the local number of micro-batches and ``b``
+the examples per micro-batch. The tensor hook sees ``h_i = s g^(i)`` with
+``s = (1/m if accumulation == "mean" else 1) * (b if loss_reduction == "sum"
+else 1)``, and ``p.grad = s m gbar`` after the step's backwards (averaged over
+workers by DDP). Every reported number is on the scale of ``g^(i)``, so the
+estimators (estimators.py) and the noise scale in examples are meaningful
+whatever the user's loss scaling. Workers are assumed to run the same number of
+micro-batches of the same size, as DDP with ``no_sync`` accumulation does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_leaves
+
+from . import estimators
+from .ddp import bucket_sq_norms, launch_stats_all_reduce, statistics_comm_hook
+
+__all__ = ["GradientStatistics", "GradientSummary"]
+
+_SAMPLES = ("micro_batch", "worker")
+_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class GradientSummary:
+    """Per-layer gradient statistics of one step; tensors of shape [K], on device.
+
+    ``sample_sq_norm_mean`` is A_k = (1/n) sum_i ||g_k^(i)||^2 and
+    ``mean_grad_sq_norm`` is B_k = ||gbar_k||^2 (methods.md, AdaScale / LENA).
+    ``example_*`` are set when per-example norms were collected (CLARS).
+    Derived estimators follow estimators.py; "total" means model-level, the
+    ratio of sums over layers.
+    """
+
+    n: int
+    sample_sq_norm_mean: Tensor
+    mean_grad_sq_norm: Tensor
+    num_examples: int | Tensor
+    example_norm_mean: Tensor | None = None
+    example_sq_norm_mean: Tensor | None = None
+
+    @property
+    def examples_per_sample(self) -> float | Tensor:
+        return self.num_examples / self.n
+
+    def _pair(self, total: bool) -> tuple[Tensor, Tensor]:
+        A, B = self.sample_sq_norm_mean, self.mean_grad_sq_norm
+        return (estimators.total(A), estimators.total(B)) if total else (A, B)
+
+    def variance(self, total: bool = False) -> Tensor:
+        """Unbiased tr(Sigma) of one gradient sample, n - 1 degrees of freedom."""
+        return estimators.sample_variance(*self._pair(total), self.n)
+
+    def true_grad_sq_norm(self, total: bool = False) -> Tensor:
+        """Unbiased ||E g||^2 (AdaScale's mu^2)."""
+        return estimators.true_grad_sq_norm(*self._pair(total), self.n)
+
+    def gain_ratio(self, total: bool = False) -> Tensor:
+        """AdaScale gain r in [1, n] (per layer: LENA's unsmoothed gain)."""
+        return estimators.gain_ratio(*self._pair(total), self.n)
+
+    def noise_scale(self, total: bool = False) -> Tensor:
+        """McCandlish et al. (2018) B_noise in examples, per layer or model."""
+        self._require_examples()
+        return estimators.noise_scale(*self._pair(total), self.n, self.examples_per_sample)
+
+    def _example_pair(self, total: bool) -> tuple[Tensor, Tensor]:
+        if self.example_sq_norm_mean is None:
+            raise RuntimeError("per-example statistics need GradientStatistics(per_example=True)")
+        E, B = self.example_sq_norm_mean, self.mean_grad_sq_norm
+        return (estimators.total(E), estimators.total(B)) if total else (E, B)
+
+    def example_variance(self, total: bool = False) -> Tensor:
+        """Unbiased per-example tr(Sigma), N - 1 degrees of freedom."""
+        return estimators.example_variance(*self._example_pair(total), self.num_examples)
+
+    def example_noise_scale(self, total: bool = False) -> Tensor:
+        """B_noise from per-example norms (N - 1 degrees of freedom)."""
+        return estimators.example_noise_scale(*self._example_pair(total), self.num_examples)
+
+    def _require_examples(self) -> None:
+        if isinstance(self.num_examples, int) and self.num_examples <= 0:
+            raise RuntimeError(
+                "the number of examples is unknown (no tensor argument to the model's forward); "
+                "use per_example=True or pass batched tensors to forward"
+            )
+
+
+def first_batch_size(args: tuple, kwargs: dict) -> int:
+    """Leading dimension of the first tensor among a forward call's arguments (0 if none)."""
+    for leaf in tree_leaves((args, kwargs)):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return 0
+
+
+def sq_norms(tensors: list[Tensor | None], dtype: torch.dtype, like: Tensor) -> Tensor:
+    """Squared 2-norms of a list of tensors in one ``_foreach_norm``; None gives 0."""
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    out = torch.zeros(len(tensors), dtype=dtype, device=like.device)
+    if present:
+        norms = torch._foreach_norm([tensors[i] for i in present], 2, dtype=dtype)
+        if len(present) == len(tensors):
+            return torch.stack(norms).square()
+        out[present] = torch.stack(norms).square()
+    return out
+
+
+class GradientStatistics:
+    """Collect A_k, B_k (and per-example norms) for each optimiser step.
+
+    Call ``summary()`` after the step's last backward and before
+    ``optimizer.step()``; call ``reset()`` after it. See the module docstring
+    for the scales and ``summary()`` for what n counts.
+
+    Args:
+        model: the module, or a ``DistributedDataParallel`` wrapping it (then a
+            comm hook is registered that wraps ``comm_hook`` or the default
+            all-reduce; register your own hook through this argument, not on
+            the DDP module).
+        per_example: also collect per-example gradient norms (ghost norms).
+        loss_reduction: "mean" or "sum" over the examples of a micro-batch.
+        accumulation: "mean" when the loss is divided by the number of
+            micro-batches, "sum" when it is not.
+        sample: "micro_batch" (n = workers x micro-batches) or "worker"
+            (each worker's accumulated local gradient; n = workers).
+        batchnorm: per-example policy for BatchNorm layers (per_example only).
+        per_example_fallback: allow the per-module torch.func fallback for
+            layers without a ghost-norm rule (per_example only).
+        comm_hook, comm_state: the DDP communication hook to wrap, and its state.
+        process_group: group for the statistics all-reduce (default: DDP's).
+        params: the tracked parameters (default: all trainable ones).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        per_example: bool = False,
+        loss_reduction: str = "mean",
+        accumulation: str = "mean",
+        sample: str = "micro_batch",
+        batchnorm: str = "contribution",
+        per_example_fallback: bool = True,
+        comm_hook=None,
+        comm_state=None,
+        process_group=None,
+        params=None,
+    ):
+        _check_choice("loss_reduction", loss_reduction, _REDUCTIONS)
+        _check_choice("accumulation", accumulation, _REDUCTIONS)
+        _check_choice("sample", sample, _SAMPLES)
+        self.ddp = model if isinstance(model, DistributedDataParallel) else None
+        self.module = model.module if self.ddp is not None else model
+        self.loss_reduction, self.accumulation, self.sample = loss_reduction, accumulation, sample
+        self.params = _unique_trainable(params if params is not None else self.module.parameters())
+        if not self.params:
+            raise ValueError("params: no parameter requires grad")
+        self._index_of = {id(p): k for k, p in enumerate(self.params)}
+        anchor = self.params[0]
+        self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self._zeros = lambda: torch.zeros(len(self.params), dtype=self._dtype, device=anchor.device)
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._handles = [p.register_hook(self._grad_hook(k)) for k, p in enumerate(self.params)]
+        self._handles.append(self.module.register_forward_pre_hook(self._count_examples, with_kwargs=True))
+        self.per_example = None
+        if per_example:
+            from .per_example import PerExampleNorms
+
+            self.per_example = PerExampleNorms(
+                self.module, loss_reduction=loss_reduction, batchnorm=batchnorm, fallback=per_example_fallback, params=self.params
+            )
+        self._active = True
+        self._group = None
+        if self.ddp is not None:
+            self._attach_ddp(comm_hook, comm_state, process_group)
+        elif comm_hook is not None:
+            raise ValueError("comm_hook: only meaningful when model is a DistributedDataParallel")
+        self.reset()
+
+    # -- public -----------------------------------------------------------
+    def index_of(self, p: Tensor) -> int:
+        try:
+            return self._index_of[id(p)]
+        except KeyError:
+            raise KeyError("parameter is not tracked by this GradientStatistics") from None
+
+    def reset(self) -> None:
+        """Start a new step (call after ``optimizer.step()``)."""
+        self._backwards = 0
+        self._in_backward = False
+        self._examples = 0
+        self._pending_norms: list[Tensor] = []
+        self._pending_index: list[int] = []
+        self._micro_sq = self._zeros()  # sum over local micro-batches of ||h_i||^2
+        self._worker_sq = self._zeros()  # local accumulated gradient, from the comm hook
+        self._reduced: Tensor | None = None
+        self._reductions = 0
+        self._backwards_at_reduction = 0
+        if self.per_example is not None:
+            self.per_example.reset()
+
+    def remove(self) -> None:
+        """Detach every hook (the DDP comm hook becomes a plain forwarder)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.per_example is not None:
+            self.per_example.remove()
+        self._active = False
+
+    def summary(self) -> GradientSummary:
+        """Statistics of the backwards since ``reset()``; nothing is synced to host.
+
+        n = workers x local micro-batches (sample="micro_batch") or workers
+        (sample="worker"; in one process n = 1).
+        """
+        if self._backwards == 0:
+            raise RuntimeError("GradientStatistics.summary(): no backward since reset()")
+        self._flush()
+        m, world = self._backwards, self._world_size()
+        sample_scale = self._micro_batch_scale(m)  # h_i = sample_scale * g^(i)
+        grad_scale = sample_scale * m  # p.grad = grad_scale * gbar
+        if self.ddp is not None:
+            self._check_reduced(m)
+            K = len(self.params)
+            sums, extra = self._reduced[:K], self._reduced[K:]
+            num_examples: int | Tensor = extra[-1]
+        else:
+            sums, extra = None, None
+            num_examples = self._examples
+        grads = [p.grad for p in self.params]
+        B = sq_norms(grads, self._dtype, self.params[0]) / grad_scale**2
+        if self.sample == "micro_batch":
+            n = world * m
+            local = self._micro_sq if sums is None else sums
+            A = local / (sample_scale**2 * n)
+        else:
+            n = world
+            A = B.clone() if sums is None else sums / (grad_scale**2 * n)
+        example_norm_mean = example_sq_norm_mean = None
+        if self.per_example is not None:
+            per_example_scale = m if self.accumulation == "mean" else 1
+            if extra is None:
+                norm_sum, sq_sum, count = self.per_example.accumulators()
+                num_examples = count
+            else:
+                K = len(self.params)
+                norm_sum, sq_sum = extra[:K], extra[K : 2 * K]
+            example_norm_mean = norm_sum.to(self._dtype) * per_example_scale / num_examples
+            example_sq_norm_mean = sq_sum.to(self._dtype) * per_example_scale**2 / num_examples
+        return GradientSummary(
+            n=n,
+            sample_sq_norm_mean=A,
+            mean_grad_sq_norm=B,
+            num_examples=num_examples,
+            example_norm_mean=example_norm_mean,
+            example_sq_norm_mean=example_sq_norm_mean,
+        )
+
+    # -- hooks --------------------------------------------------------------
+    def _grad_hook(self, k: int):
+        def hook(grad: Tensor) -> None:
+            if not self._in_backward:  # first parameter gradient of a backward pass
+                self._in_backward = True
+                self._backwards += 1
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            if self.sample == "micro_batch":
+                self._pending_norms.append(torch.linalg.vector_norm(grad, dtype=self._dtype))
+                self._pending_index.append(k)
+
+        return hook
+
+    def _end_backward(self) -> None:
+        self._in_backward = False
+        self._flush()
+
+    def _count_examples(self, module, args, kwargs) -> None:
+        if torch.is_grad_enabled():
+            self._examples += first_batch_size(args, kwargs)
+
+    def _flush(self) -> None:
+        """Add the pending per-parameter norms of finished micro-batches."""
+        if not self._pending_norms:
+            return
+        norms, index = torch.stack(self._pending_norms), self._cached_index(self._pending_index)
+        self._pending_norms, self._pending_index = [], []
+        self._micro_sq.index_add_(0, index, norms.square())
+
+    def _cached_index(self, indices: list[int]) -> Tensor:
+        key = tuple(indices)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = torch.tensor(key, dtype=torch.long, device=self._micro_sq.device)
+            self._index_cache[key] = index
+        return index
+
+    def _micro_batch_scale(self, m: int) -> float:
+        scale = 1.0 / m if self.accumulation == "mean" else 1.0
+        if self.loss_reduction == "sum":
+            if self._examples <= 0:
+                raise RuntimeError(
+                    "loss_reduction='sum' needs the micro-batch size, but no batched tensor "
+                    "reached the model's forward"
+                )
+            scale *= self._examples / m
+        return scale
+
+    # -- DDP --------------------------------------------------------------------
+    def _attach_ddp(self, comm_hook, comm_state, process_group) -> None:
+        ddp = self.ddp
+        if getattr(ddp, "_comm_hooks", None):
+            raise ValueError(
+                "the DistributedDataParallel module already has a comm hook; pass it as "
+                "GradientStatistics(comm_hook=..., comm_state=...) so it can be wrapped"
+            )
+        self._group = process_group if process_group is not None else ddp.process_group
+        if comm_hook is None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            comm_hook, comm_state = allreduce_hook, (comm_state if comm_state is not None else ddp.process_group)
+        hook = statistics_comm_hook(
+            comm_hook,
+            comm_state,
+            before_reduce=self._on_bucket,
+            after_last_bucket=self._reduce_statistics,
+            is_active=lambda: self._active,
+        )
+        ddp.register_comm_hook(comm_state, hook)
+        self._synced_once = False
+        self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
+
+    def _world_size(self) -> int:
+        return dist.get_world_size(self._group) if self.ddp is not None else 1
+
+    def _on_bucket(self, bucket: dist.GradBucket) -> None:
+        if self.sample != "worker":
+            return
+        indices, squared = bucket_sq_norms(bucket.gradients(), bucket.parameters(), self._index_of, self._dtype)
+        if squared is not None:
+            self._worker_sq.index_add_(0, self._cached_index(indices), squared)
+
+    def _reduce_statistics(self) -> torch.futures.Future:
+        """Pack every statistic of the step into one vector and all-reduce it once."""
+        self._flush()
+        parts = [self._micro_sq if self.sample == "micro_batch" else self._worker_sq]
+        examples = torch.tensor([float(self._examples)], dtype=self._dtype, device=parts[0].device)
+        if self.per_example is not None:
+            norm_sum, sq_sum, count = self._per_example_now()
+            parts += [norm_sum.to(self._dtype), sq_sum.to(self._dtype)]
+            examples = count.reshape(1).to(self._dtype)
+        self._reduced = torch.cat(parts + [examples])
+        self._reductions += 1
+        self._backwards_at_reduction = self._backwards
+        self._synced_once = True
+        return launch_stats_all_reduce(self._reduced, self._group)
+
+    def _per_example_now(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-example sums including the backward still running.
+
+        PerExampleNorms combines a backward's layer uses in an end-of-backward
+        callback, which runs after DDP's last bucket; every output gradient is
+        already there when the last bucket is ready, so combine them now.
+        """
+        pe = self.per_example
+        if getattr(pe, "_queued", False) and hasattr(pe, "_finalize"):
+            pe._finalize()
+        return pe.accumulators()
+
+    def _check_reduced(self, m: int) -> None:
+        if self._reduced is None:
+            raise RuntimeError(
+                "no synchronised backward since reset(): under DDP the step's last backward must "
+                "run outside no_sync() (gradients and statistics are reduced there)"
+            )
+        if self._backwards_at_reduction != m:
+            raise RuntimeError(
+                "a backward ran under no_sync() after the last synchronised backward; its gradient "
+                "was not averaged across workers"
+            )
+        if self.sample == "worker" and self._reductions > 1:
+            raise RuntimeError(
+                "sample='worker' needs one synchronised backward per step (accumulate the other "
+                f"micro-batches under no_sync()); this step synchronised {self._reductions} times"
+            )
+
+    def _guard_static_graph_no_sync(self, module, args) -> None:
+        ddp = self.ddp
+        first_synced = self._synced_once or getattr(ddp, "_static_graph_delay_allreduce_enqueued", False)
+        if ddp.static_graph and not ddp.require_backward_grad_sync and not first_synced:
+            raise RuntimeError(
+                "DistributedDataParallel(static_graph=True) cannot start with a no_sync() "
+                "micro-batch (PyTorch issue 143580: the reducer asserts in backward). Make the "
+                "first micro-batch of training a synchronised one, or use static_graph=False."
+            )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _unique_trainable(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if isinstance(p, tuple):  # named_parameters()
+            p = p[1]
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

@@ -1,0 +1,135 @@
+"""Estimators built from per-layer squared-norm statistics (pure functions).
+
+Notation (docs: shared stats reference, methods.md): for one layer, n gradient
+samples g^(i) (micro-batches or workers, each the *mean* gradient of its
+examples) with mean gbar,
+
+    A = (1/n) sum_i ||g^(i)||^2        (mean of squared sample norms)
+    B = ||gbar||^2                     (squared norm of the applied gradient)
+
+Every function works elementwise on tensors of any shape (one entry per
+layer), keeps everything on the device and never synchronises with the host.
+``n`` is a Python number: it is counted, never measured.
+
+Sources:
+- unbiased variance: sum_i ||g^(i) - gbar||^2 = sum_i ||g^(i)||^2 - n ||gbar||^2,
+  divided by n - 1;
+- AdaScale gain ratio: Johnson et al., "AdaScale SGD", ICML 2020, Eq. (7);
+  LENA's layer-wise gain (Ko et al., WWW 2022, Eq. 4, 5) is the same per layer;
+- gradient noise scale: McCandlish et al. 2018, "An Empirical Model of
+  Large-Batch Training", App. A.1 (unbiased |G|^2 and tr(Sigma) from two batch
+  sizes, here b and n*b).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "sample_variance",
+    "true_grad_sq_norm",
+    "gain_ratio",
+    "noise_scale",
+    "example_variance",
+    "example_true_grad_sq_norm",
+    "example_noise_scale",
+    "total",
+]
+
+
+def _check_n(n: int | float, name: str = "n") -> None:
+    if n < 1:
+        raise ValueError(f"{name} must be at least 1, got {n}")
+
+
+def sample_variance(A: Tensor, B: Tensor, n: int) -> Tensor:
+    """Unbiased tr(Sigma) of one gradient sample: n/(n-1) * (A - B).
+
+    From sum_i ||g^(i) - gbar||^2 = n A - n B with n - 1 degrees of freedom.
+    With a single sample the variance is undefined: NaN.
+    """
+    _check_n(n)
+    if n == 1:
+        return torch.full_like(A, math.nan)
+    return (A - B) * (n / (n - 1))
+
+
+def true_grad_sq_norm(A: Tensor, B: Tensor, n: int) -> Tensor:
+    """Unbiased estimate of ||E g||^2: B - sigma^2/n = (n B - A)/(n - 1).
+
+    AdaScale's mu^2 (Johnson et al. 2020); McCandlish et al. 2018 App. A.1
+    |G|^2 with B_small = b, B_big = n b. Can be negative when noise dominates.
+    """
+    _check_n(n)
+    if n == 1:
+        return torch.full_like(A, math.nan)
+    return (B * n - A) / (n - 1)
+
+
+def gain_ratio(A: Tensor, B: Tensor, n: int) -> Tensor:
+    """AdaScale gain r = (sigma^2 + mu^2) / (sigma^2/n + mu^2), clamped to [1, n].
+
+    With the unbiased estimates above sigma^2 + mu^2 = A and
+    sigma^2/n + mu^2 = B exactly, so r = A / B (Johnson et al. 2020, Eq. 7;
+    LENA Eq. 5 per layer). A layer without any gradient (A = 0) gets 1; a zero
+    mean with nonzero samples (B = 0 < A) gets n.
+    """
+    _check_n(n)
+    ratio = torch.where(A > 0, A / B, torch.ones_like(A))
+    return ratio.nan_to_num(nan=1.0, posinf=float(n)).clamp(1.0, float(n))
+
+
+def noise_scale(A: Tensor, B: Tensor, n: int, examples_per_sample: float | Tensor) -> Tensor:
+    """Simple gradient noise scale B_noise = tr(Sigma) / |G|^2, in examples.
+
+    McCandlish et al. 2018, Eq. 2.8 and App. A.1: with b examples per sample,
+    the per-example covariance trace is b * sample_variance and |G|^2 is
+    ``true_grad_sq_norm``. The raw ratio is noisy (|G|^2 may be <= 0); the
+    paper smooths numerator and denominator separately before dividing, which
+    callers can do with ``sample_variance`` and ``true_grad_sq_norm``.
+    """
+    return sample_variance(A, B, n) * examples_per_sample / true_grad_sq_norm(A, B, n)
+
+
+def example_variance(example_sq_norm_mean: Tensor, B: Tensor, num_examples: int | Tensor) -> Tensor:
+    """Unbiased per-example tr(Sigma) from per-example norms: N/(N-1) (E - B).
+
+    E = (1/N) sum_j ||grad f_j||^2 and B = ||gbar||^2, the mean of the N
+    per-example gradients: the estimator above with n = N, N - 1 degrees of
+    freedom.
+    """
+    N = num_examples
+    if not isinstance(N, Tensor):
+        _check_n(N, "num_examples")
+        if N == 1:
+            return torch.full_like(B, math.nan)
+    return (example_sq_norm_mean - B) * (N / (N - 1))
+
+
+def example_true_grad_sq_norm(example_sq_norm_mean: Tensor, B: Tensor, num_examples: int | Tensor) -> Tensor:
+    """Unbiased ||E grad f||^2 from per-example norms: (N B - E)/(N - 1)."""
+    N = num_examples
+    if not isinstance(N, Tensor):
+        _check_n(N, "num_examples")
+        if N == 1:
+            return torch.full_like(B, math.nan)
+    return (B * N - example_sq_norm_mean) / (N - 1)
+
+
+def example_noise_scale(example_sq_norm_mean: Tensor, B: Tensor, num_examples: int | Tensor) -> Tensor:
+    """B_noise = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from per-example norms."""
+    return example_variance(example_sq_norm_mean, B, num_examples) / example_true_grad_sq_norm(
+        example_sq_norm_mean, B, num_examples
+    )
+
+
+def total(per_layer: Tensor) -> Tensor:
+    """Model-level value of an additive per-layer statistic (A, B, tr(Sigma), |G|^2).
+
+    Squared norms and traces add over layers; ratios do not, so model-level
+    gains and noise scales are ratios of these totals.
+    """
+    return per_layer.sum(dim=-1)
