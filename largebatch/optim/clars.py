@@ -1,0 +1,321 @@
+r"""CLARS: complete layer-wise adaptive rate scaling.
+
+Huo, Gu, Huang, "Large Batch Optimization for Deep Learning Using New Complete
+Layer-Wise Adaptive Rate Scaling", AAAI 2021, arXiv 2002.01576. LARS measures a
+layer's gradient by the norm of the mini-batch gradient
+:math:`\lVert\bar g_k\rVert`; CLARS by the mean of the per-example gradient
+norms of that layer. Per layer k, with B examples, weight decay :math:`\beta`,
+trust coefficient :math:`\eta`, momentum m and global rate :math:`\eta_t`:
+
+.. math::
+
+    G_k = \tfrac1B \textstyle\sum_i \lVert\nabla_k f_i(w)\rVert,\qquad
+    \text{local}_k = \eta\,\frac{\lVert w_k\rVert}{G_k + \beta\lVert w_k\rVert + \epsilon}
+
+    v_k \leftarrow m v_k + \eta_t\,\text{local}_k\,(\bar g_k + \beta w_k),\qquad
+    w_k \leftarrow w_k - v_k
+
+The reading. The public record of the paper does not show its algorithm box
+in full; the form above (the mean of per-example layer norms in place of the
+mini-batch norm, everything else as LARS) is the reading implemented here. By
+the triangle inequality :math:`G_k \ge \lVert\bar g_k\rVert`, so the trust
+ratio, and the rate, is never above LARS's, and much lower when examples
+disagree (early training): that is how CLARS does without warm-up. The
+per-layer statistic is pluggable: ``statistic="mean_norm"`` (default, the
+above) or ``"rms_norm"`` (:math:`\sqrt{\tfrac1B\sum_i\lVert\nabla_k f_i\rVert^2}`,
+also :math:`\ge G_k`), should a later reading of the paper differ.
+Caveat: per-example norms depend on what an "example" is; with a mean loss the
+engine reports :math:`\nabla f_i` of example i's own (undivided) loss, on the
+scale of :math:`\bar g`.
+
+Fallback. Where a layer has no exact per-example norm (BatchNorm in train
+mode mixes examples: the engine reports ``"batchnorm-contribution"``; or the
+engine returns NaN for it), the default ``inexact="fallback"`` uses
+:math:`\sqrt{A_k}`, the root-mean-square of the n micro-batch (or worker)
+gradient norms, which is :math:`\ge\lVert\bar g_k\rVert` and equals it (plain
+LARS) when n = 1. ``inexact="use"`` takes the engine's per-example
+contributions as they are. ``opt.fallback_layers`` names the layers that used
+the fallback in the last step.
+
+The optimiser reads the statistics from ``stats.summary()`` (built with
+``GradientStatistics(model, per_example=True)``); weight norms go through
+``largebatch.optim._sharded.layer_sq_norms`` (one all-reduce for FSDP2
+DTensor parameters). Groups with ``adapt=False`` get local = 1 (momentum SGD
+at :math:`\eta_t`), groups with ``weight_decay=0`` no decay: the two masks of
+LARS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from ._methods import (
+    StatisticsIndex,
+    check_non_negative,
+    check_source,
+    check_state_dict,
+    summary_n,
+    tag_state_dict,
+)
+from ._sharded import layer_sq_norms, local
+
+__all__ = ["CLARS", "clars_trust_ratios", "clars_"]
+
+STATISTICS = ("mean_norm", "rms_norm")
+INEXACT_METHODS = ("batchnorm-contribution",)
+
+
+def clars_trust_ratios(
+    weight_norms: Tensor,
+    gradient_measure: Tensor,
+    *,
+    weight_decay: Tensor,
+    trust_coefficient: Tensor,
+    eps: Tensor,
+    adapt: Tensor,
+) -> Tensor:
+    """local_k = eta * ||w_k|| / (G_k + beta ||w_k|| + eps); 1 where ||w_k|| = 0, G_k = 0 or not adapted."""
+    ratio = trust_coefficient * weight_norms / (gradient_measure + weight_decay * weight_norms + eps)
+    keep = (weight_norms > 0) & (gradient_measure > 0) & adapt
+    return torch.where(keep, ratio, torch.ones_like(ratio))
+
+
+def clars_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    scales: Tensor,
+    *,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    foreach: bool,
+) -> list[Tensor]:
+    """The LARS update with the rate inside the buffer: s_k = eta_t * local_k,
+
+        d = g + beta w;  v = m v + (1 - dampening) s_k d  (v = s_k d first);  w -= v
+        (nesterov: w -= s_k d + m v).
+    """
+    originals = params
+    params, grads = [local(p) for p in params], [local(g) for g in grads]
+    if maximize:
+        grads = [-g for g in grads]
+    if weight_decay != 0:
+        grads = (
+            torch._foreach_add(grads, params, alpha=weight_decay)
+            if foreach
+            else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
+        )
+    s = list(scales.unbind(0))
+    scaled = torch._foreach_mul(grads, s) if foreach else [d * r for d, r in zip(grads, s)]
+    if momentum == 0:
+        torch._foreach_sub_(params, scaled)
+        return momentum_buffers
+    for i, b in enumerate(momentum_buffers):
+        if b is None:
+            momentum_buffers[i] = b = torch.zeros_like(originals[i])
+            local(b).copy_(scaled[i])  # seeded with the scaled update, never the raw gradient
+        else:
+            local(b).mul_(momentum).add_(scaled[i], alpha=1 - dampening)
+    bufs = [local(b) for b in momentum_buffers]
+    if nesterov:
+        torch._foreach_sub_(params, scaled)
+        torch._foreach_sub_(params, bufs, alpha=momentum)
+    else:
+        torch._foreach_sub_(params, bufs)
+    return momentum_buffers
+
+
+def _inexact_mask(stats, count: int) -> list[bool] | None:
+    """Per statistics index: True where the engine says the per-example norm is not exact."""
+    source = getattr(stats, "per_example", None)
+    methods = getattr(source, "methods", None) or getattr(stats, "example_norm_methods", None)
+    if not callable(methods):
+        return None
+    labels = list(methods().values())
+    if len(labels) != count:
+        return None
+    return [any(part in INEXACT_METHODS for part in label.split("+")) for label in labels]
+
+
+class CLARS(Optimizer):
+    r"""CLARS (Huo, Gu, Huang, AAAI 2021). See the module docstring for the maths and the reading.
+
+    Args:
+        params: tensors, dicts or ``named_parameters()``.
+        lr: :math:`\eta_t` (float or tensor; schedulers drive it). Default 1.0.
+        momentum, dampening, nesterov: as LARS (rate inside the buffer).
+        weight_decay: :math:`\beta`, in the update and in the denominator.
+        stats: the statistics source, built with ``per_example=True``.
+        trust_coefficient: :math:`\eta` (default 0.001). eps: default 1e-8.
+        statistic: ``"mean_norm"`` (default) or ``"rms_norm"``.
+        adapt: use the trust ratio in this group (default True).
+        inexact: ``"fallback"`` (default) or ``"use"`` for layers without exact
+            per-example norms (see the module docstring).
+        reset_statistics: call ``stats.reset()`` after each step (default True).
+
+    After each step (never checkpointed): ``last_trust_ratio``,
+    ``last_gradient_measure`` (:math:`G_k`), ``last_effective_lr``,
+    ``last_fallback`` (bool) as vectors over ``last_params``; and
+    ``fallback_layers``, the names (or ``group.index``) of the layers that
+    used the fallback.
+    """
+
+    method = "clars"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1.0,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        stats: Any = None,
+        trust_coefficient: float = 1e-3,
+        eps: float = 1e-8,
+        statistic: str = "mean_norm",
+        adapt: bool = True,
+        inexact: str = "fallback",
+        reset_statistics: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_source(stats, "CLARS", need_per_example=True)
+        if inexact not in ("fallback", "use"):
+            raise ValueError(f"invalid inexact: {inexact!r} (use 'fallback' or 'use')")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            trust_coefficient=trust_coefficient, eps=eps, statistic=statistic, adapt=adapt,
+            maximize=maximize, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+        self.stats = stats
+        self.inexact = inexact
+        self.reset_statistics = reset_statistics
+        self._index = StatisticsIndex(stats)
+        self._clear_introspection()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name in ("lr", "weight_decay", "trust_coefficient", "eps", "dampening"):
+            check_non_negative(name, group[name])
+        if not 0.0 <= group["momentum"] < 1.0:
+            raise ValueError(f"invalid momentum: {group['momentum']!r} (must be in [0, 1))")
+        if group["statistic"] not in STATISTICS:
+            raise ValueError(f"invalid statistic: {group['statistic']!r} (use one of {STATISTICS})")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+
+    def _clear_introspection(self) -> None:
+        self.last_params: list[Tensor] = []
+        self.last_trust_ratio = self.last_gradient_measure = self.last_effective_lr = None
+        self.last_fallback: Tensor | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._clear_introspection()
+
+    def state_dict(self) -> dict[str, Any]:
+        return tag_state_dict(super().state_dict(), self.method)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_dict(state_dict, self.method)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "method"})
+
+    @property
+    def fallback_layers(self) -> list[str]:
+        """Names of the layers whose measure used the fallback in the last step (reads the mask once)."""
+        if self.last_fallback is None:
+            return []
+        names = {}
+        for g, group in enumerate(self.param_groups):
+            group_names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                names[id(p)] = group_names[i] if group_names else f"group{g}.{i}"
+        flags = self.last_fallback.tolist()
+        return [names[id(p)] for p, used in zip(self.last_params, flags) if used]
+
+    def _gradient_measure(self, summary, params: list[Tensor], statistics: list[str]) -> tuple[Tensor, Tensor]:
+        if summary.example_norm_mean is None or summary.example_sq_norm_mean is None:
+            raise ValueError(
+                "CLARS needs per-example gradient norms: build the statistics source with "
+                "GradientStatistics(model, per_example=True)"
+            )
+        mean_norm = self._index.gather(summary.example_norm_mean, params).float()
+        rms_norm = self._index.gather(summary.example_sq_norm_mean, params).float().clamp(min=0).sqrt()
+        use_rms = torch.tensor([s == "rms_norm" for s in statistics], device=mean_norm.device)
+        measure = torch.where(use_rms, rms_norm, mean_norm)
+        fallback = torch.isnan(measure)
+        if self.inexact == "fallback":
+            inexact = _inexact_mask(self.stats, summary.example_norm_mean.numel())
+            if inexact is not None and any(inexact):
+                index = self._index.index(params, measure.device)
+                fallback = fallback | torch.tensor(inexact, device=measure.device)[index]
+        micro = self._index.gather(summary.sample_sq_norm_mean, params).float().clamp(min=0).sqrt()
+        return torch.where(fallback, micro, measure), fallback
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        summary = self.stats.summary()
+        summary_n(summary)
+        params, groups_of = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("CLARS does not support sparse gradients")
+                    params.append(p)
+                    groups_of.append(group)
+        if not params:
+            return loss
+        device = params[0].device
+        measure, fallback = self._gradient_measure(summary, params, [g["statistic"] for g in groups_of])
+
+        def vector(key: str, dtype=torch.float32) -> Tensor:
+            return torch.tensor([g[key] for g in groups_of], dtype=dtype, device=device)
+
+        weight_norms = layer_sq_norms(params).sqrt()
+        ratio = clars_trust_ratios(
+            weight_norms, measure, weight_decay=vector("weight_decay"),
+            trust_coefficient=vector("trust_coefficient"), eps=vector("eps"), adapt=vector("adapt", torch.bool),
+        )
+        lrs = torch.stack([torch.as_tensor(g["lr"], dtype=torch.float32, device=device).reshape(()) for g in groups_of])
+        rates = ratio * lrs
+
+        start = 0
+        for group in self.param_groups:
+            count = sum(1 for p in group["params"] if p.grad is not None)
+            if count == 0:
+                continue
+            ps = params[start : start + count]
+            buffers = [self.state[p].get("momentum_buffer") for p in ps]
+            buffers = clars_(
+                ps, [p.grad for p in ps], buffers, rates[start : start + count],
+                momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"], maximize=group["maximize"],
+                foreach=group["foreach"] is not False,
+            )
+            if group["momentum"] != 0:
+                for p, b in zip(ps, buffers):
+                    self.state[p]["momentum_buffer"] = b
+            start += count
+
+        self.last_params = params
+        self.last_trust_ratio, self.last_gradient_measure = ratio, measure
+        self.last_effective_lr, self.last_fallback = rates, fallback
+        if self.reset_statistics and hasattr(self.stats, "reset"):
+            self.stats.reset()
+        return loss

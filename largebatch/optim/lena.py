@@ -1,0 +1,353 @@
+r"""LENA: layer-wise adaptive learning-rate scaling with state-aware warm-up.
+
+Ko, Lee, Kim, "Not All Layers Are Equal: A Layer-Wise Adaptive Approach Toward
+Large-Scale DNN Training", WWW 2022 (doi 10.1145/3485447.3511989), Eq. 4-8 and
+Algorithm 1. With n gradient samples per update (workers x micro-batches),
+for each layer k and update t:
+
+.. math::
+
+    A_k = \tfrac1n \textstyle\sum_i \lVert g_k^{(i)}\rVert^2,\qquad
+    B_k = \lVert \bar g_k\rVert^2                                   \quad\text{(Eq. 4)}
+
+    \bar A_k, \bar B_k = \text{bias-corrected moving averages, factor } c = \max(1 - n/1000, 0)
+                                                                      \quad\text{(Eq. 8)}
+
+    r_k = \operatorname{clamp}\Big(\frac{\bar A_k + \epsilon}{\bar B_k + \epsilon}, 1, n\Big)
+                                                                      \quad\text{(Eq. 5)}
+
+    S_k \mathrel{+}= r_k,\qquad \theta = \alpha T_1,\qquad
+    \eta_{t,k} = r_k\,\eta_0\,\text{decay}(t)\cdot\min(S_k/\theta, 1)  \quad\text{(Eq. 6, 7)}
+
+:math:`\eta_0\,\text{decay}(t)` is the group ``lr``, so any
+``torch.optim.lr_scheduler`` drives the decay. The update is momentum SGD with
+the rate outside the buffer (``torch.optim.SGD``).
+
+Where this differs from the authors' code (methods.md lists the defects):
+the averages start from 0 *with* bias correction and a guarded factor (so
+n > 1000 works); ``S_k`` is updated before the warm-up test (the first step
+is not zero); :math:`\theta` is not truncated to whole epochs; there is no
+random 30%/70% rule after the warm-up; statistics come from one fused
+reduction (largebatch.stats), not one all-reduce per tensor.
+
+Choices stated: the gain is computed on the raw gradient (the statistics never
+see the weight-decay term); weight decay is coupled (added to the gradient,
+the authors' choice) or decoupled (``w *= 1 - lr * wd``); and it applies to
+whatever parameters are in a group with ``weight_decay > 0`` (exclude biases
+and norm weights with a separate group). A "layer" is a parameter tensor
+(``layer_grouping="parameter"``, the authors' choice) or a module
+(``"module"``: weight and bias of one module share A, B, r and S).
+A layer's warm-up ends at the first update where :math:`S_k \ge \theta` (the
+first update at its full rate); ``warmup_end`` records that update's number
+(1-based), -1 while the layer is still warming up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import Optimizer
+
+from ._methods import (
+    StatisticsIndex,
+    check_alpha,
+    check_non_negative,
+    check_source,
+    check_state_dict,
+    ema_update,
+    group_vector,
+    momentum_sgd_,
+    smoothing,
+    stack_state,
+    summary_n,
+    tag_state_dict,
+    write_state,
+)
+
+__all__ = ["LENA", "lena_rates"]
+
+_STAT_KEYS = ("step", "sample_sq_norm_avg", "mean_sq_norm_avg", "avg_weight", "progress", "warmup_end")
+
+
+def lena_rates(
+    sample_sq_norm: Tensor,
+    mean_sq_norm: Tensor,
+    state: dict[str, Tensor],
+    *,
+    n: int,
+    lr: Tensor,
+    theta: Tensor,
+    eps: Tensor,
+    warmup: Tensor,
+    layer_index: Tensor | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The functional core: per-parameter rates of one LENA update.
+
+    Inputs are vectors over the P stepped parameters: this step's A and B per
+    parameter, the stacked state (keys ``_STAT_KEYS``), and per-parameter
+    hyperparameters (``lr`` = eta0 * decay(t), ``theta`` = alpha * T1, ``eps``,
+    ``warmup`` as bool). ``layer_index`` maps each parameter to its layer
+    (module grouping); None means each parameter is its own layer. Returns the
+    new state and the introspection tensors (gain, warm-up factor, rate).
+    Nothing is read back to the host.
+    """
+    A, B = sample_sq_norm.float(), mean_sq_norm.float()
+    if layer_index is not None:  # a module's A and B are the sums over its tensors
+        layers = layer_index.numel()  # an upper bound on the number of layers: no host sync
+        A = torch.zeros(layers, device=A.device).index_add_(0, layer_index, A)[layer_index]
+        B = torch.zeros(layers, device=B.device).index_add_(0, layer_index, B)[layer_index]
+    c = smoothing(n)
+    a_sum, weight = ema_update(state["sample_sq_norm_avg"], state["avg_weight"], A, c)
+    b_sum, _ = ema_update(state["mean_sq_norm_avg"], state["avg_weight"], B, c)
+    gain = ((a_sum / weight + eps) / (b_sum / weight + eps)).clamp(1.0, float(n))
+    step = state["step"] + 1
+    progress = state["progress"] + gain  # before the warm-up test (Algorithm 1)
+    reached = progress >= theta
+    factor = torch.where(warmup & ~reached, progress / theta, torch.ones_like(progress))
+    ended_now = (state["warmup_end"] < 0) & (reached | ~warmup)
+    warmup_end = torch.where(ended_now, step.to(state["warmup_end"].dtype), state["warmup_end"])
+    rate = gain * factor * lr
+    new_state = dict(
+        step=step,
+        sample_sq_norm_avg=a_sum,
+        mean_sq_norm_avg=b_sum,
+        avg_weight=weight,
+        progress=progress,
+        warmup_end=warmup_end,
+    )
+    introspection = dict(gain=gain, warmup_factor=factor, warmup_progress=progress / theta, effective_lr=rate)
+    return new_state, introspection
+
+
+def _module_layers(params: list[Tensor], model: nn.Module | None, names: dict[int, str]) -> dict[int, Any]:
+    """Layer key of every parameter: its owning module (by identity or by name prefix)."""
+    keys: dict[int, Any] = {}
+    if model is not None:
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                keys.setdefault(id(p), id(module))
+    for p in params:
+        if id(p) in keys:
+            continue
+        if id(p) in names:
+            keys[id(p)] = names[id(p)].rpartition(".")[0]
+        else:
+            raise ValueError(
+                "layer_grouping='module' needs to know each parameter's module: pass model=, or "
+                "build the optimiser from model.named_parameters()"
+            )
+    return keys
+
+
+class LENA(Optimizer):
+    r"""LENA (Ko, Lee, Kim, WWW 2022): per-layer gain, state-aware warm-up. See the module docstring.
+
+    Args:
+        params: tensors, dicts (parameter groups) or ``named_parameters()``.
+        lr: :math:`\eta_0` tuned at the base batch; schedulers change it to
+            :math:`\eta_0\,\text{decay}(t)`. Float or tensor (default 0.1, the paper's).
+        momentum, dampening, nesterov: as ``torch.optim.SGD`` (default 0.9, 0, False).
+        weight_decay: (default 5e-4, the paper's); put biases and norm weights in
+            a group with 0 to exclude them.
+        stats: the statistics source (``largebatch.stats.GradientStatistics``):
+            n, A_k and B_k are read from its ``summary()`` at every step.
+        base_iterations: :math:`T_1`, the number of iterations of the base-batch
+            schedule (the warm-up threshold is :math:`\theta = \alpha T_1`).
+        alpha: warm-up fraction in (0, 1] (default 0.05, the paper's).
+        eps: :math:`\epsilon` of Eq. 5 (default 1e-6).
+        warmup: apply the state-aware warm-up (default True). With ``False`` and
+            n = 1 the method is exactly ``torch.optim.SGD``.
+        decoupled_weight_decay: ``w *= 1 - lr * wd`` instead of adding ``wd * w``
+            to the gradient (default False, the authors' choice).
+        layer_grouping: ``"parameter"`` (default) or ``"module"``.
+        model: the model, for ``layer_grouping="module"`` (or pass named parameters).
+        reset_statistics: call ``stats.reset()`` after each step (default True).
+
+    State per parameter (checkpointed): ``step``, the two moving averages and
+    their weight, ``progress`` :math:`S_k`, ``warmup_end``, ``momentum_buffer``.
+    Under module grouping the tensors of one module hold the same values.
+    After each step (not checkpointed): ``last_gain``, ``last_warmup_factor``,
+    ``last_warmup_progress`` (:math:`S_k/\theta`), ``last_effective_lr``, vectors
+    over ``last_params``, and ``warmup_ends()``.
+
+    Resuming on another number of workers: the moving averages and
+    :math:`S_k` carry over; the new n (and its smoothing factor and gain
+    bound) applies from the next step.
+    """
+
+    method = "lena"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        *,
+        stats: Any = None,
+        base_iterations: int | None = None,
+        alpha: float = 0.05,
+        eps: float = 1e-6,
+        warmup: bool = True,
+        decoupled_weight_decay: bool = False,
+        layer_grouping: str = "parameter",
+        model: nn.Module | None = None,
+        reset_statistics: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_source(stats, "LENA")
+        if base_iterations is None:
+            raise ValueError("base_iterations (T1, iterations of the base-batch schedule) is required")
+        if layer_grouping not in ("parameter", "module"):
+            raise ValueError(f"invalid layer_grouping: {layer_grouping!r} (use 'parameter' or 'module')")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            base_iterations=base_iterations, alpha=alpha, eps=eps, warmup=warmup,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+        self.stats = stats
+        self.reset_statistics = reset_statistics
+        self.layer_grouping = layer_grouping
+        self._index = StatisticsIndex(stats)
+        if layer_grouping == "module":
+            names = {
+                id(p): name
+                for g in self.param_groups
+                for p, name in zip(g["params"], g.get("param_names") or [None] * len(g["params"]))
+                if name is not None
+            }
+            self._layer_key = _module_layers([p for g in self.param_groups for p in g["params"]], model, names)
+        else:
+            self._layer_key = None
+        self._layer_index_cache: tuple[tuple[int, ...], Tensor] | None = None
+        self._clear_introspection()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name in ("lr", "momentum", "dampening", "weight_decay", "eps"):
+            check_non_negative(name, group[name])
+        check_alpha(group["alpha"])
+        for name in ("warmup", "decoupled_weight_decay", "nesterov", "maximize"):
+            if not isinstance(group[name], bool):
+                raise ValueError(f"invalid {name}: {group[name]!r} (must be True or False)")
+        if not group["base_iterations"] > 0:
+            raise ValueError(f"invalid base_iterations: {group['base_iterations']!r} (must be > 0)")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+        if getattr(self, "_layer_key", None) is not None:
+            raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
+
+    def _clear_introspection(self) -> None:
+        self.last_params: list[Tensor] = []
+        self.last_gain = self.last_warmup_factor = self.last_warmup_progress = self.last_effective_lr = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._clear_introspection()
+
+    def state_dict(self) -> dict[str, Any]:
+        return tag_state_dict(super().state_dict(), self.method)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_dict(state_dict, self.method)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "method"})
+
+    def warmup_ends(self) -> Tensor:
+        """Warm-up end (1-based update number, -1 if not yet) of every parameter, in group order."""
+        ends = [
+            self.state[p]["warmup_end"] if "warmup_end" in self.state[p] else torch.tensor(-1)
+            for g in self.param_groups
+            for p in g["params"]
+        ]
+        return torch.stack([e.to(ends[0].device) for e in ends])
+
+    def _layer_index(self, params: list[Tensor], device) -> Tensor | None:
+        if self._layer_key is None:
+            return None
+        key = tuple(id(p) for p in params)
+        if self._layer_index_cache is None or self._layer_index_cache[0] != key:
+            ids: dict[Any, int] = {}
+            index = [ids.setdefault(self._layer_key[id(p)], len(ids)) for p in params]
+            self._layer_index_cache = (key, torch.tensor(index, dtype=torch.long, device=device))
+        return self._layer_index_cache[1]
+
+    def _init_state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            zero = torch.zeros((), dtype=torch.float32, device=p.device)
+            state.update(
+                step=zero.clone(), sample_sq_norm_avg=zero.clone(), mean_sq_norm_avg=zero.clone(),
+                avg_weight=zero.clone(), progress=zero.clone(),
+                warmup_end=torch.full((), -1, dtype=torch.long, device=p.device),
+            )
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        summary = self.stats.summary()
+        n = summary_n(summary)
+        params, groups_of = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("LENA does not support sparse gradients")
+                    params.append(p)
+                    groups_of.append(group)
+        if not params:
+            return loss
+        device = params[0].device
+        states = [self._init_state(p) for p in params]
+        stacked = {key: stack_state(states, key) for key in _STAT_KEYS}
+        new_state, intro = lena_rates(
+            self._index.gather(summary.sample_sq_norm_mean, params),
+            self._index.gather(summary.mean_grad_sq_norm, params),
+            stacked,
+            n=n,
+            lr=group_vector(groups_of, "lr", device),
+            # theta = alpha * T1 formed in double precision on the host (no truncation to epochs)
+            theta=torch.tensor([g["alpha"] * g["base_iterations"] for g in groups_of], device=device),
+            eps=group_vector(groups_of, "eps", device),
+            warmup=group_vector(groups_of, "warmup", device, dtype=torch.bool),
+            layer_index=self._layer_index(params, device),
+        )
+        for key, value in new_state.items():
+            write_state(states, key, value)
+
+        start = 0
+        for group in self.param_groups:
+            count = sum(1 for p in group["params"] if p.grad is not None)
+            if count == 0:
+                continue
+            ps = params[start : start + count]
+            buffers = [self.state[p].get("momentum_buffer") for p in ps]
+            buffers = momentum_sgd_(
+                ps, [p.grad for p in ps], buffers, intro["effective_lr"][start : start + count],
+                momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                lr=group["lr"], maximize=group["maximize"], foreach=group["foreach"] is not False,
+            )
+            if group["momentum"] != 0:
+                for p, b in zip(ps, buffers):
+                    self.state[p]["momentum_buffer"] = b
+            start += count
+
+        self.last_params = params
+        self.last_gain = intro["gain"]
+        self.last_warmup_factor = intro["warmup_factor"]
+        self.last_warmup_progress = intro["warmup_progress"]
+        self.last_effective_lr = intro["effective_lr"]
+        if self.reset_statistics and hasattr(self.stats, "reset"):
+            self.stats.reset()
+        return loss
