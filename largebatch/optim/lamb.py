@@ -1,0 +1,439 @@
+r"""LAMB: layer-wise adaptive moments for batch training.
+
+You et al. (2020), "Large Batch Optimization for Deep Learning: Training BERT
+in 76 minutes", arXiv:1904.00962, Algorithm 2. For each layer (parameter
+tensor) :math:`w` with gradient :math:`g`:
+
+.. math::
+
+    m \leftarrow \beta_1 m + (1-\beta_1) g,\quad
+    v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+    r = \frac{\hat m}{\sqrt{\hat v} + \epsilon},\quad
+    u = r + \lambda w,\quad
+    w \leftarrow w - \eta_t \frac{\phi(\lVert w\rVert)}{\lVert u\rVert} u.
+
+The functional core is :func:`lamb` with a per-tensor path
+(:func:`_single_tensor_lamb`) and a multi-tensor path
+(:func:`_multi_tensor_lamb`, the default); :class:`LAMB` gathers the state and
+calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._trust import (
+    TrustRatioOptimizer,
+    add_scaled_,
+    check_bool,
+    check_lr,
+    check_range,
+    compiled,
+    group_by_device_and_dtype,
+    scatter_by_indices,
+    stacked_norms,
+    trust_ratios,
+)
+
+__all__ = ["LAMB", "lamb"]
+
+
+class LAMB(TrustRatioOptimizer):
+    r"""LAMB (You et al. 2020, arXiv:1904.00962), with its common variants as options.
+
+    Per parameter tensor ("layer") and step :math:`t` (counted per parameter):
+
+    .. math::
+
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g,\qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2,
+
+        \hat m = m_t / (1-\beta_1^t),\ \hat v = v_t / (1-\beta_2^t)
+        \ \ (\text{or } m_t, v_t \text{ with } \texttt{bias\_correction=False}),
+
+        u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda w,\qquad
+        w \leftarrow w - \eta_t\, \rho\, u,\qquad
+        \rho = \frac{\phi(\lVert w\rVert)}{\lVert u\rVert}.
+
+    :math:`\phi` is the identity (``phi_clamp=None``, default) or
+    :math:`\min(\max(z, lo), hi)` with ``phi_clamp=(lo, hi)``. :math:`\rho` is 1
+    where :math:`\phi(\lVert w\rVert) = 0` or :math:`\lVert u\rVert = 0` (a
+    zero-initialised bias still moves, at the plain Adam rate) and in a group
+    with ``adapt=False``, where the step is exactly ``torch.optim.AdamW`` (or
+    ``torch.optim.Adam`` with L2 decay when ``decoupled_weight_decay=False``).
+    Both moments start at zero, as in the paper and in Adam; nothing is seeded
+    with a raw gradient.
+
+    Args:
+        params: tensors, dicts (parameter groups) or ``named_parameters()``.
+            Every argument below except ``foreach``/``fused`` may be set per
+            group; the exclusion masks are per-group ``weight_decay=0`` and,
+            independently, ``adapt=False``.
+        lr: :math:`\eta_t`, float or 1-element tensor (default: 1e-3).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1) (default: (0.9, 0.999)).
+        eps: :math:`\epsilon` (default: 1e-6, the paper's reference code).
+        weight_decay: :math:`\lambda \ge 0` (default: 0.01).
+        bias_correction: divide the moments by :math:`1-\beta^t` (default: True).
+        phi_clamp: ``None`` for :math:`\phi(z) = z`, or ``(lo, hi)`` with
+            ``0 <= lo <= hi`` to clamp the weight norm (default: None).
+        decoupled_weight_decay: ``True`` (default, the paper): :math:`\lambda w`
+            is added to the Adam ratio :math:`r` and takes part in the trust
+            ratio; ``False``: :math:`\lambda w` is added to the gradient
+            before the moments (L2 regularisation, as in Adam).
+        adapt: use the trust ratio in this group (default: True).
+        maximize: ascend instead of descend (default: False).
+        foreach: multi-tensor path (``None``, the default, means True).
+        fused: run the multi-tensor core compiled with ``torch.compile``
+            (cached per configuration; eager with a warning where it cannot
+            compile) (default: False).
+
+    After each step ``last_trust_ratios`` holds, per group, the 1-D tensor of
+    :math:`\rho` for the parameters that had gradients; it is never part of
+    ``state_dict()``. State per parameter: ``step`` (0-d float32 tensor on the
+    CPU, as in ``torch.optim.Adam``), ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        bias_correction: bool = True,
+        phi_clamp: tuple[float, float] | None = None,
+        decoupled_weight_decay: bool = True,
+        adapt: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool = False,
+    ) -> None:
+        if foreach is not None:
+            check_bool("foreach", foreach)
+        check_bool("fused", fused)
+        if fused and foreach:
+            raise ValueError("fused: fused=True and foreach=True cannot be set together")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            phi_clamp=tuple(phi_clamp) if isinstance(phi_clamp, list) else phi_clamp,
+            decoupled_weight_decay=decoupled_weight_decay,
+            adapt=adapt,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        validate_lamb_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one LAMB step (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for index, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            steps: list[Tensor] = []
+            stepped: list[int] = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LAMB does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+                stepped.append(i)
+            if not params:
+                self._record(index, stepped, None)
+                continue
+
+            ratios = lamb(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                **{k: group[k] for k in _HYPERPARAMETERS},
+                foreach=group["foreach"],
+                fused=group["fused"],
+            )
+            if ratios is None:
+                ratios = torch.ones(len(params), device=params[0].device)
+            self._record(index, stepped, ratios)
+        return loss
+
+
+_HYPERPARAMETERS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "bias_correction",
+    "phi_clamp",
+    "decoupled_weight_decay",
+    "adapt",
+    "maximize",
+)
+
+
+def validate_lamb_hyperparameters(
+    *,
+    lr: Any,
+    betas: Any,
+    eps: Any,
+    weight_decay: Any,
+    bias_correction: Any,
+    phi_clamp: Any,
+    decoupled_weight_decay: Any,
+    adapt: Any,
+    maximize: Any,
+) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter."""
+    check_lr(lr)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_range("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+    check_range("eps", eps, 0.0)
+    check_range("weight_decay", weight_decay, 0.0)
+    if phi_clamp is not None:
+        if not isinstance(phi_clamp, (tuple, list)) or len(phi_clamp) != 2:
+            raise ValueError(f"phi_clamp: expected None or a pair (lo, hi), got {phi_clamp!r}")
+        check_range("phi_clamp[0]", phi_clamp[0], 0.0)
+        check_range("phi_clamp[1]", phi_clamp[1], phi_clamp[0])
+    for name, flag in (
+        ("bias_correction", bias_correction),
+        ("decoupled_weight_decay", decoupled_weight_decay),
+        ("adapt", adapt),
+        ("maximize", maximize),
+    ):
+        check_bool(name, flag)
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    phi_clamp: tuple[float, float] | None,
+    decoupled_weight_decay: bool,
+    adapt: bool,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    fused: bool = False,
+) -> Tensor | None:
+    """Functional LAMB: update ``params`` and the state in place; see :class:`LAMB`.
+
+    ``exp_avgs``/``exp_avg_sqs`` start as zeros and ``steps`` as 0-d tensors
+    holding 0. Returns the 1-D tensor of trust ratios (one per parameter), or
+    ``None`` when ``adapt`` is False. ``grads`` are never modified.
+    """
+    validate_lamb_hyperparameters(
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        bias_correction=bias_correction, phi_clamp=phi_clamp,
+        decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
+    )
+    if not params:
+        return None
+    options = dict(
+        beta1=float(betas[0]), beta2=float(betas[1]), eps=eps, weight_decay=weight_decay,
+        bias_correction=bias_correction,
+        phi_clamp=None if phi_clamp is None else (float(phi_clamp[0]), float(phi_clamp[1])),
+        decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
+    )
+    if foreach is None:
+        foreach = not torch.jit.is_scripting()
+    state = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    if fused:
+        return _multi_tensor_lamb(*state, lr=lr, compile=True, **options)
+    if foreach:
+        return _multi_tensor_lamb(*state, lr=lr, **options)
+    return _single_tensor_lamb(*state, lr=lr, **options)
+
+
+def _phi(weight_norm: Tensor, phi_clamp: tuple[float, float] | None) -> Tensor:
+    return weight_norm if phi_clamp is None else weight_norm.clamp(*phi_clamp)
+
+
+def _single_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    phi_clamp: tuple[float, float] | None,
+    decoupled_weight_decay: bool,
+    adapt: bool,
+    maximize: bool,
+) -> Tensor | None:
+    """Per-tensor loop: the readable form of the update, and the path for foreach=False."""
+    ratios = []
+    for i, param in enumerate(params):
+        grad = -grads[i] if maximize else grads[i]
+        if weight_decay != 0 and not decoupled_weight_decay:
+            grad = grad.add(param, alpha=weight_decay)
+        exp_avg, exp_avg_sq, step = exp_avgs[i], exp_avg_sqs[i], steps[i]
+
+        step += 1
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if bias_correction:
+            # Tensor arithmetic on the step (no host read), in the parameter's precision.
+            t = step.to(device=param.device, dtype=param.dtype, non_blocking=True)
+            m_hat = exp_avg / (1 - beta1**t)
+            v_hat = exp_avg_sq / (1 - beta2**t)
+        else:
+            m_hat, v_hat = exp_avg, exp_avg_sq
+        update = m_hat / (v_hat.sqrt() + eps)
+        if weight_decay != 0 and decoupled_weight_decay:
+            update.add_(param, alpha=weight_decay)
+
+        if adapt:
+            ratio = trust_ratios(
+                _phi(torch.linalg.vector_norm(param), phi_clamp), torch.linalg.vector_norm(update)
+            )
+            ratios.append(ratio)
+            param.sub_(update * (ratio * lr))
+        else:
+            param.sub_(update * lr)
+    return torch.stack(ratios) if adapt else None
+
+
+def _multi_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    compile: bool = False,
+    **options: Any,
+) -> Tensor | None:
+    """Multi-tensor path: per (device, dtype) group, moments with foreach ops,
+    norms with one ``_foreach_norm`` each, ratios in one vectorised op."""
+    results = []
+    for lists, indices in group_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, steps]
+    ):
+        if compile:
+            # Static options form the cache key; the rate goes in as a tensor
+            # so a schedule never triggers recompilation.
+            step_fn = compiled(_lamb_device_step, tuple(sorted(options.items())))
+            rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
+            ratios = step_fn(*lists, rate.to(lists[0][0].device), **options)
+        else:
+            ratios = _lamb_device_step(*lists, lr, **options)
+        if ratios is not None:
+            results.append((ratios, indices))
+    return scatter_by_indices(results, len(params))
+
+
+def _lamb_device_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: float | Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    phi_clamp: tuple[float, float] | None,
+    decoupled_weight_decay: bool,
+    adapt: bool,
+    maximize: bool,
+) -> Tensor | None:
+    """One LAMB step for tensors on one device with one dtype."""
+    device = params[0].device
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0 and not decoupled_weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+
+    if steps[0].is_cpu and not torch.compiler.is_compiling():
+        # A wrapped CPU tensor avoids re-wrapping 1 per step tensor (as torch.optim.Adam).
+        torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    else:
+        torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+    # With b1 = 1 - beta1^t, b2 = 1 - beta2^t and c = sqrt(b2) / b1:
+    #   m_hat / (sqrt(v_hat) + eps) = c * m / (sqrt(v) + eps * sqrt(b2)),
+    # so bias correction costs one per-tensor factor c (folded into later ops)
+    # instead of two extra passes over v.
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    if bias_correction:
+        step = torch.stack(steps).to(device=device, dtype=params[0].dtype, non_blocking=True)
+        sqrt_b2 = (1 - beta2**step).sqrt()
+        c = sqrt_b2 / (1 - beta1**step)
+        torch._foreach_add_(denominators, list((eps * sqrt_b2).unbind()))
+    else:
+        c = None
+        torch._foreach_add_(denominators, eps)
+    # updates = r / c, i.e. u = c * (updates + (wd / c) * w)
+    updates = torch._foreach_div(exp_avgs, denominators)
+    del denominators
+    if weight_decay != 0 and decoupled_weight_decay:
+        if c is None:
+            torch._foreach_add_(updates, params, alpha=weight_decay)
+        else:
+            torch._foreach_addcmul_(updates, params, list((weight_decay / c).unbind()))
+
+    if adapt:
+        # ||u|| = c * ||updates||, as one vectorised op on the stacked norms.
+        update_norms = stacked_norms(updates)
+        if c is not None:
+            update_norms = update_norms * c
+        ratios = trust_ratios(_phi(stacked_norms(params), phi_clamp), update_norms)
+        scale = ratios * lr if c is None else ratios * c * lr
+        add_scaled_(params, updates, list((-scale).unbind()))
+        return ratios
+
+    if c is None:
+        add_scaled_(params, updates, -lr)
+    else:
+        add_scaled_(params, updates, list((-(c * lr)).unbind()))
+    return None

@@ -1,0 +1,481 @@
+r"""LARS: layer-wise adaptive rate scaling.
+
+You, Gitman, Ginsburg (2017), "Large Batch Training of Convolutional
+Networks", arXiv:1708.03888, Algorithm 1. For each layer (parameter tensor)
+:math:`w` with gradient :math:`g`, weight decay :math:`\beta`, momentum
+:math:`m`, global rate :math:`\eta_t` and trust coefficient :math:`\eta`:
+
+.. math::
+
+    \text{local} = \eta \frac{\lVert w\rVert}{\lVert g\rVert + \beta\lVert w\rVert + \epsilon},
+    \qquad v \leftarrow m v + \eta_t\,\text{local}\,(g + \beta w),
+    \qquad w \leftarrow w - v.
+
+The functional core is :func:`lars` with a per-tensor path
+(:func:`_single_tensor_lars`) and a multi-tensor path
+(:func:`_multi_tensor_lars`, the default); :class:`LARS` gathers the state and
+calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._trust import (
+    TrustRatioOptimizer,
+    add_scaled_,
+    check_bool,
+    check_choice,
+    check_lr,
+    check_range,
+    compiled,
+    group_by_device_and_dtype,
+    scatter_by_indices,
+    stacked_norms,
+    trust_ratios,
+)
+
+__all__ = ["LARS", "lars"]
+
+DENOMINATORS = ("separate", "combined")
+
+
+class LARS(TrustRatioOptimizer):
+    r"""LARS (You, Gitman, Ginsburg 2017, arXiv:1708.03888), with its common variants as options.
+
+    Per parameter tensor ("layer") and step, with :math:`d = g + \beta w`
+    (:math:`\beta` = ``weight_decay``):
+
+    .. math::
+
+        \text{local} = \texttt{trust\_coefficient}\cdot
+            \frac{\lVert w\rVert}{N + \texttt{eps}},\quad
+        N = \begin{cases}\lVert g\rVert + \beta\lVert w\rVert & \texttt{denominator="separate"} \\
+                         \lVert g + \beta w\rVert & \texttt{denominator="combined"}\end{cases}
+
+    ``local`` is 1 where :math:`\lVert w\rVert = 0` or :math:`N = 0` (so a
+    zero-initialised bias still moves), is capped at 1 with ``trust_clip``
+    (LARC: effective rate :math:`\min(\text{local}\,\eta_t, \eta_t)`), and is
+    1 in a group with ``adapt=False`` (the update is then exactly
+    ``torch.optim.SGD``). With the scale :math:`s = \eta_t\,\text{local}`
+    (``lr_in_momentum=True``) or :math:`s = \text{local}` (``False``):
+
+    .. math::
+
+        v_1 = s\,d,\qquad v_t = m v_{t-1} + (1 - \texttt{dampening})\, s\, d,
+
+        u = s\,d + m v_t \ (\texttt{nesterov})\ \text{ else }\ u = v_t,\qquad
+        w \leftarrow w - u \ \ (\text{or } w - \eta_t u \text{ when the rate is outside}).
+
+    First step: the buffer is seeded with the *scaled* update :math:`s\,d`
+    (never the raw gradient) and without dampening, as ``torch.optim.SGD``
+    seeds it with :math:`d`; so the first step has the size of every later
+    one. With ``momentum=0`` there is no buffer: :math:`w \leftarrow w - \eta_t\,
+    \text{local}\, d`.
+
+    Args:
+        params: tensors, dicts (parameter groups) or ``named_parameters()``.
+            Every argument below except ``foreach``/``fused`` may be set per
+            group; the exclusion masks are per-group ``weight_decay=0`` and,
+            independently, ``adapt=False``.
+        lr: global rate :math:`\eta_t`, float or 1-element tensor (default: 1.0).
+        momentum: :math:`m`, in [0, 1) (default: 0.9).
+        dampening: in [0, 1] (default: 0).
+        weight_decay: :math:`\beta \ge 0`, L2 term added to the gradient and to
+            the trust-ratio denominator (default: 0).
+        nesterov: Nesterov momentum; needs ``momentum > 0`` and
+            ``dampening == 0`` (default: False).
+        trust_coefficient: :math:`\eta` of the paper (default: 0.001).
+        eps: added to the denominator (default: 1e-8).
+        denominator: ``"separate"`` :math:`\lVert g\rVert+\beta\lVert w\rVert`
+            (the paper, default) or ``"combined"`` :math:`\lVert g+\beta w\rVert`
+            (TensorFlow / SimCLR implementations).
+        lr_in_momentum: ``True`` (default, the paper): the rate multiplies the
+            update before it enters the buffer, so a schedule changes new
+            contributions only; ``False`` (the usual PyTorch port): the buffer
+            holds ``local * d`` and the rate multiplies the buffer. Both are
+            identical at a constant rate.
+        trust_clip: cap ``local`` at 1 (LARC clipping). Note apex/timm clip the
+            *product* ``local`` at ``lr`` instead; this is the
+            :math:`\min(\text{local}\,\eta_t, \eta_t)` form (default: False).
+        adapt: use the trust ratio in this group (default: True).
+        maximize: ascend instead of descend (default: False).
+        foreach: multi-tensor path (``None``, the default, means True).
+        fused: run the multi-tensor core compiled with ``torch.compile``
+            (cached per configuration; eager with a warning where it cannot
+            compile) (default: False).
+
+    After each step ``last_trust_ratios`` holds, per group, the 1-D tensor of
+    ``local`` (after clipping) for the parameters that had gradients; it is
+    never part of ``state_dict()``. State per parameter: ``momentum_buffer``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1.0,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        trust_coefficient: float = 1e-3,
+        eps: float = 1e-8,
+        denominator: str = "separate",
+        lr_in_momentum: bool = True,
+        trust_clip: bool = False,
+        adapt: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool = False,
+    ) -> None:
+        if foreach is not None:
+            check_bool("foreach", foreach)
+        check_bool("fused", fused)
+        if fused and foreach:
+            raise ValueError("fused: fused=True and foreach=True cannot be set together")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            denominator=denominator,
+            lr_in_momentum=lr_in_momentum,
+            trust_clip=trust_clip,
+            adapt=adapt,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one LARS step (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for index, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            buffers: list[Tensor | None] = []
+            stepped: list[int] = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+                buffers.append(self.state[p].get("momentum_buffer"))
+                stepped.append(i)
+            if not params:
+                self._record(index, stepped, None)
+                continue
+
+            ratios = lars(
+                params,
+                grads,
+                buffers,
+                **{k: group[k] for k in _HYPERPARAMETERS},
+                foreach=group["foreach"],
+                fused=group["fused"],
+            )
+            if group["momentum"] != 0:
+                for p, buffer in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buffer
+            if ratios is None:
+                ratios = torch.ones(len(params), device=params[0].device)
+            self._record(index, stepped, ratios)
+        return loss
+
+
+_HYPERPARAMETERS = (
+    "lr",
+    "momentum",
+    "dampening",
+    "weight_decay",
+    "nesterov",
+    "trust_coefficient",
+    "eps",
+    "denominator",
+    "lr_in_momentum",
+    "trust_clip",
+    "adapt",
+    "maximize",
+)
+
+
+def validate_lars_hyperparameters(
+    *,
+    lr: Any,
+    momentum: Any,
+    dampening: Any,
+    weight_decay: Any,
+    nesterov: Any,
+    trust_coefficient: Any,
+    eps: Any,
+    denominator: Any,
+    lr_in_momentum: Any,
+    trust_clip: Any,
+    adapt: Any,
+    maximize: Any,
+) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter."""
+    check_lr(lr)
+    check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    check_range("dampening", dampening, 0.0, 1.0)
+    check_range("weight_decay", weight_decay, 0.0)
+    check_range("trust_coefficient", trust_coefficient, 0.0)
+    check_range("eps", eps, 0.0)
+    check_choice("denominator", denominator, DENOMINATORS)
+    for name, flag in (
+        ("nesterov", nesterov),
+        ("lr_in_momentum", lr_in_momentum),
+        ("trust_clip", trust_clip),
+        ("adapt", adapt),
+        ("maximize", maximize),
+    ):
+        check_bool(name, flag)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    denominator: str,
+    lr_in_momentum: bool,
+    trust_clip: bool,
+    adapt: bool,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    fused: bool = False,
+) -> Tensor | None:
+    """Functional LARS: update ``params`` in place; see :class:`LARS` for the maths.
+
+    ``momentum_buffers`` holds one entry per parameter (``None`` before the
+    first step); new buffers are written into it. Returns the 1-D tensor of
+    trust ratios (one per parameter), or ``None`` when ``adapt`` is False.
+    ``grads`` are never modified.
+    """
+    validate_lars_hyperparameters(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps,
+        denominator=denominator, lr_in_momentum=lr_in_momentum, trust_clip=trust_clip,
+        adapt=adapt, maximize=maximize,
+    )
+    if not params:
+        return None
+    options = dict(
+        momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps,
+        denominator=denominator, lr_in_momentum=lr_in_momentum, trust_clip=trust_clip,
+        adapt=adapt, maximize=maximize,
+    )
+    if foreach is None:
+        foreach = not torch.jit.is_scripting()
+    if fused:
+        return _multi_tensor_lars(params, grads, momentum_buffers, lr=lr, compile=True, **options)
+    if foreach:
+        return _multi_tensor_lars(params, grads, momentum_buffers, lr=lr, **options)
+    return _single_tensor_lars(params, grads, momentum_buffers, lr=lr, **options)
+
+
+def _single_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    denominator: str,
+    lr_in_momentum: bool,
+    trust_clip: bool,
+    adapt: bool,
+    maximize: bool,
+) -> Tensor | None:
+    """Per-tensor loop: the readable form of the update, and the path for foreach=False."""
+    outer = 1.0 if lr_in_momentum else lr  # the rate applied to the buffer
+    ratios = []
+    for i, param in enumerate(params):
+        grad = -grads[i] if maximize else grads[i]
+        update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+
+        if adapt:
+            weight_norm = torch.linalg.vector_norm(param)
+            if denominator == "combined":
+                update_norm = torch.linalg.vector_norm(update)
+            else:
+                update_norm = torch.linalg.vector_norm(grad) + weight_decay * weight_norm
+            ratio = trust_ratios(
+                weight_norm, update_norm, coefficient=trust_coefficient, eps=eps, clip=trust_clip
+            )
+            ratios.append(ratio)
+            scale = ratio * lr if lr_in_momentum else ratio
+        else:
+            scale = lr if lr_in_momentum else 1.0
+
+        if momentum != 0:
+            buffer = momentum_buffers[i]
+            if buffer is None:
+                # Seed with the scaled update (as SGD seeds with d): never the raw gradient.
+                buffer = momentum_buffers[i] = update * scale
+            else:
+                buffer.mul_(momentum).add_(update * (scale * (1 - dampening)))
+            step = update * scale + momentum * buffer if nesterov else buffer
+        else:
+            step = update * scale
+        param.sub_(step * outer if isinstance(outer, Tensor) or outer != 1.0 else step)
+    return torch.stack(ratios) if adapt else None
+
+
+def _multi_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    compile: bool = False,
+    **options: Any,
+) -> Tensor | None:
+    """Multi-tensor path: per (device, dtype) group, norms with one
+    ``_foreach_norm`` each, ratios in one vectorised op, updates with foreach ops."""
+    results = []
+    for (device_params, device_grads, device_buffers), indices in group_by_device_and_dtype(
+        [params, grads, momentum_buffers]
+    ):
+        use_momentum = options["momentum"] != 0
+        first_step = use_momentum and any(b is None for b in device_buffers)
+        if compile and not first_step:
+            # Static options form the cache key; the rate goes in as a tensor
+            # so a schedule never triggers recompilation.
+            key = tuple(sorted(options.items()))
+            step_fn = compiled(_lars_device_step, key)
+            rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
+            ratios = step_fn(
+                device_params, device_grads, device_buffers,
+                rate.to(device_params[0].device), **options,
+            )
+        else:
+            ratios = _lars_device_step(device_params, device_grads, device_buffers, lr, **options)
+        if use_momentum:
+            for i, buffer in zip(indices, device_buffers):
+                momentum_buffers[i] = buffer
+        if ratios is not None:
+            results.append((ratios, indices))
+    return scatter_by_indices(results, len(params))
+
+
+def _lars_device_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor | None],
+    lr: float | Tensor,
+    *,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    denominator: str,
+    lr_in_momentum: bool,
+    trust_clip: bool,
+    adapt: bool,
+    maximize: bool,
+) -> Tensor | None:
+    """One LARS step for tensors on one device with one dtype (``buffers`` filled in place)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    # d = g + wd*w is materialised once: the momentum update needs it, and so
+    # does the norm of the "combined" denominator.
+    updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+
+    ratios = None
+    if adapt:
+        weight_norms = stacked_norms(params)
+        if denominator == "combined":
+            update_norms = stacked_norms(updates)
+        else:
+            update_norms = stacked_norms(grads)
+            if weight_decay != 0:
+                update_norms = torch.add(update_norms, weight_norms, alpha=weight_decay)
+        ratios = trust_ratios(
+            weight_norms, update_norms, coefficient=trust_coefficient, eps=eps, clip=trust_clip
+        )
+
+    # scale: what multiplies d on its way into the buffer; outer: what
+    # multiplies the buffer on its way into the weights. Per-tensor scales are
+    # a vector (one op) handed to the foreach ops as 0-d tensors from unbind.
+    if ratios is not None:
+        scale: float | Tensor = ratios * lr if lr_in_momentum else ratios
+    else:
+        scale = lr if lr_in_momentum else 1.0
+    outer = 1.0 if lr_in_momentum else lr
+
+    if momentum == 0:
+        add_scaled_(params, updates, _per_tensor(-(scale * outer), len(params)))
+        return ratios
+
+    if all(b is not None for b in buffers):
+        torch._foreach_mul_(buffers, momentum)
+        add_scaled_(buffers, updates, _per_tensor(scale * (1 - dampening), len(params)))
+    else:
+        _seed_or_accumulate(buffers, updates, scale, momentum, dampening)
+
+    if nesterov:
+        add_scaled_(params, updates, _per_tensor(-(scale * outer), len(params)))
+        add_scaled_(params, buffers, -momentum * outer)
+    else:
+        add_scaled_(params, buffers, -outer)
+    return ratios
+
+
+def _per_tensor(scale: float | Tensor, n: int) -> float | Tensor | list[Tensor]:
+    """A vector of per-tensor scales becomes a list of 0-d tensors; scalars stay."""
+    if isinstance(scale, Tensor) and scale.dim() == 1:
+        return list(scale.unbind())
+    return scale
+
+
+def _seed_or_accumulate(
+    buffers: list[Tensor | None],
+    updates: list[Tensor],
+    scale: float | Tensor,
+    momentum: float,
+    dampening: float,
+) -> None:
+    """Steps where some buffers are new: seed those with ``scale * d``, update the rest."""
+    scales = _per_tensor(scale, len(updates))
+    for i, update in enumerate(updates):
+        s = scales[i] if isinstance(scales, list) else scales
+        if buffers[i] is None:
+            buffers[i] = update * s
+        else:
+            buffers[i].mul_(momentum).add_(update * (s * (1 - dampening)))
