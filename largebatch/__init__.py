@@ -2,8 +2,29 @@
 
 Optimisers (``torch.optim`` drop-ins): :class:`LARS`, :class:`LAMB`.
 Scaling rules and warm-up: :func:`linear_scaling`, :func:`sqrt_scaling`,
-:class:`GradualWarmup`. Parameter groups with exclusion masks:
-:func:`param_groups`.
+:func:`scale_lr`, :class:`GradualWarmup`, :func:`warmup_then`.
+Parameter groups with the two exclusion masks (weight decay, adaptation):
+:func:`param_groups`, :func:`plan_param_groups`.
+Gradient statistics: :class:`GradientStatistics`.
 """
 
+from .optim import LAMB, LARS
+from .param_groups import param_groups, plan_param_groups
+from .schedules import GradualWarmup, linear_scaling, scale_lr, sqrt_scaling, warmup_then
+from .stats import GradientStatistics, GradientSummary
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "LAMB",
+    "LARS",
+    "GradientStatistics",
+    "GradientSummary",
+    "GradualWarmup",
+    "linear_scaling",
+    "param_groups",
+    "plan_param_groups",
+    "scale_lr",
+    "sqrt_scaling",
+    "warmup_then",
+]
