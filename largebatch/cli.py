@@ -1,11 +1,156 @@
-"""The ``largebatch`` command line."""
+"""The ``largebatch`` command line.
+
+  largebatch train   one run (also under torchrun: data-parallel over the ranks)
+  largebatch sweep   every (method, batch, seed), resumable, then the report
+  largebatch tune    pick a method family's base rate at the base batch on the validation split
+  largebatch report  report.md and PNG plots of a run or sweep directory
+  largebatch advise  gradient noise scale: which batch sizes still pay
+  largebatch methods the methods this installation offers
+  largebatch demo    base batch vs large batch with linear scaling vs LARS
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .data import DatasetNotFoundError, IdxFormatError
+from .data import DATASETS, DatasetNotFoundError, IdxFormatError
+from .models import MODELS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit code 2, as argparse's own)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"largebatch: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _family_rates(text: str) -> dict[str, float] | float:
+    """``0.05`` (every family) or ``sgd=0.05,lars=0.02`` (per method family)."""
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.split("=", 1) for item in text.split(",") if item.strip())
+        return {family.strip(): float(rate) for family, rate in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate or family=rate,..., got {text!r}") from None
+
+
+def _config_from(args: argparse.Namespace, **overrides):
+    from .train.config import TrainConfig
+
+    fields = dict(
+        model=args.model, micro_batch=args.micro_batch, epochs=args.epochs, base_batch=args.base_batch,
+        dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
+        val_size=args.val_size, warmup_fraction=args.warmup_fraction,
+        decay_to=None if args.decay == "none" else args.decay_to, eval_every=args.eval_every,
+        layer_every=args.layer_every, progress=not args.no_progress,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def _dataset_name(args: argparse.Namespace) -> str:
+    # A --data-dir without --dataset means "these idx files".
+    if args.dataset is None:
+        return "idx" if args.data_dir else "fashion-mnist"
+    return args.dataset
+
+
+# -- commands ---------------------------------------------------------------------
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.runner import train
+
+    config = _config_from(
+        args, method=args.method, batch=args.batch, lr=args.lr, seed=args.seed, run_dir=args.run_dir,
+        dataset=_dataset_name(args), checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
+        resume=args.resume, tensorboard=args.tensorboard,
+    )
+    summary = train(config)
+    if summary is not None and _is_main_process():
+        print(f"{config.method} batch {config.batch}: test accuracy {100 * summary['final_test_accuracy']:.2f}% "
+              f"after {summary['steps']} steps ({summary['train_seconds']:.1f} s training); run in {config.run_dir}")
+    return 0
+
+
+def _sweep_spec(args: argparse.Namespace, methods: list[str], tune_grid: list[float]):
+    from .train.sweep import SweepSpec
+
+    rates = args.lr
+    template = _config_from(args, dataset=_dataset_name(args), lr=rates if isinstance(rates, float) else None)
+    return SweepSpec(
+        methods=methods, batches=getattr(args, "batches", [args.base_batch]), seeds=args.seeds,
+        run_dir=args.run_dir, template=template, lrs=rates if isinstance(rates, dict) else {},
+        tune_grid=tune_grid,
+    )
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .train.sweep import run_sweep
+
+    root = run_sweep(_sweep_spec(args, args.methods, args.tune or []))
+    report = write_report(root)
+    print(report.read_text().split("## Plots")[0].split("## Results", 1)[-1].strip())
+    print(f"report: {report}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .train.sweep import tune_families
+
+    spec = _sweep_spec(args, [args.method], args.grid)
+    spec.validate()
+    tuned = tune_families(spec)
+    for family, entry in tuned.items():
+        print(f"{family}: base rate {entry['lr']:g} ({entry['how']})")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from .train.advise import AdviseConfig, advise, format_advice
+
+    config = AdviseConfig(
+        model=args.model, batch=args.batch, micro_batch=args.micro_batch, steps=args.steps, lr=args.lr,
+        seed=args.seed, dataset=_dataset_name(args), data_dir=args.data_dir, train_limit=args.train_limit,
+        run_dir=args.run_dir,
+    )
+    print(format_advice(advise(config)))
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from .train.methods import methods
+
+    for method in methods().values():
+        print(f"{method.name:10} {method.summary} (family {method.family}, default base rate {method.default_base_lr:g})")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -22,9 +167,92 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+# -- arguments --------------------------------------------------------------------
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default fashion-mnist)")
+    p.add_argument("--data-dir", default=None, help="directory of MNIST-format idx files")
+    p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
+    p.add_argument("--val-size", type=int, default=5000, help="validation images held out of training")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mlp", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--micro-batch", type=int, default=128, help="examples per forward/backward (per rank)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--base-batch", type=int, default=128, help="the batch the base rate was tuned at")
+    p.add_argument("--warmup-fraction", type=float, default=0.055, help="warm-up length as a fraction of the epochs")
+    p.add_argument("--decay", choices=("exp", "none"), default="exp", help="decay schedule after warm-up")
+    p.add_argument("--decay-to", type=float, default=0.01, help="exponential decay to this fraction of the peak")
+    p.add_argument("--eval-every", type=int, default=0, help="also check test accuracy every k steps")
+    p.add_argument("--layer-every", type=int, default=10, help="per-layer statistics every k steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_data_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="largebatch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="largebatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one run (data-parallel under torchrun)")
+    train.add_argument("--method", required=True, help="see `largebatch methods`")
+    train.add_argument("--batch", type=int, required=True, help="global batch (all ranks, all micro-batches)")
+    train.add_argument("--lr", type=float, default=None, help="base rate at --base-batch (default: the method's)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--run-dir", required=True)
+    train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every k steps (0: at the end)")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
+    _add_run_arguments(train)
+    train.set_defaults(func=_train)
+
+    sweep = sub.add_parser("sweep", help="run every (method, batch, seed) and report")
+    sweep.add_argument("--methods", type=_name_list, required=True, help="comma-separated, e.g. sgd,lsw,lars")
+    sweep.add_argument("--batches", type=_int_list, required=True, help="comma-separated, e.g. 128,1024,8192")
+    sweep.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated (default 0)")
+    sweep.add_argument("--run-dir", required=True)
+    sweep.add_argument("--lr", type=_family_rates, default=None,
+                       help="base rate(s) at the base batch: one number, or family=rate,... (e.g. sgd=0.05,lars=0.1)")
+    sweep.add_argument("--tune", type=_float_list, default=None,
+                       help="choose each family's base rate from this grid on the validation split first")
+    _add_run_arguments(sweep)
+    sweep.set_defaults(func=_sweep)
+
+    tune = sub.add_parser("tune", help="pick a base rate at the base batch on the validation split")
+    tune.add_argument("--method", required=True)
+    tune.add_argument("--grid", type=_float_list, required=True, help="comma-separated base rates")
+    tune.add_argument("--seeds", type=_int_list, default=[0])
+    tune.add_argument("--run-dir", required=True)
+    tune.add_argument("--lr", type=_family_rates, default=None, help=argparse.SUPPRESS)
+    _add_run_arguments(tune)
+    tune.set_defaults(func=_tune)
+
+    report = sub.add_parser("report", help="report.md and PNG plots of a run or sweep directory")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_report)
+
+    advise = sub.add_parser("advise", help="measure the gradient noise scale and say which batch sizes pay")
+    advise.add_argument("--model", default="mlp", help=f"one of {', '.join(MODELS)}")
+    advise.add_argument("--batch", type=int, default=1024, help="batch of the measurement")
+    advise.add_argument("--micro-batch", type=int, default=128, help="examples per gradient sample")
+    advise.add_argument("--steps", type=int, default=30, help="training steps to measure over")
+    advise.add_argument("--lr", type=float, default=0.05, help="momentum-SGD rate during the measurement")
+    advise.add_argument("--seed", type=int, default=0)
+    advise.add_argument("--run-dir", default=None, help="also write advice.json here")
+    _add_data_arguments(advise)
+    advise.set_defaults(func=_advise)
+
+    methods = sub.add_parser("methods", help="list the methods this installation offers")
+    methods.set_defaults(func=_methods)
+
     demo = sub.add_parser(
         "demo",
         help="base batch vs a large batch with linear scaling vs LARS on Fashion-MNIST",
@@ -41,12 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if isinstance(error, DatasetNotFoundError):
+        # The full how-to is in the exception for library users; the command line keeps to one line.
+        return lines[0] + " Install dataset-fashion-mnist (./dev setup) or pass --data-dir."
+    return " ".join(line.strip() for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (DatasetNotFoundError, IdxFormatError, ValueError) as e:
-        print(f"largebatch: error: {e}", file=sys.stderr)
+        print(f"largebatch: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("largebatch: interrupted", file=sys.stderr)

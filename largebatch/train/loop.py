@@ -9,7 +9,9 @@ statistics are per micro-batch, as on data-parallel workers).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -31,15 +33,43 @@ def accumulate_gradients(
     labels: torch.Tensor,
     micro_batch_size: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+    no_sync: Callable[[], ContextManager] | None = None,
 ) -> torch.Tensor:
-    """Backpropagate the mean loss of a global batch in micro-batches; returns the loss (0-d, on device)."""
+    """Backpropagate the mean loss of a global batch in micro-batches; returns the loss (0-d, on device).
+
+    ``no_sync`` (e.g. DDP's ``model.no_sync``) wraps every micro-batch but the
+    last, so data-parallel workers reduce their gradients once per step.
+    """
     chunks = list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
     total = torch.zeros((), device=images.device)
-    for x, y in chunks:
-        loss = loss_fn(model(x), y) * (len(y) / len(labels))
-        loss.backward()
+    for i, (x, y) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            loss = loss_fn(model(x), y) * (len(y) / len(labels))
+            loss.backward()
         total += loss.detach()
     return total
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of one epoch, a function of (seed, epoch) alone.
+
+    Resuming at any step of any epoch needs no generator state: the
+    permutation is rebuilt from its seed and the steps already taken skipped.
+    """
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(num_examples, generator=generator)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    # A large odd multiplier keeps (seed, epoch) pairs from colliding.
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def batch_indices(order: torch.Tensor, batch_size: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    """Index tensors of the global batches of one epoch from ``start_step`` on (incomplete batch dropped)."""
+    for start in range(start_step * batch_size, len(order) - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
 
 
 @torch.no_grad()

@@ -1,0 +1,117 @@
+"""report.md for a sweep directory (or a single run directory), with its PNG plots.
+
+The results table follows the LENA paper's Table 1: rows are methods, columns
+batch sizes, and each cell reads "final test accuracy / iterations to target /
+time to target" (mean ± standard deviation over seeds), or "never" where no
+evaluation reached the target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..train.metrics import CONFIG, read_json
+from ..train.runner import LAYER_DEFINITION
+from ..train.sweep import BASELINE_METHOD, SWEEP_FILE
+from . import plots
+from .results import RunResult, load_runs, table, targets
+
+REPORT = "report.md"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and the PNGs into ``run_dir``; returns the report's path."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    runs = load_runs(root)
+    if not runs:
+        raise ValueError(f"{root} holds no finished run (no summary.json under it or under {root}/runs/)")
+    sweep = read_json(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else _inferred_sweep(runs, root)
+    target_of = targets(runs, sweep["base_batch"], sweep.get("baseline_method", BASELINE_METHOD))
+    lines = _header(sweep, runs, target_of)
+    lines += _results_table(runs, target_of, sweep)
+    lines += _plots(runs, target_of, root)
+    path = root / REPORT
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _inferred_sweep(runs: list[RunResult], root: Path) -> dict:
+    config = read_json(runs[0].run_dir / CONFIG)["config"] if (runs[0].run_dir / CONFIG).exists() else {}
+    return {
+        "methods": sorted({r.method for r in runs}), "batches": sorted({r.batch for r in runs}),
+        "seeds": sorted({r.seed for r in runs}), "base_batch": config.get("base_batch", 128),
+        "template": config, "protocol": {},
+    }
+
+
+def _header(sweep: dict, runs: list[RunResult], target_of: dict[int, float]) -> list[str]:
+    template, protocol = sweep.get("template", {}), sweep.get("protocol", {})
+    lines = [
+        f"# Large-batch training: {template.get('model', '?')} on {template.get('dataset', '?')}, "
+        f"{template.get('epochs', '?')} epochs",
+        "",
+        "## Protocol",
+        "",
+        f"- Base batch {sweep['base_batch']}; methods {', '.join(sweep['methods'])}; "
+        f"batches {', '.join(map(str, sweep['batches']))}; seeds {', '.join(map(str, sweep['seeds']))}.",
+    ]
+    for family, rate in protocol.get("base_rates", {}).items():
+        lines.append(f"- Base rate of the {family} family: {rate['lr']:g} ({rate['how']}); every method of a "
+                     "family starts from it and scales it by its own rule.")
+    lines += [
+        "- Target: " + protocol.get("target", f"per seed, the final test accuracy of {BASELINE_METHOD} at the "
+                                    f"base batch {sweep['base_batch']}") + ".",
+        "- Accuracy checked " + protocol.get("accuracy_checked", "on the test set at every evaluation") + ".",
+        "- Time: " + protocol.get("time", "training wall-clock seconds, evaluation excluded") + ".",
+        "- The test set is never used for tuning; base rates are chosen on the validation split.",
+        f"- A layer is {LAYER_DEFINITION}.",
+        "",
+    ]
+    if target_of:
+        lines.append("Targets: " + ", ".join(f"seed {s}: {100 * a:.2f}%" for s, a in sorted(target_of.items())))
+    else:
+        lines.append(f"No baseline ({BASELINE_METHOD} at batch {sweep['base_batch']}) finished: no targets.")
+    lines.append("")
+    return lines
+
+
+def _results_table(runs: list[RunResult], target_of: dict[int, float], sweep: dict) -> list[str]:
+    cells = table(runs, target_of)
+    methods = [m for m in sweep["methods"] if any(k[0] == m for k in cells)]
+    methods += sorted({m for m, _ in cells} - set(methods))
+    batches = sorted({b for _, b in cells})
+    lines = [
+        "## Results",
+        "",
+        "Each cell: final test accuracy / iterations to target / time to target, mean ± standard deviation "
+        "over seeds; \"never\": no evaluation reached the target.",
+        "",
+        "| method | " + " | ".join(f"B = {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for method in methods:
+        row = [cells[(method, b)].text() if (method, b) in cells else "-" for b in batches]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
+
+
+def _plots(runs: list[RunResult], target_of: dict[int, float], root: Path) -> list[str]:
+    lines = ["## Plots", ""]
+    mean_target = sum(target_of.values()) / len(target_of) if target_of else None
+    for batch in sorted({r.batch for r in runs}):
+        path = plots.accuracy_vs_iterations([r for r in runs if r.batch == batch], mean_target, batch,
+                                            root / f"accuracy-b{batch}.png")
+        lines += [f"![test accuracy vs iterations, batch {batch}]({path.name})", ""]
+    first_seed = min(r.seed for r in runs)
+    for run in (r for r in runs if r.seed == first_seed):
+        name = f"{run.method}-b{run.batch}"
+        rates = plots.layer_rates(run, root / f"layers-{name}.png")
+        if rates is not None:
+            lines += [f"![per-layer effective rates, {run.method}, batch {run.batch}]({rates.name})", ""]
+        ends = plots.warmup_end_points(run, root / f"warmup-{name}.png")
+        if ends is not None:
+            lines += [f"![per-layer warm-up end points, {run.method}, batch {run.batch}]({ends.name})", ""]
+    return lines

@@ -1,0 +1,120 @@
+"""PNG plots of runs, drawn with matplotlib's object API on the Agg canvas (no display needed).
+
+- accuracy vs iterations: one figure per batch size, one colour per method, one
+  line per seed, the target dashed;
+- per-layer effective rates over time (from layers.jsonl), one figure per run;
+- per-layer warm-up end points (LENA paper, fig. 7), when the method records
+  a per-layer warm-up quantity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from ..train.metrics import LAYERS, read_jsonl
+from .results import RunResult
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def accuracy_vs_iterations(runs: list[RunResult], target: float | None, batch: int, path: Path) -> Path:
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    colours = {}
+    for run in sorted(runs, key=lambda r: (r.method, r.seed)):
+        colour = colours.setdefault(run.method, f"C{len(colours)}")
+        steps = [0] + [e["step"] for e in run.evals]
+        accuracy = [math.nan] + [100 * e["test_accuracy"] for e in run.evals]
+        label = run.method if run.seed == min(r.seed for r in runs if r.method == run.method) else None
+        ax.plot(steps[1:], accuracy[1:], marker="o", markersize=3, color=colour, label=label)
+    if target is not None:
+        ax.axhline(100 * target, color="black", linestyle="--", linewidth=1, label="target")
+    ax.set(xlabel="iterations", ylabel="test accuracy (%)", title=f"batch {batch}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def layer_series(run_dir: Path, quantity: str) -> tuple[list[int], dict[str, list[float]]]:
+    """Steps and, per layer, the values of one per-layer quantity from layers.jsonl."""
+    steps, series = [], defaultdict(list)
+    for record in read_jsonl(run_dir / LAYERS):
+        values = record.get(quantity)
+        if not values:
+            continue
+        steps.append(record["step"])
+        for layer, value in values.items():
+            series[layer].append(value)
+    return steps, dict(series)
+
+
+def layer_rates(run: RunResult, path: Path) -> Path | None:
+    steps, series = layer_series(run.run_dir, "effective_lr")
+    if not steps:
+        return None
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for i, (layer, values) in enumerate(series.items()):
+        ax.plot(steps[: len(values)], values, label=layer, color=f"C{i % 10}", linewidth=1)
+    positive = all(v > 0 for values in series.values() for v in values)
+    ax.set(xlabel="iterations", ylabel="effective learning rate", yscale="log" if positive else "linear",
+           title=f"{run.method}, batch {run.batch}, seed {run.seed}: per-layer rates")
+    ax.grid(alpha=0.3)
+    if len(series) <= 16:
+        ax.legend(fontsize="x-small", ncol=2)
+    return _save(fig, path)
+
+
+def warmup_quantity(run_dir: Path) -> str | None:
+    """The per-layer warm-up quantity a method records, if any."""
+    for record in read_jsonl(run_dir / LAYERS):
+        found = [q for q in record if "warmup" in q and isinstance(record[q], dict)]
+        # The end points themselves if recorded, else a factor that reaches 1 when a layer is done.
+        for preferred in ("end", "factor"):
+            match = next((q for q in found if preferred in q), None)
+            if match:
+                return match
+        return found[0] if found else None
+    return None
+
+
+def warmup_ends(run: RunResult) -> dict[str, float]:
+    """Per layer, the iteration at which its warm-up ended.
+
+    A quantity named like ``warmup_end*`` holds the end points themselves (last
+    record wins; negative or NaN: not ended); any other (a warm-up factor or
+    progress in [0, 1]) ends at the first step where it reaches 1.
+    """
+    quantity = warmup_quantity(run.run_dir)
+    if quantity is None:
+        return {}
+    steps, series = layer_series(run.run_dir, quantity)
+    if "end" in quantity:
+        return {layer: v[-1] for layer, v in series.items() if v and v[-1] >= 0 and not math.isnan(v[-1])}
+    return {
+        layer: next(s for s, v in zip(steps, values) if v >= 1.0)
+        for layer, values in series.items()
+        if any(v >= 1.0 for v in values)
+    }
+
+
+def warmup_end_points(run: RunResult, path: Path) -> Path | None:
+    ends = warmup_ends(run)
+    if not ends:
+        return None
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ax.bar(range(len(ends)), list(ends.values()), color="C0")
+    ax.set_xticks(range(len(ends)), list(ends), rotation=90, fontsize="x-small")
+    ax.set(xlabel="layer", ylabel="iteration its warm-up ended",
+           title=f"{run.method}, batch {run.batch}: per-layer warm-up end points")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

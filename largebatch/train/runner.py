@@ -1,0 +1,329 @@
+"""One training run: data, model, method, the step loop, logs and checkpoints.
+
+The global batch of ``batch`` examples is split across the ranks (each takes a
+disjoint contiguous share) and, on each rank, into micro-batches whose
+gradients are accumulated; DDP averages the ranks' gradients once per step.
+So 2 ranks with micro-batch m compute the same update as 1 process with 2
+micro-batches of m.
+
+The order of each epoch is a function of (seed, epoch) only, which is what
+makes resuming exact: a checkpoint records the epoch and the steps done in
+it, and the resumed run rebuilds the permutation and skips those steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import __version__
+from ..data import ImageDataset, load_dataset
+from ..models import build_model
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainConfig
+from .distributed import Context
+from .loop import accumulate_gradients, batch_indices, epoch_permutation, epoch_seed, evaluate
+from .methods import RunShape, build, get_method, peak_lr, warmup_steps
+from .metrics import (
+    CONFIG,
+    LAYERS,
+    METRICS,
+    SUMMARY,
+    JsonlLog,
+    TensorBoard,
+    layer_names,
+    layer_record,
+    read_jsonl,
+    tensorboard_installed,
+    truncate_after,
+    write_json,
+)
+
+LAYER_DEFINITION = "one parameter tensor (keyed by its name in model.named_parameters())"
+CRASH_AT_STEP_ENV = "LARGEBATCH_TEST_CRASH_AT_STEP"  # fault injection for the resume tests
+CRASH_RANK_ENV = "LARGEBATCH_TEST_CRASH_RANK"
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used."""
+
+
+def train(config: TrainConfig) -> dict | None:
+    """Run (or resume) one training run; returns its summary (None if stopped early)."""
+    config.validate(distributed.launched_world_size())
+    if config.tensorboard and not tensorboard_installed():
+        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
+    context = distributed.setup()
+    try:
+        return _train(config, context)
+    finally:
+        distributed.teardown(context)
+
+
+def prepare_run_dir(path: str | Path, rank: int) -> Path:
+    run_dir = Path(path)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{rank}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
+    for stale in run_dir.glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):
+        if rank == 0:  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+    return run_dir
+
+
+def load_data(config: TrainConfig) -> ImageDataset:
+    return load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        val_size=config.val_size,
+        seed=config.split_seed,
+        train_limit=config.train_limit,
+        test_limit=config.test_limit,
+    )
+
+
+def make_model(config: TrainConfig, data: ImageDataset, device: torch.device) -> nn.Module:
+    torch.manual_seed(config.seed)
+    channels, size = data.image_shape[0], data.image_shape[-1]
+    return build_model(config.model, data.num_classes, channels, size).to(device)
+
+
+class _Run:
+    """The state of a run in progress; the step loop is in :meth:`run`."""
+
+    def __init__(self, config: TrainConfig, context: Context):
+        self.config, self.context = config, context
+        self.run_dir = prepare_run_dir(config.run_dir, context.rank)
+        self.data = load_data(config)
+        self.method = get_method(config.method)
+        self.steps_per_epoch = len(self.data.train) // config.batch
+        self.shape = RunShape(
+            base_lr=config.base_lr(), base_batch=config.base_batch, batch=config.batch,
+            steps_per_epoch=self.steps_per_epoch, epochs=config.epochs,
+            warmup_fraction=config.warmup_fraction, decay_to=config.decay_to,
+        )
+        self.model = make_model(config, self.data, context.device)
+        self.wrapped = self._wrap(self.model)
+        self.optimizer, self.scheduler = build(self.method, self.model, self.shape, self.wrapped)
+        self.names = layer_names(self.model)
+        self.position = ckpt.Position(epoch_seed=epoch_seed(config.seed, 0))
+        self.evals: list[dict] = []
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.context.distributed:
+            return model
+        device_ids = [self.context.local_rank] if self.context.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    # -- start: fresh or resumed ---------------------------------------------
+    def start(self) -> None:
+        path = ckpt.checkpoint_path(self.run_dir)
+        if self.config.resume and path.exists():
+            self._resume(path)
+        elif self.context.is_main:
+            path.unlink(missing_ok=True)  # a stale checkpoint must not be resumed into this run
+            for name in (METRICS, LAYERS, SUMMARY):
+                (self.run_dir / name).unlink(missing_ok=True)
+        if self.context.is_main:
+            write_json(self.run_dir / CONFIG, self.describe())
+
+    def _resume(self, path: Path) -> None:
+        payload = ckpt.load(path)
+        changed = ckpt.differences(payload["run"], self.config.run_identity())
+        if changed:
+            raise ValueError(
+                f"{path} belongs to a different run ({'; '.join(changed)}); use a new --run-dir or drop --resume"
+            )
+        self.position = ckpt.restore(payload, self.model, self.optimizer, self.scheduler, self.context.rank)
+        if self.context.is_main:
+            for name in (METRICS, LAYERS):
+                truncate_after(self.run_dir / name, self.position.step)
+        self.evals = [r for r in read_jsonl(self.run_dir / METRICS) if r.get("kind") == "eval"]
+
+    def describe(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "method": {
+                "name": self.method.name, "summary": self.method.summary, "family": self.method.family,
+                "scaling": self.method.scaling, "base_lr": self.shape.base_lr,
+                "peak_lr": peak_lr(self.method, self.shape), "warmup_steps": warmup_steps(self.method, self.shape),
+                "decay": None if self.shape.decay_to is None else f"exponential to {self.shape.decay_to:g} x peak",
+                "optimizer": type(self.optimizer).__name__,
+                "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
+            },
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.shape.total_steps,
+            "world_size": self.context.world_size,
+            "micro_batches_per_rank": self.config.batch // (self.config.micro_batch * self.context.world_size),
+            "device": str(self.context.device),
+            "layer": LAYER_DEFINITION,
+            "layers": list(self.names.values()),
+            "dataset": {
+                "name": self.data.name, "source": self.data.source, "train": len(self.data.train),
+                "val": len(self.data.val), "test": len(self.data.test),
+            },
+            "accuracy_checked": self.eval_schedule(),
+            "torch_version": torch.__version__,
+            "largebatch_version": __version__,
+            "python": platform.python_version(),
+            "argv": sys.argv,
+        }
+
+    def eval_schedule(self) -> str:
+        every = self.config.eval_every
+        extra = f" and every {every} steps" if every else ""
+        return f"test accuracy at the end of every epoch{extra}; validation accuracy at the end of every epoch"
+
+    # -- the step loop -----------------------------------------------------------
+    def run(self) -> dict | None:
+        config, context = self.config, self.context
+        main = context.is_main
+        metrics = JsonlLog(self.run_dir / METRICS, enabled=main)
+        layers = JsonlLog(self.run_dir / LAYERS, enabled=main)
+        board = TensorBoard(self.run_dir, enabled=main and config.tensorboard)
+        bar = tqdm(
+            total=self.shape.total_steps, initial=self.position.step, disable=not (main and config.progress),
+            desc=f"{config.method} B={config.batch}", unit="step", dynamic_ncols=True,
+        )
+        self.model.train()
+        stopped_early = False
+        try:
+            while self.position.epoch < config.epochs:
+                if not self._run_epoch(metrics, layers, board, bar):
+                    stopped_early = True
+                    break
+        finally:
+            bar.close()
+            metrics.close()
+            layers.close()
+            board.close()
+        self._save_checkpoint()
+        if stopped_early:
+            return None
+        summary = self.summary()
+        if main:
+            write_json(self.run_dir / SUMMARY, summary)
+        return summary
+
+    def _run_epoch(self, metrics: JsonlLog, layers: JsonlLog, board: TensorBoard, bar: tqdm) -> bool:
+        """Finish the current epoch; False when ``max_steps`` stopped the run inside it."""
+        config, position = self.config, self.position
+        order = epoch_permutation(len(self.data.train), config.seed, position.epoch)
+        for indices in batch_indices(order, config.batch, position.step_in_epoch):
+            record = self._step(indices)
+            metrics.write(record)
+            board.scalars(record, position.step)
+            if position.step % config.layer_every == 0 and self._layer_values:
+                layers.write({"step": position.step, "epoch": position.epoch, **self._layer_values})
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", refresh=False)
+            _maybe_crash(position.step, self.context, self.run_dir)
+            end_of_epoch = position.step_in_epoch == self.steps_per_epoch
+            if end_of_epoch or (config.eval_every and position.step % config.eval_every == 0):
+                self._evaluate(metrics, board, bar, with_val=end_of_epoch)
+            if end_of_epoch:
+                position.epoch += 1
+                position.step_in_epoch = 0
+                position.epoch_seed = epoch_seed(config.seed, position.epoch)
+            if config.checkpoint_every and position.step % config.checkpoint_every == 0:
+                self._save_checkpoint()
+            if config.max_steps is not None and position.step >= config.max_steps:
+                return False
+        return True
+
+    def _step(self, indices: torch.Tensor) -> dict:
+        started = time.perf_counter()
+        config, context = self.config, self.context
+        local = distributed.rank_slice(indices, context)
+        images = self.data.train.images[local].to(context.device)
+        labels = self.data.train.labels[local].to(context.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        no_sync = self.wrapped.no_sync if context.distributed else None
+        loss = accumulate_gradients(self.wrapped, images, labels, config.micro_batch, no_sync=no_sync)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        # Read before the scheduler moves the rates: the values of this step.
+        due = (self.position.step + 1) % config.layer_every == 0
+        self._layer_values = layer_record(self.optimizer, self.names) if due and context.is_main else {}
+        if self.scheduler is not None:
+            self.scheduler.step()
+        loss = distributed.mean_over_ranks(loss, context).item()
+        self.position.step += 1
+        self.position.step_in_epoch += 1
+        self.position.train_seconds += time.perf_counter() - started
+        return {
+            "kind": "step", "step": self.position.step, "epoch": self.position.epoch, "loss": loss,
+            "lr": lr, "train_seconds": self.position.train_seconds,
+        }
+
+    def _evaluate(self, metrics: JsonlLog, board: TensorBoard, bar: tqdm, with_val: bool) -> None:
+        if not self.context.is_main:
+            return  # the other ranks go on to the next step and wait for rank 0 in its all-reduce
+        position = self.position
+        record = {
+            "kind": "eval", "step": position.step,
+            "epoch": position.epoch + position.step_in_epoch / self.steps_per_epoch,
+            "train_seconds": position.train_seconds,
+            "test_accuracy": evaluate(self.model, self.data.test),
+        }
+        if with_val and len(self.data.val):
+            record["val_accuracy"] = evaluate(self.model, self.data.val)
+        self.evals.append(record)
+        metrics.write(record)
+        board.scalars(record, position.step)
+        bar.set_postfix(test_acc=f"{100 * record['test_accuracy']:.1f}%", refresh=False)
+
+    def _save_checkpoint(self) -> None:
+        states = distributed.gather_objects(ckpt.rng_state(), self.context)
+        if self.context.is_main:
+            payload = ckpt.make_payload(
+                self.model, self.optimizer, self.scheduler, self.position, states, self.config.run_identity()
+            )
+            ckpt.save_atomic(payload, ckpt.checkpoint_path(self.run_dir))
+
+    def summary(self) -> dict:
+        final = self.evals[-1] if self.evals else {}
+        val = [r["val_accuracy"] for r in self.evals if "val_accuracy" in r]
+        return {
+            "method": self.config.method, "model": self.config.model, "batch": self.config.batch,
+            "seed": self.config.seed, "epochs": self.config.epochs, "base_lr": self.shape.base_lr,
+            "steps": self.position.step, "train_seconds": self.position.train_seconds,
+            "final_test_accuracy": final.get("test_accuracy"),
+            "final_val_accuracy": val[-1] if val else None,
+            "world_size": self.context.world_size,
+            "evals": [
+                {k: r[k] for k in ("step", "epoch", "train_seconds", "test_accuracy")} for r in self.evals
+            ],
+        }
+
+
+def _train(config: TrainConfig, context: Context) -> dict | None:
+    run = _Run(config, context)
+    run.start()
+    return run.run()
+
+
+def _maybe_crash(step: int, context: Context, run_dir: Path) -> None:
+    """Kill this process once at the given step (fault injection for the resume tests)."""
+    at = os.environ.get(CRASH_AT_STEP_ENV)
+    if at is None or int(at) != step:
+        return
+    crash_rank = int(os.environ.get(CRASH_RANK_ENV, "1" if context.distributed else "0"))
+    marker = run_dir / f".crashed-at-step-{step}"
+    if context.rank != crash_rank or marker.exists():
+        return
+    marker.write_text("")
+    os._exit(17)

@@ -1,0 +1,154 @@
+"""Sweeps over (method, batch, seed), with base rates chosen the same way for every method.
+
+Layout of a sweep directory::
+
+    DIR/sweep.json                      the sweep's settings and protocol
+    DIR/tune/<family>-lr<rate>/         tuning runs (with --tune)
+    DIR/runs/<method>-b<batch>-s<seed>/ one training run each (summary.json when finished)
+    DIR/report.md, DIR/*.png            written by ``largebatch report DIR``
+
+The target of each seed is the final test accuracy of the baseline, momentum
+SGD at the base batch with the same epoch budget (as in the LENA paper); the
+baseline is run for every seed whether or not it is in the grid. Finished runs
+are skipped, unfinished ones resumed from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .methods import get_method
+from .metrics import SUMMARY, read_json, write_json
+from .runner import prepare_run_dir, train
+
+SWEEP_FILE = "sweep.json"
+TUNED_FILE = "tuned.json"
+BASELINE_METHOD = "sgd"
+
+
+@dataclass
+class SweepSpec:
+    methods: list[str]
+    batches: list[int]
+    seeds: list[int]
+    run_dir: str
+    template: TrainConfig  # model, epochs, data, micro-batch... shared by every run
+    lrs: dict[str, float] = field(default_factory=dict)  # family -> base rate
+    tune_grid: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for method in self.methods:
+            get_method(method)
+        for batch in sorted(set(self.batches) | {self.template.base_batch}):
+            self.config(BASELINE_METHOD, batch, self.seeds[0]).validate()
+        for family in self.lrs:
+            if family not in {get_method(m).family for m in self.methods} | {"sgd"}:
+                raise ValueError(f"--lr names the family {family!r}, which no method of the sweep belongs to")
+
+    def config(self, method: str, batch: int, seed: int, lr: float | None = None) -> TrainConfig:
+        family = get_method(method).family
+        return dataclasses.replace(
+            self.template,
+            method=method, batch=batch, seed=seed,
+            micro_batch=min(self.template.micro_batch, batch),
+            lr=lr if lr is not None else self.lrs.get(family, self.template.lr),
+            run_dir=str(run_path(self.run_dir, method, batch, seed)),
+            resume=True,
+        )
+
+    def runs(self) -> list[tuple[str, int, int]]:
+        """Every (method, batch, seed) to train: the baselines first, then the grid."""
+        base = self.template.base_batch
+        grid = [(m, b, s) for s in self.seeds for m in self.methods for b in self.batches]
+        baselines = [(BASELINE_METHOD, base, s) for s in self.seeds]
+        return baselines + [r for r in grid if r not in baselines]
+
+    def protocol(self, tuned: dict | None) -> dict:
+        families = sorted({get_method(m).family for m in self.methods} | {"sgd"})
+        rates = {}
+        for family in families:
+            if tuned and family in tuned:
+                rates[family] = {"lr": tuned[family]["lr"], "how": tuned[family]["how"]}
+            elif family in self.lrs:
+                rates[family] = {"lr": self.lrs[family], "how": "given with --lr"}
+            else:
+                method = next(m for m in [*self.methods, BASELINE_METHOD] if get_method(m).family == family)
+                rates[family] = {"lr": self.template.lr or get_method(method).default_base_lr,
+                                 "how": "given with --lr" if self.template.lr else "the method's default"}
+        return {
+            "base_rates": rates,
+            "target": f"per seed, the final test accuracy of momentum SGD at the base batch "
+            f"{self.template.base_batch} after {self.template.epochs} epochs",
+            "accuracy_checked": "on the test set at the end of every epoch"
+            + (f" and every {self.template.eval_every} steps" if self.template.eval_every else ""),
+            "time": "training wall-clock seconds, evaluation excluded",
+        }
+
+
+def run_path(root: str | Path, method: str, batch: int, seed: int) -> Path:
+    return Path(root) / "runs" / f"{method}-b{batch}-s{seed}"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / SUMMARY).exists()
+
+
+def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
+    """Train every run of the sweep that has not finished; returns the sweep directory."""
+    spec.validate()
+    root = prepare_run_dir(spec.run_dir, 0)
+    tuned = tune_families(spec, log) if spec.tune_grid else None
+    if tuned:
+        spec.lrs.update({family: entry["lr"] for family, entry in tuned.items()})
+    write_json(root / SWEEP_FILE, {
+        "methods": spec.methods, "batches": spec.batches, "seeds": spec.seeds,
+        "base_batch": spec.template.base_batch, "baseline_method": BASELINE_METHOD,
+        "template": dataclasses.asdict(spec.template), "protocol": spec.protocol(tuned),
+    })
+    for method, batch, seed in spec.runs():
+        config = spec.config(method, batch, seed)
+        if is_finished(Path(config.run_dir)):
+            log(f"{method} batch {batch} seed {seed}: finished, skipped")
+            continue
+        summary = train(config)
+        log(f"{method} batch {batch} seed {seed}: test accuracy {100 * summary['final_test_accuracy']:.2f}% "
+            f"after {summary['steps']} steps ({summary['train_seconds']:.1f} s)")
+    return root
+
+
+def tune_families(spec: SweepSpec, log: Callable[[str], None] = print) -> dict:
+    """Pick each family's base rate at the base batch by validation accuracy over the grid."""
+    root = Path(spec.run_dir)
+    path = root / TUNED_FILE
+    tuned = read_json(path) if path.exists() else {}
+    representatives: dict[str, str] = {}
+    for method in [BASELINE_METHOD, *spec.methods]:
+        representatives.setdefault(get_method(method).family, method)
+    for family, method in representatives.items():
+        if family in tuned and set(tuned[family]["grid"]) == {f"{lr:g}" for lr in spec.tune_grid}:
+            continue  # tuned on this grid before
+        tuned[family] = tune(spec, method, root / "tune", log)
+        write_json(path, tuned)
+    return tuned
+
+
+def tune(spec: SweepSpec, method: str, tune_root: Path, log: Callable[[str], None] = print) -> dict:
+    """Train ``method`` at the base batch for every rate of the grid; best validation accuracy wins."""
+    base, seed = spec.template.base_batch, spec.seeds[0]
+    scores: dict[str, float] = {}
+    for lr in spec.tune_grid:
+        config = dataclasses.replace(
+            spec.config(method, base, seed, lr=lr),
+            run_dir=str(tune_root / f"{get_method(method).family}-lr{lr:g}"),
+        )
+        summary = read_json(Path(config.run_dir) / SUMMARY) if is_finished(Path(config.run_dir)) else train(config)
+        scores[f"{lr:g}"] = summary["final_val_accuracy"]
+        log(f"tune {method} lr {lr:g} at batch {base}: validation accuracy {100 * scores[f'{lr:g}']:.2f}%")
+    best = max(spec.tune_grid, key=lambda lr: scores[f"{lr:g}"])
+    how = (f"tuned with {method} at batch {base}, seed {seed}, {spec.template.epochs} epochs: best validation "
+           f"accuracy over {', '.join(f'{lr:g}' for lr in spec.tune_grid)}")
+    return {"lr": best, "grid": scores, "how": how}
