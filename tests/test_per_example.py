@@ -443,3 +443,36 @@ def test_multihead_attention_out_proj_is_reported():
     x = torch.randn(2, 3, 4)
     with pytest.raises(TypeError, match="single tensor"):
         model(x, x, x)
+
+
+def test_embedding_scaled_by_frequency_is_refused():
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        PerExampleNorms(nn.Embedding(4, 3, scale_grad_by_freq=True))
+
+
+def test_tied_weight_with_fallback_use_is_combined():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.lin = Gate(4), nn.Linear(4, 4, bias=False)
+            self.lin.weight = nn.Parameter(torch.randn(4, 4))
+            self.gate.w = self.lin.weight  # one Parameter, used by a formula and by the fallback
+
+        def forward(self, x):
+            h = self.lin(x)  # (B, T=4, 4)
+            return self.gate(h)
+
+    check(Shared(), torch.randn(3, 4, 4))
+
+
+def test_flush_inside_backward_is_idempotent():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    reference = copy.deepcopy(model)
+    norms = PerExampleNorms(model)
+    x, target = torch.randn(5, 3), torch.randn(5, 2)
+    model[0].weight.register_hook(lambda g: norms.flush())  # the last gradient of the backward
+    squared_error(model(x), target, "mean").backward()
+    norm_sum, sq_sum, count = norms.accumulators()
+    truth = true_norms(reference, x, target)
+    assert count == 5
+    assert torch.allclose(norm_sum, torch.stack([truth[n][0] for n, _ in model.named_parameters()]), rtol=RTOL)

@@ -16,11 +16,15 @@ Squared norms of factored gradients use, per layer, the cheaper of
 * the Gram ("ghost") form ``||L^T R||^2 = <L L^T, R R^T>``, O(T^2 (m + n)),
   Goodfellow 2015 (arXiv 1510.01799) for T = 1, Li et al. 2021
   (arXiv 2110.05679) for sequences, and
-* the direct form ``||L^T R||^2`` with ``L^T R`` formed per example, O(T m n),
+* the direct form ``||L^T R||^2`` with ``L^T R`` formed per example, O(T m n)
+  (for convolutions by the convolution's own weight-gradient kernel with the
+  examples as extra groups, not by unfold + bmm),
 
 choosing Gram when ``2 T^2 <= m n`` ("mixed ghost norm", Bu et al. 2022,
 arXiv 2210.00038). Uses of one parameter are combined exactly through the
 inner products ``<L_u^T R_u, L_v^T R_v> = <L_u L_v^T, R_u R_v^T>``.
+
+Everything stays on the tensors' device; nothing here synchronises with the host.
 """
 
 from __future__ import annotations

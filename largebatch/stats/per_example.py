@@ -209,8 +209,9 @@ class PerExampleNorms:
             label = module_name or type(module).__name__
             if kind is None:
                 raise ValueError(
-                    f"module {label!r} ({type(module).__name__}) is not supported: "
-                    "no per-example gradient exists for it"
+                    f"module {label!r} ({type(module).__name__}) is not supported: no per-example "
+                    "gradient exists for it (SyncBatchNorm couples examples across workers; "
+                    "Embedding(scale_grad_by_freq=True) scales by counts over the whole batch)"
                 )
             if kind == "fallback" and not self.fallback:
                 raise ValueError(
@@ -265,6 +266,16 @@ class PerExampleNorms:
             )
         return self._norm_sum.clone(), self._sq_sum.clone(), self._count.clone()
 
+    def flush(self) -> None:
+        """Combine and accumulate the uses seen so far in a backward that is still running.
+
+        For callers that need the sums before the backward ends, e.g. a DDP
+        communication hook on the last bucket (every layer-output gradient has
+        arrived by then). The end-of-backward callback then finds nothing left.
+        """
+        if self._queued:
+            self._finalize()
+
     def methods(self) -> dict[str, str]:
         """Parameter name -> how its norm was computed in the latest backward.
 
@@ -293,19 +304,21 @@ class PerExampleNorms:
             return None
         if not output.requires_grad:
             return None
+        if kind == "fallback":
+            args, kwargs = tree_map(_detach, args), tree_map(_detach, kwargs)
+        else:  # the formulas read only the first input
+            args, kwargs = (args[0].detach(),) if args else (), {}
         batch = _batch_size(args, kwargs)
         if batch is None:
             raise RuntimeError(f"{type(module).__name__} was called without a batched tensor input")
         if self._forward is None:
             self._forward = _Forward()
         self._forward.calls[module] += 1
-        if kind != "fallback":  # the formulas read only the first input
-            args, kwargs = (args[0].detach(),), {}
         call = _Call(
             module=module,
             kind=kind,
-            args=tree_map(_detach, args),
-            kwargs=tree_map(_detach, kwargs),
+            args=args,
+            kwargs=kwargs,
             batch=batch,
             forward=self._forward,
             bn_stats=_eval_batchnorm_stats(module) if kind == "batchnorm" else None,
@@ -476,6 +489,8 @@ def _eval_batchnorm_stats(module: nn.Module) -> tuple[Tensor, Tensor] | None:
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+        return args[0].shape[0]
     for t in tree_flatten((args, kwargs))[0]:
         if isinstance(t, Tensor) and t.dim() > 0:
             return t.shape[0]
