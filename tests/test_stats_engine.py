@@ -173,6 +173,19 @@ def test_engine_derived_statistics_match_numpy():
     assert s.gain_ratio(total=True).item() == pytest.approx(A_tot / B_tot, rel=1e-12)
 
 
+def test_gradients_changed_after_backward_do_not_skew_statistics():
+    # GradScaler.unscale_ or clipping rescale p.grad in place before the
+    # optimiser reads the summary; A and B must still be on one scale.
+    model, batches = _mlp(), _micro_batches(3)
+    A_ref, B_ref = _reference_AB(_saved_sample_grads(model, batches))
+    stats = GradientStatistics(model)
+    _accumulate(model, batches)
+    torch._foreach_mul_([p.grad for p in model.parameters()], 1 / 1024)
+    s = stats.summary()
+    np.testing.assert_allclose(s.sample_sq_norm_mean.numpy(), A_ref, rtol=1e-10)
+    np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
+
+
 def test_worker_sample_in_one_process_is_one_sample():
     model, batches = _mlp(), _micro_batches(2)
     stats = GradientStatistics(model, sample="worker")

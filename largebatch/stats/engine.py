@@ -12,8 +12,13 @@ the examples per micro-batch. The tensor hook sees ``h_i = s g^(i)`` with
 else 1)``, and ``p.grad = s m gbar`` after the step's backwards (averaged over
 workers by DDP). Every reported number is on the scale of ``g^(i)``, so the
 estimators (estimators.py) and the noise scale in examples are meaningful
-whatever the user's loss scaling. Workers are assumed to run the same number of
-micro-batches of the same size, as DDP with ``no_sync`` accumulation does.
+whatever the accumulation and reduction conventions. Workers are assumed to run
+the same number of micro-batches of the same size, as DDP with ``no_sync``
+accumulation does.
+
+All norms are taken as the backward passes leave the gradients: a GradScaler's
+loss scale S multiplies A and B by S^2 (example norms by S) even if ``p.grad``
+was unscaled before ``summary()``; gain ratios and noise scales are unaffected.
 """
 
 from __future__ import annotations
@@ -173,7 +178,8 @@ class GradientStatistics:
         self._index_of = {id(p): k for k, p in enumerate(self.params)}
         anchor = self.params[0]
         self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        self._zeros = lambda: torch.zeros(len(self.params), dtype=self._dtype, device=anchor.device)
+        self._micro_sq = torch.zeros(len(self.params), dtype=self._dtype, device=anchor.device)
+        self._worker_sq = torch.zeros_like(self._micro_sq)
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
         self._handles = [p.register_hook(self._grad_hook(k)) for k, p in enumerate(self.params)]
         self._handles.append(self.module.register_forward_pre_hook(self._count_examples, with_kwargs=True))
@@ -206,9 +212,10 @@ class GradientStatistics:
         self._examples = 0
         self._pending_norms: list[Tensor] = []
         self._pending_index: list[int] = []
-        self._micro_sq = self._zeros()  # sum over local micro-batches of ||h_i||^2
-        self._worker_sq = self._zeros()  # local accumulated gradient, from the comm hook
+        self._micro_sq.zero_()  # sum over local micro-batches of ||h_i||^2
+        self._worker_sq.zero_()  # local accumulated gradient, from the comm hook
         self._reduced: Tensor | None = None
+        self._grad_sq: Tensor | None = None
         self._reductions = 0
         self._backwards_at_reduction = 0
         if self.per_example is not None:
@@ -243,8 +250,9 @@ class GradientStatistics:
         else:
             sums, extra = None, None
             num_examples = self._examples
-        grads = [p.grad for p in self.params]
-        B = sq_norms(grads, self._dtype, self.params[0]) / grad_scale**2
+        if self._grad_sq is None:
+            raise RuntimeError("GradientStatistics.summary(): the last backward did not complete")
+        B = self._grad_sq / grad_scale**2
         if self.sample == "micro_batch":
             n = world * m
             local = self._micro_sq if sums is None else sums
@@ -288,6 +296,20 @@ class GradientStatistics:
     def _end_backward(self) -> None:
         self._in_backward = False
         self._flush()
+        # Queued now, this runs after DDP's own end-of-backward callback, which
+        # writes the averaged gradients into p.grad.
+        torch.autograd.Variable._execution_engine.queue_callback(self._snapshot_grad_sq_norms)
+
+    def _snapshot_grad_sq_norms(self) -> None:
+        """||p.grad||^2 as the backward left it, on the same scale as the hook norms.
+
+        Taken here rather than in summary(): by then a GradScaler may have
+        unscaled p.grad (or clipping rescaled it) while the per-sample norms
+        still carry the loss scale; A/B must compare like with like.
+        """
+        if self.ddp is not None and self._backwards_at_reduction != self._backwards:
+            return  # a no_sync backward: p.grad is local, not the applied gradient
+        self._grad_sq = sq_norms([p.grad for p in self.params], self._dtype, self.params[0])
 
     def _count_examples(self, module, args, kwargs) -> None:
         if torch.is_grad_enabled():

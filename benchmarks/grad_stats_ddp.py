@@ -1,0 +1,168 @@
+"""Overhead of the gradient statistics engine (per-micro-batch and per-worker norms).
+
+Two measurements, each a ratio against a reference measured in the same run,
+steps interleaved (reference, engine, reference, ...), medians of the paired
+ratios:
+
+1. one process, gradient accumulation over 4 micro-batches: plain accumulation
+   vs ``GradientStatistics(sample="micro_batch")`` (tensor hooks + summary());
+2. 2-process gloo DDP on loopback: plain DDP (built-in all-reduce) vs DDP with
+   the statistics comm hook, ``sample="worker"`` (1 micro-batch per worker) and
+   ``sample="micro_batch"`` (2 micro-batches per worker, no_sync).
+
+Models: an MLP (784-512-512-10) and a small CNN (32x32x3, two conv layers).
+Writes benchmarks/results/grad_stats_ddp.json. Target: ratio <= 1.05.
+
+    python benchmarks/grad_stats_ddp.py [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from largebatch.stats import GradientStatistics
+
+RESULTS = Path(__file__).parent / "results" / "grad_stats_ddp.json"
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+    )  # fmt: skip
+
+
+MODELS = {"mlp": (mlp, (1, 28, 28), 128), "cnn": (cnn, (3, 32, 32), 32)}
+
+
+def batches(name: str, count: int, seed: int = 0):
+    _, shape, size = MODELS[name]
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *shape, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(count)]
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[name][0]()
+
+
+def accumulate_step(model, data, stats, no_sync=None) -> float:
+    """One optimiser step's backwards (+ summary); returns seconds."""
+    start = time.perf_counter()
+    for j, (x, y) in enumerate(data):
+        quiet = no_sync is not None and j < len(data) - 1
+        with no_sync() if quiet else contextlib.nullcontext():
+            (nn.functional.cross_entropy(model(x), y) / len(data)).backward()
+    if stats is not None:
+        stats.summary()
+    elapsed = time.perf_counter() - start
+    for p in model.parameters():
+        p.grad = None
+    if stats is not None:
+        stats.reset()
+    return elapsed
+
+
+def paired(run_reference, run_engine, steps: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        run_reference(), run_engine()
+    ref, eng = [], []
+    for i in range(steps):
+        if i % 2:  # alternate which goes first
+            eng.append(run_engine()), ref.append(run_reference())
+        else:
+            ref.append(run_reference()), eng.append(run_engine())
+    ratios = [e / r for e, r in zip(eng, ref)]
+    return {
+        "reference_ms": 1e3 * statistics.median(ref),
+        "engine_ms": 1e3 * statistics.median(eng),
+        "ratio_median": statistics.median(ratios),
+        "ratio_of_medians": statistics.median(eng) / statistics.median(ref),
+        "steps": steps,
+    }
+
+
+def single_process(name: str, steps: int, micro: int = 4) -> dict:
+    data = batches(name, micro)
+    plain, measured = build(name), build(name)
+    stats = GradientStatistics(measured, sample="micro_batch")
+    result = paired(lambda: accumulate_step(plain, data, None), lambda: accumulate_step(measured, data, stats), steps)
+    return dict(result, micro_batches=micro, batch=MODELS[name][2])
+
+
+def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for name in MODELS:
+        for sample, micro in (("worker", 1), ("micro_batch", 2)):
+            data = batches(name, micro, seed=rank + 1)
+            plain, measured = DDP(build(name)), DDP(build(name))
+            stats = GradientStatistics(measured, sample=sample)
+
+            def timed(model, engine):
+                dist.barrier()  # both ranks start the step together
+                return accumulate_step(model, data, engine, no_sync=model.no_sync)
+
+            r = paired(lambda: timed(plain, None), lambda: timed(measured, stats), steps)
+            results[f"{name}/{sample}"] = dict(r, micro_batches_per_worker=micro, batch=MODELS[name][2])
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def ddp(steps: int, world: int = 2) -> dict:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ddp.json")
+        mp.start_processes(_ddp_worker, args=(world, port, steps, out), nprocs=world, start_method="spawn")
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = {
+        "what": "step time with the statistics engine / without, medians of interleaved pairs",
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads_per_process": args.threads,
+        "single_process_accumulation": {name: single_process(name, args.steps) for name in MODELS},
+        "ddp_gloo_2_processes": ddp(args.steps),
+    }
+    for section in ("single_process_accumulation", "ddp_gloo_2_processes"):
+        for key, r in report[section].items():
+            print(f"{section:28s} {key:18s} {r['reference_ms']:8.2f} ms -> {r['engine_ms']:8.2f} ms  ratio {r['ratio_median']:.3f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
