@@ -78,7 +78,7 @@ def test_matches_reference(ns):
         s = stats.history[-1]
         r, eta = ref.step(grads, s.sample_sq_norm_mean, s.mean_grad_sq_norm, n)
         assert opt.last_gain.item() == pytest.approx(r, rel=1e-5)
-        assert opt.last_effective_lr[0].item() == pytest.approx(eta, rel=1e-5)
+        assert opt.effective_lrs()[0][0].item() == pytest.approx(eta, rel=1e-5)
         assert opt.progress.item() == pytest.approx(ref.tau, rel=1e-5)
         assert 1.0 <= r <= n
     for p, w in zip(params, ref.w):

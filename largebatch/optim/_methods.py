@@ -80,6 +80,22 @@ class StatisticsIndex:
         return vector.index_select(0, self.index(params, vector.device))
 
 
+def loss_scale_sq(measured_sq_norms: Tensor, grad_sq_norms: Tensor) -> Tensor:
+    """S^2, the squared loss scale the statistics saw but ``p.grad`` no longer carries.
+
+    A source reports B_k = ||gbar_k||^2 as the backward passes left it; a
+    ``GradScaler`` unscales ``p.grad`` before ``step``. The ratio of the total
+    squared norms gives S^2 (1 without loss scaling; 1 where either is 0).
+    ``grad_sq_norms`` are the squared norms of the current ``p.grad``
+    (``layer_sq_norms``). No host sync.
+    """
+    measured = measured_sq_norms.sum()
+    actual = grad_sq_norms.to(measured.dtype).sum()
+    ok = (measured > 0) & (actual > 0)
+    one = torch.ones_like(measured)
+    return torch.where(ok, measured / torch.where(ok, actual, one), one)
+
+
 def summary_n(summary) -> int:
     n = summary.n
     if isinstance(n, Tensor):  # the interface says int; tolerate a 0-d tensor once per step
@@ -195,8 +211,14 @@ def momentum_sgd_(
 
 # -- bookkeeping -------------------------------------------------------------------------------
 
-def stack_state(states: Sequence[dict], key: str) -> Tensor:
-    return torch.stack([s[key] for s in states])
+def scalar_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    """dtype of the per-layer vectors: float64 for a float64 model (exact comparisons), else float32."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def stack_state(states: Sequence[dict], key: str, dtype: torch.dtype | None = None) -> Tensor:
+    stacked = torch.stack([s[key] for s in states])
+    return stacked if dtype is None or not stacked.is_floating_point() else stacked.to(dtype)
 
 
 def write_state(states: Sequence[dict], key: str, values: Tensor) -> None:
@@ -223,3 +245,45 @@ def check_state_dict(state_dict: dict, method: str) -> None:
             f"this state dict was saved by {found or 'an optimiser without a method tag'!s}, "
             f"not by {method}: its moving averages and progress would be meaningless here"
         )
+
+
+# -- introspection -----------------------------------------------------------------------------
+
+class LayerIntrospection:
+    """Per-layer tensors of the last step, split per parameter group (like LARS's
+    ``last_trust_ratios``), with names; attributes only, never in ``state_dict()``.
+
+    Subclasses list the recorded quantities in ``_introspected`` and call
+    ``_record(stepped, **flat_vectors)`` at the end of ``step``.
+    """
+
+    _introspected: tuple[str, ...] = ()
+
+    def _clear_introspection(self) -> None:
+        groups = len(getattr(self, "param_groups", []))
+        self._stepped: list[list[int]] = [[] for _ in range(groups)]
+        self._last: dict[str, list[Tensor | None]] = {name: [None] * groups for name in self._introspected}
+
+    def _record(self, stepped: list[list[int]], **vectors: Tensor) -> None:
+        self._stepped = stepped
+        for name, vector in vectors.items():
+            pieces, start = [], 0
+            for indices in stepped:
+                pieces.append(vector[start : start + len(indices)] if indices else None)
+                start += len(indices)
+            self._last[name] = pieces
+
+    def last(self, name: str) -> list[Tensor | None]:
+        """Per group: the 1-D tensor of ``name`` for the parameters stepped last (None if none)."""
+        return self._last[name]
+
+    def by_name(self, name: str) -> dict[str, Tensor]:
+        """``{parameter name: 0-d value}`` of the last step (``group{g}.{i}`` without names)."""
+        out: dict[str, Tensor] = {}
+        for g, (group, values) in enumerate(zip(self.param_groups, self._last[name])):
+            if values is None:
+                continue
+            names = group.get("param_names")
+            for value, i in zip(values.unbind(), self._stepped[g]):
+                out[names[i] if names else f"group{g}.{i}"] = value
+        return out

@@ -93,7 +93,9 @@ def layer_sq_norms(tensors: Sequence[Tensor]) -> Tensor:
     locals_ = [local(t) for t in tensors]
     # _foreach_norm keeps everything on device and is one kernel per dtype group;
     # squaring after the norm is exact enough and avoids materialising t*t.
-    sq = torch.stack(torch._foreach_norm(locals_)).float().pow(2)
+    norms = torch._foreach_norm(locals_)
+    wide = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    sq = torch.stack([n.to(wide) for n in norms]).pow(2)
     sharded = [i for i, t in enumerate(tensors) if is_sharded(t)]
     if not sharded:
         return sq

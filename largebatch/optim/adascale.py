@@ -28,6 +28,10 @@ smoothed :math:`\bar\sigma^2, \bar\mu^2` are clamped at 0 before the ratio
 the averages are left as they are and :math:`r = 1` (plain SGD), so one
 worker without accumulation works.
 
+Loss scaling: statistics measured on ``GradScaler``-scaled gradients are
+divided by :math:`S^2`, found from the reported :math:`\lVert\bar g\rVert^2` and the
+unscaled ``p.grad`` (one ``_foreach_norm``), so the averages never mix scales.
+
 Works with one process and accumulation (n = micro-batches) and under DDP
 (n = workers x micro-batches) through ``largebatch.stats``. The update is
 momentum SGD with the rate outside the buffer (``torch.optim.SGD``).
@@ -42,13 +46,18 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.optimizer import Optimizer
 
+from ._sharded import layer_sq_norms
+
 from ._methods import (
+    LayerIntrospection,
     StatisticsIndex,
     check_non_negative,
     check_source,
     check_state_dict,
     ema_update,
+    loss_scale_sq,
     momentum_sgd_,
+    scalar_dtype,
     smoothing,
     stack_state,
     summary_n,
@@ -70,7 +79,7 @@ def adascale_gain(
     estimates (their sums over layers are the model's smoothed estimates,
     since the average is linear), the shared average weight, tau and the step.
     """
-    A, B = sample_sq_norm.float(), mean_sq_norm.float()
+    A, B = sample_sq_norm.to(state["progress"].dtype), mean_sq_norm.to(state["progress"].dtype)
     var_avg, sq_avg, weight = state["var_avg"], state["sq_avg"], state["avg_weight"]
     if n > 1:
         var = (A - B) * (n / (n - 1))
@@ -95,7 +104,7 @@ def adascale_gain(
     return new_state, gain, layer_gain
 
 
-class AdaScale(Optimizer):
+class AdaScale(LayerIntrospection, Optimizer):
     r"""AdaScale SGD (Johnson et al., ICML 2020). See the module docstring.
 
     Args:
@@ -110,8 +119,9 @@ class AdaScale(Optimizer):
         reset_statistics: call ``stats.reset()`` after each step (default True).
 
     ``progress`` (:math:`\tau`, 0-d tensor), ``done(T1)``, ``last_gain``
-    (:math:`r_t`), ``last_layer_gain`` (per-parameter gains from the same
-    averages, for plots), ``last_effective_lr`` (per group) are available after
+    (:math:`r_t`, 0-d), and per group ``last_layer_gains`` (each layer's gain
+    from the same averages, for plots; not used in the update) and
+    ``effective_lrs()`` (:math:`r_t \eta_0(\tau_t)` per parameter) are available after
     each step; only the state (averages, :math:`\tau`, step, momentum) is
     checkpointed. The model-wide state is kept in every parameter's state
     (as ``step`` is in ``torch.optim``) so checkpoints need nothing extra.
@@ -120,6 +130,7 @@ class AdaScale(Optimizer):
     """
 
     method = "adascale"
+    _introspected = ("layer_gain", "effective_lr")
 
     def __init__(
         self,
@@ -156,9 +167,15 @@ class AdaScale(Optimizer):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0")
 
     def _clear_introspection(self) -> None:
-        self.last_gain = self.last_layer_gain = None
-        self.last_effective_lr: list[Tensor | None] = []
-        self.last_params: list[Tensor] = []
+        super()._clear_introspection()
+        self.last_gain: Tensor | None = None
+
+    @property
+    def last_layer_gains(self) -> list[Tensor | None]:
+        return self.last("layer_gain")
+
+    def effective_lrs(self) -> list[Tensor | None]:
+        return self.last("effective_lr")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -187,10 +204,10 @@ class AdaScale(Optimizer):
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
         if "step" not in state:
-            zero = torch.zeros((), dtype=torch.float32, device=p.device)
+            zero = torch.zeros((), dtype=scalar_dtype([p]), device=p.device)
             state.update(
                 step=zero.clone(), var_avg=zero.clone(), sq_avg=zero.clone(),
-                avg_weight=zero.clone(), progress=self.progress.to(p.device, torch.float32).clone(),
+                avg_weight=zero.clone(), progress=self.progress.to(p.device, zero.dtype).clone(),
             )
         return state
 
@@ -212,25 +229,26 @@ class AdaScale(Optimizer):
         # every parameter carries the model-wide clock, also those without a gradient now
         all_states = [self._init_state(p) for p in everything]
         states = [self.state[p] for p in params]
-        stacked = {key: stack_state(states, key) for key in _STAT_KEYS}
-        new_state, gain, layer_gain = adascale_gain(
-            self._index.gather(summary.sample_sq_norm_mean, params),
-            self._index.gather(summary.mean_grad_sq_norm, params),
-            stacked, n=n,
-        )
+        stacked = {key: stack_state(states, key, scalar_dtype(params)) for key in _STAT_KEYS}
+        dtype = scalar_dtype(params)
+        A = self._index.gather(summary.sample_sq_norm_mean, params).to(dtype)
+        B = self._index.gather(summary.mean_grad_sq_norm, params).to(dtype)
+        # statistics measured under a GradScaler carry S^2; the averages must not mix scales
+        scale_sq = loss_scale_sq(B, layer_sq_norms([p.grad for p in params]))
+        new_state, gain, layer_gain = adascale_gain(A / scale_sq, B / scale_sq, stacked, n=n)
         for key in ("step", "var_avg", "sq_avg"):
             write_state(states, key, new_state[key])
         torch._foreach_copy_([s["avg_weight"] for s in all_states], [new_state["avg_weight"][0]] * len(all_states))
         torch._foreach_copy_([s["progress"] for s in all_states], [new_state["progress"][0]] * len(all_states))
 
-        effective = []
+        effective, stepped = [], []
         for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
+            stepped.append([i for i, p in enumerate(group["params"]) if p.grad is not None])
+            ps = [group["params"][i] for i in stepped[-1]]
             if not ps:
-                effective.append(None)
                 continue
             rate = gain * group["lr"]
-            effective.append(rate)
+            effective.append(rate.expand(len(ps)))
             buffers = [self.state[p].get("momentum_buffer") for p in ps]
             buffers = momentum_sgd_(
                 ps, [p.grad for p in ps], buffers, rate.expand(len(ps)),
@@ -241,8 +259,8 @@ class AdaScale(Optimizer):
             if group["momentum"] != 0:
                 for p, b in zip(ps, buffers):
                     self.state[p]["momentum_buffer"] = b
-        self.last_gain, self.last_layer_gain, self.last_effective_lr = gain, layer_gain, effective
-        self.last_params = params
+        self.last_gain = gain
+        self._record(stepped, layer_gain=layer_gain, effective_lr=torch.cat(effective))
         if self.reset_statistics and hasattr(self.stats, "reset"):
             self.stats.reset()
         return loss

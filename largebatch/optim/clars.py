@@ -51,17 +51,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer
-
 from ._methods import (
     StatisticsIndex,
-    check_non_negative,
     check_source,
     check_state_dict,
+    loss_scale_sq,
+    scalar_dtype,
     summary_n,
     tag_state_dict,
 )
 from ._sharded import layer_sq_norms, local
+from ._trust import TrustRatioOptimizer, check_bool, check_choice, check_lr, check_range
 
 __all__ = ["CLARS", "clars_trust_ratios", "clars_"]
 
@@ -144,13 +144,14 @@ def _inexact_mask(stats, count: int) -> list[bool] | None:
     return [any(part in INEXACT_METHODS for part in label.split("+")) for label in labels]
 
 
-class CLARS(Optimizer):
+class CLARS(TrustRatioOptimizer):
     r"""CLARS (Huo, Gu, Huang, AAAI 2021). See the module docstring for the maths and the reading.
 
     Args:
         params: tensors, dicts or ``named_parameters()``.
         lr: :math:`\eta_t` (float or tensor; schedulers drive it). Default 1.0.
-        momentum, dampening, nesterov: as LARS (rate inside the buffer).
+        momentum, dampening, nesterov: as LARS (rate inside the buffer; the
+            buffer starts from the scaled update, never the raw gradient).
         weight_decay: :math:`\beta`, in the update and in the denominator.
         stats: the statistics source, built with ``per_example=True``.
         trust_coefficient: :math:`\eta` (default 0.001). eps: default 1e-8.
@@ -160,11 +161,15 @@ class CLARS(Optimizer):
             per-example norms (see the module docstring).
         reset_statistics: call ``stats.reset()`` after each step (default True).
 
-    After each step (never checkpointed): ``last_trust_ratio``,
-    ``last_gradient_measure`` (:math:`G_k`), ``last_effective_lr``,
-    ``last_fallback`` (bool) as vectors over ``last_params``; and
-    ``fallback_layers``, the names (or ``group.index``) of the layers that
-    used the fallback.
+    Loss scaling (``torch.amp.GradScaler``): the statistics were measured on
+    the scaled gradients, ``p.grad`` is unscaled by ``scaler.step``; the
+    measure is divided by the ratio of the two (from the total squared norms,
+    one extra ``_foreach_norm``), so a scaled step equals an unscaled one.
+
+    After each step (never checkpointed), per group as in LARS:
+    ``last_trust_ratios``, ``effective_lrs()``, ``trust_ratios_by_name()``;
+    plus ``last_gradient_measures`` (:math:`G_k`) and ``fallback_layers``, the
+    names (or ``group{g}.{i}``) of the layers that used the fallback.
     """
 
     method = "clars"
@@ -189,40 +194,36 @@ class CLARS(Optimizer):
         foreach: bool | None = None,
     ) -> None:
         check_source(stats, "CLARS", need_per_example=True)
-        if inexact not in ("fallback", "use"):
-            raise ValueError(f"invalid inexact: {inexact!r} (use 'fallback' or 'use')")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            trust_coefficient=trust_coefficient, eps=eps, statistic=statistic, adapt=adapt,
+            trust_coefficient=trust_coefficient, eps=eps, statistic=statistic, adapt=adapt, inexact=inexact,
             maximize=maximize, foreach=foreach,
         )
         super().__init__(params, defaults)
         self.stats = stats
-        self.inexact = inexact
         self.reset_statistics = reset_statistics
         self._index = StatisticsIndex(stats)
-        self._clear_introspection()
+        self.last_gradient_measures: list[Tensor | None] = [None] * len(self.param_groups)
+        self._fallback: Tensor | None = None
+        self._fallback_params: list[Tensor] = []
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for name in ("lr", "weight_decay", "trust_coefficient", "eps", "dampening"):
-            check_non_negative(name, group[name])
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"invalid momentum: {group['momentum']!r} (must be in [0, 1))")
-        if group["statistic"] not in STATISTICS:
-            raise ValueError(f"invalid statistic: {group['statistic']!r} (use one of {STATISTICS})")
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_range("dampening", group["dampening"], 0.0, 1.0)
+        for name in ("weight_decay", "trust_coefficient", "eps"):
+            check_range(name, group[name], 0.0)
+        check_choice("statistic", group["statistic"], STATISTICS)
+        check_choice("inexact", group["inexact"], ("fallback", "use"))
+        for name in ("nesterov", "adapt", "maximize"):
+            check_bool(name, group[name])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
-
-    def _clear_introspection(self) -> None:
-        self.last_params: list[Tensor] = []
-        self.last_trust_ratio = self.last_gradient_measure = self.last_effective_lr = None
-        self.last_fallback: Tensor | None = None
+            raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._clear_introspection()
+        self.last_gradient_measures = [None] * len(self.param_groups)
+        self._fallback, self._fallback_params = None, []
 
     def state_dict(self) -> dict[str, Any]:
         return tag_state_dict(super().state_dict(), self.method)
@@ -234,34 +235,42 @@ class CLARS(Optimizer):
     @property
     def fallback_layers(self) -> list[str]:
         """Names of the layers whose measure used the fallback in the last step (reads the mask once)."""
-        if self.last_fallback is None:
+        if self._fallback is None:
             return []
         names = {}
         for g, group in enumerate(self.param_groups):
             group_names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 names[id(p)] = group_names[i] if group_names else f"group{g}.{i}"
-        flags = self.last_fallback.tolist()
-        return [names[id(p)] for p, used in zip(self.last_params, flags) if used]
+        flags = self._fallback.tolist()
+        return [names[id(p)] for p, used in zip(self._fallback_params, flags) if used]
 
-    def _gradient_measure(self, summary, params: list[Tensor], statistics: list[str]) -> tuple[Tensor, Tensor]:
+    def _gradient_measure(
+        self, summary, params: list[Tensor], groups_of: list[dict], grad_sq_norms: Tensor
+    ) -> tuple[Tensor, Tensor]:
         if summary.example_norm_mean is None or summary.example_sq_norm_mean is None:
             raise ValueError(
                 "CLARS needs per-example gradient norms: build the statistics source with "
                 "GradientStatistics(model, per_example=True)"
             )
-        mean_norm = self._index.gather(summary.example_norm_mean, params).float()
-        rms_norm = self._index.gather(summary.example_sq_norm_mean, params).float().clamp(min=0).sqrt()
-        use_rms = torch.tensor([s == "rms_norm" for s in statistics], device=mean_norm.device)
+        dtype = scalar_dtype(params)
+        mean_norm = self._index.gather(summary.example_norm_mean, params).to(dtype)
+        rms_norm = self._index.gather(summary.example_sq_norm_mean, params).to(dtype).clamp(min=0).sqrt()
+        use_rms = torch.tensor([g["statistic"] == "rms_norm" for g in groups_of], device=mean_norm.device)
         measure = torch.where(use_rms, rms_norm, mean_norm)
         fallback = torch.isnan(measure)
-        if self.inexact == "fallback":
+        wants_fallback = [g["inexact"] == "fallback" for g in groups_of]
+        if any(wants_fallback):
             inexact = _inexact_mask(self.stats, summary.example_norm_mean.numel())
             if inexact is not None and any(inexact):
                 index = self._index.index(params, measure.device)
-                fallback = fallback | torch.tensor(inexact, device=measure.device)[index]
-        micro = self._index.gather(summary.sample_sq_norm_mean, params).float().clamp(min=0).sqrt()
-        return torch.where(fallback, micro, measure), fallback
+                engine_says = torch.tensor(inexact, device=measure.device)[index]
+                fallback = fallback | (engine_says & torch.tensor(wants_fallback, device=measure.device))
+        micro = self._index.gather(summary.sample_sq_norm_mean, params).to(dtype).clamp(min=0).sqrt()
+        measure = torch.where(fallback, micro, measure)
+        # undo a loss scale the statistics saw but p.grad no longer has (GradScaler)
+        scale_sq = loss_scale_sq(self._index.gather(summary.mean_grad_sq_norm, params).to(dtype), grad_sq_norms)
+        return measure / scale_sq.sqrt(), fallback
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -271,34 +280,41 @@ class CLARS(Optimizer):
                 loss = closure()
         summary = self.stats.summary()
         summary_n(summary)
-        params, groups_of = [], []
+        params, groups_of, stepped = [], [], []
         for group in self.param_groups:
-            for p in group["params"]:
+            indices = []
+            for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError("CLARS does not support sparse gradients")
                     params.append(p)
                     groups_of.append(group)
+                    indices.append(i)
+            stepped.append(indices)
         if not params:
             return loss
-        device = params[0].device
-        measure, fallback = self._gradient_measure(summary, params, [g["statistic"] for g in groups_of])
+        device, dtype = params[0].device, scalar_dtype(params)
+        # weights and gradients in one call: one all-reduce for sharded (FSDP2) parameters
+        sq_norms = layer_sq_norms(params + [p.grad for p in params]).to(dtype)
+        weight_norms = sq_norms[: len(params)].sqrt()
+        measure, fallback = self._gradient_measure(summary, params, groups_of, sq_norms[len(params) :])
 
-        def vector(key: str, dtype=torch.float32) -> Tensor:
+        def vector(key: str, dtype=dtype) -> Tensor:
             return torch.tensor([g[key] for g in groups_of], dtype=dtype, device=device)
 
-        weight_norms = layer_sq_norms(params).sqrt()
         ratio = clars_trust_ratios(
             weight_norms, measure, weight_decay=vector("weight_decay"),
             trust_coefficient=vector("trust_coefficient"), eps=vector("eps"), adapt=vector("adapt", torch.bool),
         )
-        lrs = torch.stack([torch.as_tensor(g["lr"], dtype=torch.float32, device=device).reshape(()) for g in groups_of])
+        lrs = torch.stack([torch.as_tensor(g["lr"], dtype=dtype, device=device).reshape(()) for g in groups_of])
         rates = ratio * lrs
 
         start = 0
-        for group in self.param_groups:
-            count = sum(1 for p in group["params"] if p.grad is not None)
+        for index, group in enumerate(self.param_groups):
+            count = len(stepped[index])
             if count == 0:
+                self._record(index, [], None)
+                self.last_gradient_measures[index] = None
                 continue
             ps = params[start : start + count]
             buffers = [self.state[p].get("momentum_buffer") for p in ps]
@@ -311,11 +327,10 @@ class CLARS(Optimizer):
             if group["momentum"] != 0:
                 for p, b in zip(ps, buffers):
                     self.state[p]["momentum_buffer"] = b
+            self._record(index, stepped[index], ratio[start : start + count])
+            self.last_gradient_measures[index] = measure[start : start + count]
             start += count
-
-        self.last_params = params
-        self.last_trust_ratio, self.last_gradient_measure = ratio, measure
-        self.last_effective_lr, self.last_fallback = rates, fallback
+        self._fallback, self._fallback_params = fallback, params
         if self.reset_statistics and hasattr(self.stats, "reset"):
             self.stats.reset()
         return loss

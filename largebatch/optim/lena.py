@@ -37,7 +37,10 @@ whatever parameters are in a group with ``weight_decay > 0`` (exclude biases
 and norm weights with a separate group). A "layer" is a parameter tensor
 (``layer_grouping="parameter"``, the authors' choice) or a module
 (``"module"``: weight and bias of one module share A, B, r and S).
-A layer's warm-up ends at the first update where :math:`S_k \ge \theta` (the
+Statistics measured on ``GradScaler``-scaled gradients are divided by the
+squared loss scale (found from the reported :math:`B` and the unscaled
+``p.grad``), so :math:`\epsilon` is in unscaled units and the averages never mix
+scales. A layer's warm-up ends at the first update where :math:`S_k \ge \theta` (the
 first update at its full rate); ``warmup_end`` records that update's number
 (1-based), -1 while the layer is still warming up.
 """
@@ -50,7 +53,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
+from ._sharded import layer_sq_norms
+
 from ._methods import (
+    LayerIntrospection,
     StatisticsIndex,
     check_alpha,
     check_non_negative,
@@ -58,7 +64,9 @@ from ._methods import (
     check_state_dict,
     ema_update,
     group_vector,
+    loss_scale_sq,
     momentum_sgd_,
+    scalar_dtype,
     smoothing,
     stack_state,
     summary_n,
@@ -93,11 +101,11 @@ def lena_rates(
     new state and the introspection tensors (gain, warm-up factor, rate).
     Nothing is read back to the host.
     """
-    A, B = sample_sq_norm.float(), mean_sq_norm.float()
+    A, B = sample_sq_norm.to(lr.dtype), mean_sq_norm.to(lr.dtype)
     if layer_index is not None:  # a module's A and B are the sums over its tensors
         layers = layer_index.numel()  # an upper bound on the number of layers: no host sync
-        A = torch.zeros(layers, device=A.device).index_add_(0, layer_index, A)[layer_index]
-        B = torch.zeros(layers, device=B.device).index_add_(0, layer_index, B)[layer_index]
+        A = A.new_zeros(layers).index_add_(0, layer_index, A)[layer_index]
+        B = B.new_zeros(layers).index_add_(0, layer_index, B)[layer_index]
     c = smoothing(n)
     a_sum, weight = ema_update(state["sample_sq_norm_avg"], state["avg_weight"], A, c)
     b_sum, _ = ema_update(state["mean_sq_norm_avg"], state["avg_weight"], B, c)
@@ -141,7 +149,7 @@ def _module_layers(params: list[Tensor], model: nn.Module | None, names: dict[in
     return keys
 
 
-class LENA(Optimizer):
+class LENA(LayerIntrospection, Optimizer):
     r"""LENA (Ko, Lee, Kim, WWW 2022): per-layer gain, state-aware warm-up. See the module docstring.
 
     Args:
@@ -168,9 +176,11 @@ class LENA(Optimizer):
     State per parameter (checkpointed): ``step``, the two moving averages and
     their weight, ``progress`` :math:`S_k`, ``warmup_end``, ``momentum_buffer``.
     Under module grouping the tensors of one module hold the same values.
-    After each step (not checkpointed): ``last_gain``, ``last_warmup_factor``,
-    ``last_warmup_progress`` (:math:`S_k/\theta`), ``last_effective_lr``, vectors
-    over ``last_params``, and ``warmup_ends()``.
+    After each step (not checkpointed), per group, 1-D over the parameters
+    that had gradients: ``last_gains`` (:math:`r_k`), ``last_warmup_factors``
+    (:math:`\min(S_k/\theta, 1)`), ``last_warmup_progress`` (:math:`S_k/\theta`),
+    ``effective_lrs()`` (:math:`\eta_{t,k}`); ``by_name("gain")`` etc.; and
+    ``warmup_ends()`` over all parameters (from the state).
 
     Resuming on another number of workers: the moving averages and
     :math:`S_k` carry over; the new n (and its smoothing factor and gain
@@ -178,6 +188,7 @@ class LENA(Optimizer):
     """
 
     method = "lena"
+    _introspected = ("gain", "warmup_factor", "warmup_progress", "effective_lr")
 
     def __init__(
         self,
@@ -244,9 +255,20 @@ class LENA(Optimizer):
         if getattr(self, "_layer_key", None) is not None:
             raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
 
-    def _clear_introspection(self) -> None:
-        self.last_params: list[Tensor] = []
-        self.last_gain = self.last_warmup_factor = self.last_warmup_progress = self.last_effective_lr = None
+    @property
+    def last_gains(self) -> list[Tensor | None]:
+        return self.last("gain")
+
+    @property
+    def last_warmup_factors(self) -> list[Tensor | None]:
+        return self.last("warmup_factor")
+
+    @property
+    def last_warmup_progress(self) -> list[Tensor | None]:
+        return self.last("warmup_progress")
+
+    def effective_lrs(self) -> list[Tensor | None]:
+        return self.last("effective_lr")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -281,7 +303,7 @@ class LENA(Optimizer):
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
         if "step" not in state:
-            zero = torch.zeros((), dtype=torch.float32, device=p.device)
+            zero = torch.zeros((), dtype=scalar_dtype([p]), device=p.device)
             state.update(
                 step=zero.clone(), sample_sq_norm_avg=zero.clone(), mean_sq_norm_avg=zero.clone(),
                 avg_weight=zero.clone(), progress=zero.clone(),
@@ -297,28 +319,33 @@ class LENA(Optimizer):
                 loss = closure()
         summary = self.stats.summary()
         n = summary_n(summary)
-        params, groups_of = [], []
+        params, groups_of, stepped = [], [], []
         for group in self.param_groups:
-            for p in group["params"]:
+            stepped.append([])
+            for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError("LENA does not support sparse gradients")
                     params.append(p)
                     groups_of.append(group)
+                    stepped[-1].append(i)
         if not params:
             return loss
-        device = params[0].device
+        device, dtype = params[0].device, scalar_dtype(params)
         states = [self._init_state(p) for p in params]
-        stacked = {key: stack_state(states, key) for key in _STAT_KEYS}
+        stacked = {key: stack_state(states, key, dtype) for key in _STAT_KEYS}
+        A = self._index.gather(summary.sample_sq_norm_mean, params).to(dtype)
+        B = self._index.gather(summary.mean_grad_sq_norm, params).to(dtype)
+        scale_sq = loss_scale_sq(B, layer_sq_norms([p.grad for p in params]))  # so eps is in unscaled units
         new_state, intro = lena_rates(
-            self._index.gather(summary.sample_sq_norm_mean, params),
-            self._index.gather(summary.mean_grad_sq_norm, params),
+            A / scale_sq,
+            B / scale_sq,
             stacked,
             n=n,
-            lr=group_vector(groups_of, "lr", device),
+            lr=group_vector(groups_of, "lr", device, dtype),
             # theta = alpha * T1 formed in double precision on the host (no truncation to epochs)
-            theta=torch.tensor([g["alpha"] * g["base_iterations"] for g in groups_of], device=device),
-            eps=group_vector(groups_of, "eps", device),
+            theta=torch.tensor([g["alpha"] * g["base_iterations"] for g in groups_of], dtype=dtype, device=device),
+            eps=group_vector(groups_of, "eps", device, dtype),
             warmup=group_vector(groups_of, "warmup", device, dtype=torch.bool),
             layer_index=self._layer_index(params, device),
         )
@@ -326,8 +353,8 @@ class LENA(Optimizer):
             write_state(states, key, value)
 
         start = 0
-        for group in self.param_groups:
-            count = sum(1 for p in group["params"] if p.grad is not None)
+        for group, indices in zip(self.param_groups, stepped):
+            count = len(indices)
             if count == 0:
                 continue
             ps = params[start : start + count]
@@ -343,11 +370,7 @@ class LENA(Optimizer):
                     self.state[p]["momentum_buffer"] = b
             start += count
 
-        self.last_params = params
-        self.last_gain = intro["gain"]
-        self.last_warmup_factor = intro["warmup_factor"]
-        self.last_warmup_progress = intro["warmup_progress"]
-        self.last_effective_lr = intro["effective_lr"]
+        self._record(stepped, **intro)
         if self.reset_statistics and hasattr(self.stats, "reset"):
             self.stats.reset()
         return loss
