@@ -41,6 +41,7 @@ __all__ = [
     "Factored",
     "Use",
     "linear_uses",
+    "linear_sq_norms",
     "conv_uses",
     "embedding_uses",
     "norm_affine_uses",
@@ -304,20 +305,45 @@ def _embedding_sq_norm(ids: Tensor, g: Tensor) -> Tensor:
     return _sq(sums.reshape(batch, -1))
 
 
-def _gram_inner(l1: Tensor, l2: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
-    """<L1 L2^T, R1 R2^T> per row of the batch."""
-    product = torch.bmm(l1, l2.transpose(1, 2)) * torch.bmm(r1, r2.transpose(1, 2))
-    return product.flatten(1).sum(1)
+def _gram_inner(l1: Tensor, l2: Tensor, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
+    """(<L1 L2^T, R1 R2^T>, sum of the entries of L1 L2^T) per row of the batch."""
+    left_gram = torch.bmm(l1, l2.transpose(1, 2))
+    product = left_gram * torch.bmm(r1, r2.transpose(1, 2))
+    return product.flatten(1).sum(1), left_gram.flatten(1).sum(1)
 
 
-def _gram_sq_norm(left: Tensor, right: Tensor) -> Tensor:
-    """<L L^T, R R^T>, using the symmetry: with positions split in halves 1 and 2 it is
-    <11> + <22> + 2 <12>, three quarters of the multiply-adds of the full Gram matrices."""
+def _gram_sq_norms(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """(<L L^T, R R^T>, ||sum_t L_t||^2 = sum of the entries of L L^T).
+
+    Uses the symmetry: with positions split in halves 1 and 2 each is
+    <11> + <22> + 2 <12>, three quarters of the multiply-adds of the full Gram
+    matrices. The second value is a Linear layer's bias norm, for free.
+    """
     half = left.shape[1] // 2
     if half < 16:  # small matrices: one kernel call beats the saving
         return _gram_inner(left, left, right, right)
     l1, l2, r1, r2 = left[:, :half], left[:, half:], right[:, :half], right[:, half:]
-    return _gram_inner(l1, l1, r1, r1) + _gram_inner(l2, l2, r2, r2) + 2 * _gram_inner(l1, l2, r1, r2)
+    (w11, b11), (w22, b22), (w12, b12) = (
+        _gram_inner(l1, l1, r1, r1), _gram_inner(l2, l2, r2, r2), _gram_inner(l1, l2, r1, r2)
+    )
+    return w11 + w22 + 2 * w12, b11 + b22 + 2 * b12
+
+
+def linear_sq_norms(a: Tensor, g: Tensor, method: str, bias: bool) -> dict[str, tuple[Tensor, str]]:
+    """Squared norms (B,) and method names for a Linear layer's weight and bias in one pass."""
+    weight, _ = linear_uses(a, g, has_bias=False)
+    left = weight.left
+    if weight.length == 1:  # ||dW_i||^2 = ||a_i||^2 ||g_i||^2 (Goodfellow 2015)
+        g_sq = _sq(left)
+        out = {"weight": (g_sq * _sq(weight.right), "linear-outer"), "bias": (g_sq, "direct")}
+    elif method == "gram" or (method == "auto" and prefers_gram(weight)):
+        w_sq, b_sq = _gram_sq_norms(left, weight.right)
+        out = {"weight": (w_sq, "gram"), "bias": (b_sq, "direct")}
+    else:
+        out = {"weight": (_sq(weight.direct()), "direct")}
+        if bias:
+            out["bias"] = (_sq(left.sum(1)), "direct")
+    return out
 
 
 def prefers_gram(f: Factored) -> bool:
@@ -334,7 +360,7 @@ def sq_norm(use: Use, method: str = "auto") -> tuple[Tensor, str]:
     if use.length == 1:  # one position: ||g||^2 ||a||^2 (Goodfellow 2015)
         return _per_example(_sq(use.left) * _sq(use.right), use.groups), "linear-outer"
     if method == "gram" or (method == "auto" and prefers_gram(use)):
-        return _per_example(_gram_sq_norm(use.left, use.right), use.groups), "gram"
+        return _per_example(_gram_sq_norms(use.left, use.right)[0], use.groups), "gram"
     return _per_example(_sq(use.direct()), use.groups), "direct"
 
 

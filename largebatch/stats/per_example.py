@@ -352,17 +352,12 @@ class PerExampleNorms:
         pending = self._pending.setdefault(call.forward, {})
         single_call = call.forward.calls[call.module] == 1
         _, tracked = self._plan[call.module]
-        if call.kind == "linear" and g.dim() == 2 and single_call:
-            if all(self._owners[k] == 1 for k in tracked.values()):
-                # The common case, kept to a few kernels: ||dW_i||^2 = ||a_i||^2 ||g_i||^2.
-                g_sq = _ghost.row_sq_norms(g)
-                for name, k in tracked.items():
-                    if name == "weight":
-                        sq = g_sq * _ghost.row_sq_norms(call.args[0])
-                        pending[k] = (sq, "linear-outer", call.batch)
-                    else:
-                        pending[k] = (g_sq, "direct", call.batch)
-                return
+        if call.kind == "linear" and single_call and all(self._owners[k] == 1 for k in tracked.values()):
+            # The common case, with the bias norm taken from the weight's computation.
+            results = _ghost.linear_sq_norms(call.args[0], g, self.method, "bias" in tracked)
+            for name, k in tracked.items():
+                pending[k] = (*results[name], call.batch)
+            return
         for k, use, label in self._uses(call, g):
             if single_call and self._owners[k] == 1:
                 sq, name = _ghost.sq_norm(use, self.method)
