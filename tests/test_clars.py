@@ -29,7 +29,7 @@ def reference_clars_step(w, grads, bufs, measures, hyper, lr_scale=1.0):
     for k, (x, g) in enumerate(zip(w, grads)):
         h = hyper[k]
         wn, G = x.norm().item(), float(measures[k])
-        if h["adapt"] and wn > 0 and G > 0:
+        if h["adapt"] and wn > 0 and G + h["wd"] * wn > 0:
             local = h["trust"] * wn / (G + h["wd"] * wn + h["eps"])
         else:
             local = 1.0
@@ -235,3 +235,26 @@ def test_errors():
         opt.step()
     with pytest.raises(ValueError, match="lena"):
         opt.load_state_dict(LENA(params, stats=FakeStats(params), base_iterations=5).state_dict())
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weight_norm=st.floats(0.0, 1e3), grad_norm=st.floats(0.0, 1e3), spread=st.floats(1.0, 50.0),
+    weight_decay=st.floats(0.0, 1e-1), trust=st.floats(1e-4, 1.0),
+)
+def test_trust_ratio_never_above_lars(weight_norm, grad_norm, spread, weight_decay, trust):
+    from largebatch.optim._trust import trust_ratios
+    from largebatch.optim.clars import clars_trust_ratios
+
+    w, g = torch.tensor([weight_norm], dtype=torch.float64), torch.tensor([grad_norm], dtype=torch.float64)
+    kw = dict(weight_decay=torch.tensor(weight_decay, dtype=torch.float64),
+              trust_coefficient=torch.tensor(trust, dtype=torch.float64),
+              eps=torch.tensor(1e-8, dtype=torch.float64), adapt=torch.tensor(True))
+    clars = clars_trust_ratios(w, g * spread, **kw)  # mean of example norms >= ||gbar||
+    lars = trust_ratios(w, g + weight_decay * w, coefficient=trust, eps=1e-8)
+    if grad_norm > 0 and weight_norm > 0:
+        assert clars.item() <= lars.item() * (1 + 1e-12)
+    torch.testing.assert_close(clars_trust_ratios(w, g, **kw), lars, rtol=1e-14, atol=0)  # identical examples: LARS

@@ -359,3 +359,26 @@ def test_errors():
     opt.add_param_group({"params": [stranger]})
     with pytest.raises(ValueError, match="not tracked"):
         opt.step()
+
+
+def test_docstring_example_runs_with_the_engine():
+    from largebatch.models.mlp import MLP
+    from largebatch.stats import GradientStatistics
+
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(16,), num_classes=4)
+    images, labels = torch.randn(64, 12), torch.randint(0, 4, (64,))
+    stats = GradientStatistics(model)
+    total_steps = 4
+    opt = LENA(model.parameters(), lr=0.1, stats=stats, base_iterations=total_steps * 4)
+    decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.01 ** (1 / total_steps))
+    for step in range(total_steps):
+        batch = slice(16 * step, 16 * (step + 1))
+        opt.zero_grad()
+        for x, y in zip(images[batch].split(4), labels[batch].split(4)):
+            (nn.functional.cross_entropy(model(x), y) / 4).backward()
+        opt.step()
+        decay.step()
+        gains = torch.cat(opt.last_gains)
+        assert torch.all((gains >= 1) & (gains <= 4))
+    assert torch.all(opt.warmup_ends() > 0)  # theta = 0.8: every layer ended its warm-up on step 1

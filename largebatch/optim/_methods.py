@@ -20,18 +20,9 @@ METHOD_KEY = "method"
 
 # -- arguments ---------------------------------------------------------------------------
 
-def check_non_negative(name: str, value) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        return  # a tensor lr may live on an accelerator: do not sync to check it
-    if not value >= 0.0:
-        raise ValueError(f"invalid {name}: {value!r} (must be >= 0)")
-
-
 def check_alpha(alpha: float) -> None:
-    if not (0.0 < alpha <= 1.0):
-        raise ValueError(f"invalid alpha: {alpha!r} (the warm-up fraction must be in (0, 1])")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha <= 1.0):
+        raise ValueError(f"alpha: the warm-up fraction must be in (0, 1], got {alpha!r}")
 
 
 def check_source(stats, method: str, need_per_example: bool = False) -> None:
@@ -287,3 +278,24 @@ class LayerIntrospection:
             for value, i in zip(values.unbind(), self._stepped[g]):
                 out[names[i] if names else f"group{g}.{i}"] = value
         return out
+
+
+class StatisticsConsumer:
+    """Keeps the statistics source in step with the gradients it describes.
+
+    With ``reset_statistics`` (the default) the source is reset after every
+    ``step()`` and whenever the gradients are cleared with ``zero_grad()``; the
+    latter covers a step that did not run (a ``GradScaler`` skipping an inf/NaN
+    step), so the next step's statistics never include an old step's backwards.
+    """
+
+    stats: object
+    reset_statistics: bool
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._reset_statistics()
+
+    def _reset_statistics(self) -> None:
+        if getattr(self, "reset_statistics", False) and callable(getattr(self.stats, "reset", None)):
+            self.stats.reset()

@@ -47,11 +47,12 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.optimizer import Optimizer
 
 from ._sharded import layer_sq_norms
+from ._trust import check_bool, check_lr, check_range
 
 from ._methods import (
+    StatisticsConsumer,
     LayerIntrospection,
     StatisticsIndex,
-    check_non_negative,
     check_source,
     check_state_dict,
     ema_update,
@@ -104,7 +105,7 @@ def adascale_gain(
     return new_state, gain, layer_gain
 
 
-class AdaScale(LayerIntrospection, Optimizer):
+class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
     r"""AdaScale SGD (Johnson et al., ICML 2020). See the module docstring.
 
     Args:
@@ -116,7 +117,7 @@ class AdaScale(LayerIntrospection, Optimizer):
             ``w *= 1 - lr * wd`` instead of coupled L2.
         stats: the statistics source (``largebatch.stats.GradientStatistics``);
             n, A and B come from its ``summary()``.
-        reset_statistics: call ``stats.reset()`` after each step (default True).
+        reset_statistics: call ``stats.reset()`` after each step and in ``zero_grad()`` (default True).
 
     ``progress`` (:math:`\tau`, 0-d tensor), ``done(T1)``, ``last_gain``
     (:math:`r_t`, 0-d), and per group ``last_layer_gains`` (each layer's gain
@@ -161,10 +162,14 @@ class AdaScale(LayerIntrospection, Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for name in ("lr", "momentum", "dampening", "weight_decay"):
-            check_non_negative(name, group[name])
+        check_lr(group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_range("dampening", group["dampening"], 0.0, 1.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        for name in ("decoupled_weight_decay", "nesterov", "maximize"):
+            check_bool(name, group[name])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+            raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
 
     def _clear_introspection(self) -> None:
         super()._clear_introspection()
@@ -261,8 +266,7 @@ class AdaScale(LayerIntrospection, Optimizer):
                     self.state[p]["momentum_buffer"] = b
         self.last_gain = gain
         self._record(stepped, layer_gain=layer_gain, effective_lr=torch.cat(effective))
-        if self.reset_statistics and hasattr(self.stats, "reset"):
-            self.stats.reset()
+        self._reset_statistics()
         return loss
 
 

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from ._methods import (
+    StatisticsConsumer,
     StatisticsIndex,
     check_source,
     check_state_dict,
@@ -78,9 +79,11 @@ def clars_trust_ratios(
     eps: Tensor,
     adapt: Tensor,
 ) -> Tensor:
-    """local_k = eta * ||w_k|| / (G_k + beta ||w_k|| + eps); 1 where ||w_k|| = 0, G_k = 0 or not adapted."""
-    ratio = trust_coefficient * weight_norms / (gradient_measure + weight_decay * weight_norms + eps)
-    keep = (weight_norms > 0) & (gradient_measure > 0) & adapt
+    """local_k = eta * ||w_k|| / (G_k + beta ||w_k|| + eps); 1 where ||w_k|| = 0, where the
+    denominator G_k + beta ||w_k|| is 0 (as LARS), or where the group is not adapted."""
+    denominator = gradient_measure + weight_decay * weight_norms
+    ratio = trust_coefficient * weight_norms / (denominator + eps)
+    keep = (weight_norms > 0) & (denominator > 0) & adapt
     return torch.where(keep, ratio, torch.ones_like(ratio))
 
 
@@ -144,7 +147,7 @@ def _inexact_mask(stats, count: int) -> list[bool] | None:
     return [any(part in INEXACT_METHODS for part in label.split("+")) for label in labels]
 
 
-class CLARS(TrustRatioOptimizer):
+class CLARS(StatisticsConsumer, TrustRatioOptimizer):
     r"""CLARS (Huo, Gu, Huang, AAAI 2021). See the module docstring for the maths and the reading.
 
     Args:
@@ -159,7 +162,7 @@ class CLARS(TrustRatioOptimizer):
         adapt: use the trust ratio in this group (default True).
         inexact: ``"fallback"`` (default) or ``"use"`` for layers without exact
             per-example norms (see the module docstring).
-        reset_statistics: call ``stats.reset()`` after each step (default True).
+        reset_statistics: call ``stats.reset()`` after each step and in ``zero_grad()`` (default True).
 
     Loss scaling (``torch.amp.GradScaler``): the statistics were measured on
     the scaled gradients, ``p.grad`` is unscaled by ``scaler.step``; the
@@ -331,6 +334,5 @@ class CLARS(TrustRatioOptimizer):
             self.last_gradient_measures[index] = measure[start : start + count]
             start += count
         self._fallback, self._fallback_params = fallback, params
-        if self.reset_statistics and hasattr(self.stats, "reset"):
-            self.stats.reset()
+        self._reset_statistics()
         return loss

@@ -54,12 +54,13 @@ from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
 from ._sharded import layer_sq_norms
+from ._trust import check_bool, check_lr, check_range
 
 from ._methods import (
+    StatisticsConsumer,
     LayerIntrospection,
     StatisticsIndex,
     check_alpha,
-    check_non_negative,
     check_source,
     check_state_dict,
     ema_update,
@@ -149,7 +150,7 @@ def _module_layers(params: list[Tensor], model: nn.Module | None, names: dict[in
     return keys
 
 
-class LENA(LayerIntrospection, Optimizer):
+class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
     r"""LENA (Ko, Lee, Kim, WWW 2022): per-layer gain, state-aware warm-up. See the module docstring.
 
     Args:
@@ -171,7 +172,7 @@ class LENA(LayerIntrospection, Optimizer):
             to the gradient (default False, the authors' choice).
         layer_grouping: ``"parameter"`` (default) or ``"module"``.
         model: the model, for ``layer_grouping="module"`` (or pass named parameters).
-        reset_statistics: call ``stats.reset()`` after each step (default True).
+        reset_statistics: call ``stats.reset()`` after each step and in ``zero_grad()`` (default True).
 
     State per parameter (checkpointed): ``step``, the two moving averages and
     their weight, ``progress`` :math:`S_k`, ``warmup_end``, ``momentum_buffer``.
@@ -185,6 +186,20 @@ class LENA(LayerIntrospection, Optimizer):
     Resuming on another number of workers: the moving averages and
     :math:`S_k` carry over; the new n (and its smoothing factor and gain
     bound) applies from the next step.
+
+    Example (one process, 4 micro-batches: n = 4; under DDP wrap the model and
+    pass the DDP module to ``GradientStatistics``, n = workers x micro-batches)::
+
+        stats = GradientStatistics(model)
+        opt = LENA(model.parameters(), lr=0.1, stats=stats,
+                   base_iterations=epochs * len(train_set) // 128)  # T1 at b = 128
+        decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.01 ** (1 / total_steps))
+        for images, labels in global_batches(train_set, 512, generator):
+            opt.zero_grad()                       # also resets the statistics
+            for x, y in zip(images.split(128), labels.split(128)):
+                (F.cross_entropy(model(x), y) / 4).backward()
+            opt.step()                            # reads n, A_k, B_k from stats.summary()
+            decay.step()
     """
 
     method = "lena"
@@ -242,16 +257,17 @@ class LENA(LayerIntrospection, Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for name in ("lr", "momentum", "dampening", "weight_decay", "eps"):
-            check_non_negative(name, group[name])
+        check_lr(group["lr"])
+        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_range("dampening", group["dampening"], 0.0, 1.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("eps", group["eps"], 0.0)
         check_alpha(group["alpha"])
+        check_range("base_iterations", group["base_iterations"], 1e-12)  # T1 > 0
         for name in ("warmup", "decoupled_weight_decay", "nesterov", "maximize"):
-            if not isinstance(group[name], bool):
-                raise ValueError(f"invalid {name}: {group[name]!r} (must be True or False)")
-        if not group["base_iterations"] > 0:
-            raise ValueError(f"invalid base_iterations: {group['base_iterations']!r} (must be > 0)")
+            check_bool(name, group[name])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+            raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
         if getattr(self, "_layer_key", None) is not None:
             raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
 
@@ -371,6 +387,5 @@ class LENA(LayerIntrospection, Optimizer):
             start += count
 
         self._record(stepped, **intro)
-        if self.reset_statistics and hasattr(self.stats, "reset"):
-            self.stats.reset()
+        self._reset_statistics()
         return loss
