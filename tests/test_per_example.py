@@ -476,3 +476,17 @@ def test_flush_inside_backward_is_idempotent():
     truth = true_norms(reference, x, target)
     assert count == 5
     assert torch.allclose(norm_sum, torch.stack([truth[n][0] for n, _ in model.named_parameters()]), rtol=RTOL)
+
+
+def test_autocast_bfloat16_close_to_float32():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).float()
+    x, target = torch.randn(6, 3, 8, dtype=torch.float32), torch.randn(6, 3, 4, dtype=torch.float32)
+    want = true_norms(model, x, target)
+    norms = PerExampleNorms(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    squared_error(out.float(), target, "mean").backward()
+    norm_sum, _, _ = norms.accumulators()
+    assert norm_sum.dtype == torch.float32
+    for k, (name, _) in enumerate(model.named_parameters()):
+        assert torch.allclose(norm_sum[k], want[name][0].float(), rtol=0.05), name

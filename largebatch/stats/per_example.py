@@ -289,7 +289,8 @@ class PerExampleNorms:
     # ------------------------------------------------------------ forward side
 
     def _on_model_forward(self, module, args) -> None:
-        self._forward = _Forward()
+        if self._active:  # not while the fallback re-runs a module inside backward
+            self._forward = _Forward()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if not self._active or not torch.is_grad_enabled():
