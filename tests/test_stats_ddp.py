@@ -101,7 +101,11 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
     stats = None
     if opts.get("stats", True):
         stats = GradientStatistics(
-            ddp, sample=opts["sample"], per_example=opts.get("per_example", False), comm_hook=hook
+            ddp,
+            sample=opts["sample"],
+            accumulation=opts.get("accumulation", "mean"),
+            per_example=opts.get("per_example", False),
+            comm_hook=hook,
         )
     elif hook is not None:
         ddp.register_comm_hook(None, hook)
@@ -115,7 +119,8 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
             for j, (x, y) in enumerate(mine):
                 quiet = j < micro - 1 and not synced_every
                 with ddp.no_sync() if quiet else contextlib.nullcontext():
-                    (_loss(ddp, x, y) / micro).backward()
+                    divisor = micro if opts.get("accumulation", "mean") == "mean" else 1
+                    (_loss(ddp, x, y) / divisor).backward()
         record = {"grads": [None if p.grad is None else p.grad.clone() for p in ddp.parameters()], "all_reduces": counter[0]}
         if stats is not None:
             record["summary"] = _summary_dict(stats.summary())
@@ -208,6 +213,17 @@ def test_no_sync_micro_batches_two_workers_equal_four_micro_batches(group):
     ranks = group.run(_train_ddp, opts)
     _check_against_one_process(opts, ranks)
     assert ranks[0][0]["summary"]["n"] == 4
+
+
+@pytest.mark.parametrize("sample", ["micro_batch", "worker"])
+def test_sum_accumulation_reports_the_mean_gradient_scale(group, sample):
+    # The loss is not divided by the micro-batch count: p.grad is m times the
+    # mean gradient, the statistics are not. One SGD step keeps the weights equal.
+    opts = {"sample": sample, "micro": 2, "steps": 1, "accumulation": "sum"}
+    ranks = group.run(_train_ddp, opts)
+    want = _one_process(opts)[0]["summary"]
+    for records in ranks:
+        _assert_same_summary(records[0]["summary"], want)
 
 
 def test_parameter_without_gradient_and_find_unused_parameters(group):
@@ -304,3 +320,27 @@ def test_bad_input_under_ddp(group):
     assert "sample='worker'" in messages["worker_two_syncs"]
     assert "no synchronised backward" in messages["never_synced"]
     assert "comm_hook=" in messages["hook_already_registered"]
+
+
+def _after_remove(rank: int, world: int) -> dict:
+    """After remove() the comm hook only forwards to the wrapped reduction."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    x, y = _step_data(0, {"micro": 1})[rank]
+    ddp = DDP(_model({}))
+    stats = GradientStatistics(ddp, comm_hook=allreduce_hook, comm_state=None)
+    _loss(ddp, x, y).backward()
+    stats.summary()
+    stats.remove()
+    ddp.zero_grad()
+    counter = [0]
+    with _counting_all_reduce(counter):
+        _loss(ddp, x, y).backward()
+    return {"all_reduces": counter[0], "grads": [p.grad.clone() for p in ddp.parameters()]}
+
+
+def test_remove_leaves_a_plain_reduction(group):
+    ranks = group.run(_after_remove)
+    assert ranks[0]["all_reduces"] == 1  # the one bucket, no statistics
+    for a, b in zip(ranks[0]["grads"], ranks[1]["grads"]):
+        assert torch.equal(a, b)

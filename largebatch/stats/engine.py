@@ -149,6 +149,13 @@ class GradientStatistics:
         comm_hook, comm_state: the DDP communication hook to wrap, and its state.
         process_group: group for the statistics all-reduce (default: DDP's).
         params: the tracked parameters (default: all trainable ones).
+
+    Mechanics and limits: a tensor hook on each parameter sees every
+    micro-batch's gradient before accumulation (also under ``no_sync``), so a
+    backward is one micro-batch: ``torch.autograd.grad`` calls that reach the
+    parameters inside a step count too. Examples are counted from the leading
+    dimension of the first tensor passed to the model's forward (with grad
+    enabled). Statistics live on the first parameter's device.
     """
 
     def __init__(
@@ -396,12 +403,10 @@ class GradientStatistics:
 
         PerExampleNorms combines a backward's layer uses in an end-of-backward
         callback, which runs after DDP's last bucket; every output gradient is
-        already there when the last bucket is ready, so combine them now.
+        already there when the last bucket is ready, so flush them now.
         """
-        pe = self.per_example
-        if getattr(pe, "_queued", False) and hasattr(pe, "_finalize"):
-            pe._finalize()
-        return pe.accumulators()
+        self.per_example.flush()
+        return self.per_example.accumulators()
 
     def _check_reduced(self, m: int) -> None:
         if self._reduced is None:
