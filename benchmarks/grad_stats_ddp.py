@@ -93,11 +93,13 @@ def paired(run_reference, run_engine, steps: int, warmup: int = 3) -> dict:
         else:
             ref.append(run_reference()), eng.append(run_engine())
     ratios = [e / r for e, r in zip(eng, ref)]
+    quartiles = statistics.quantiles(ratios, n=4)
     return {
         "reference_ms": 1e3 * statistics.median(ref),
         "engine_ms": 1e3 * statistics.median(eng),
         "ratio_median": statistics.median(ratios),
         "ratio_of_medians": statistics.median(eng) / statistics.median(ref),
+        "ratio_quartiles": [quartiles[0], quartiles[2]],  # spread of the paired ratios (machine noise)
         "steps": steps,
     }
 
@@ -158,7 +160,11 @@ def main() -> None:
     }
     for section in ("single_process_accumulation", "ddp_gloo_2_processes"):
         for key, r in report[section].items():
-            print(f"{section:28s} {key:18s} {r['reference_ms']:8.2f} ms -> {r['engine_ms']:8.2f} ms  ratio {r['ratio_median']:.3f}")
+            low, high = r["ratio_quartiles"]
+            print(
+                f"{section:28s} {key:18s} {r['reference_ms']:8.2f} ms -> {r['engine_ms']:8.2f} ms  "
+                f"ratio {r['ratio_median']:.3f} (quartiles {low:.3f}-{high:.3f})"
+            )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -311,6 +311,16 @@ def _bad_input(rank: int, world: int) -> dict[str, str]:
         GradientStatistics(ddp)
     except ValueError as error:
         messages["hook_already_registered"] = str(error)
+
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = nn.Linear(4, 4)
+    sharded.weight = nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh, [Shard(0)]))
+    try:
+        GradientStatistics(sharded)
+    except ValueError as error:
+        messages["sharded"] = str(error)
     return messages
 
 
@@ -320,6 +330,7 @@ def test_bad_input_under_ddp(group):
     assert "sample='worker'" in messages["worker_two_syncs"]
     assert "no synchronised backward" in messages["never_synced"]
     assert "comm_hook=" in messages["hook_already_registered"]
+    assert "sharded parameters" in messages["sharded"]
 
 
 def _after_remove(rank: int, world: int) -> dict:

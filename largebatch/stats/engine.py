@@ -182,6 +182,7 @@ class GradientStatistics:
         self.params = _unique_trainable(params if params is not None else self.module.parameters())
         if not self.params:
             raise ValueError("params: no parameter requires grad")
+        _refuse_sharded(model, self.params)
         self._index_of = {id(p): k for k, p in enumerate(self.params)}
         anchor = self.params[0]
         self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
@@ -434,6 +435,20 @@ class GradientStatistics:
                 "micro-batch (PyTorch issue 143580: the reducer asserts in backward). Make the "
                 "first micro-batch of training a synchronised one, or use static_graph=False."
             )
+
+
+def _refuse_sharded(model: nn.Module, params: list[Tensor]) -> None:
+    """Norms of shards are partial norms: refuse rather than report wrong numbers (stats.md)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed support has neither
+        return
+    if isinstance(model, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in params):
+        raise ValueError(
+            "model: sharded parameters (FSDP / DTensor) are not supported; per-layer norms of "
+            "shards are partial norms. Use DistributedDataParallel or a single process."
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
