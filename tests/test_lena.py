@@ -354,6 +354,12 @@ def test_errors():
         opt.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="method tag"):
         opt.load_state_dict(torch.optim.SGD(params, lr=0.1).state_dict())
+    model = nn.Sequential(nn.Linear(2, 2))
+    by_module = LENA(model.parameters(), stats=FakeStats(model.parameters()), base_iterations=10,
+                     layer_grouping="module", model=model)
+    by_parameter = LENA(model.parameters(), stats=FakeStats(model.parameters()), base_iterations=10)
+    with pytest.raises(ValueError, match="layer_grouping"):
+        by_module.load_state_dict(by_parameter.state_dict())
     stranger = nn.Parameter(torch.zeros(2))
     stranger.grad = torch.ones(2)
     opt.add_param_group({"params": [stranger]})

@@ -96,9 +96,16 @@ def _fsdp2_worker(rank, world_size):
         params = list(model.parameters())
         assert all(isinstance(p, DTensor) for p in params)
         # every rank trains on the same data, so the averaged gradient is the single-process one
-        _train(model, _make(name, params, SeededStats(params)))
+        opt = _make(name, params, SeededStats(params))
+        _train(model, opt)
         full = [p.full_tensor() for p in params]
         results[name] = max((a - b).abs().max().item() for a, b in zip(full, reference.parameters()))
+        # collectives inside one optimiser step: one all-reduce for all layer norms, none per tensor
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+        with torch.profiler.profile() as prof:
+            opt.step()
+        results[name + "_collectives"] = {e.key: e.count for e in prof.key_averages() if e.key.startswith("c10d::")}
 
     # one all-reduce per call, whatever the number of layers, and full-tensor norms
     calls = []
@@ -146,3 +153,4 @@ def test_fsdp2_matches_unsharded_single_process():
         assert "FlatParameter" in result["refusals"][0] and "use_orig_params=True" in result["refusals"][1]
         for name in ("clars", "lena", "adascale"):
             assert result[name] < 1e-5, (name, result[name])
+            assert result[name + "_collectives"] == {"c10d::allreduce_": 1}, result

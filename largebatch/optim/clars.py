@@ -24,9 +24,15 @@ disagree (early training): that is how CLARS does without warm-up. The
 per-layer statistic is pluggable: ``statistic="mean_norm"`` (default, the
 above) or ``"rms_norm"`` (:math:`\sqrt{\tfrac1B\sum_i\lVert\nabla_k f_i\rVert^2}`,
 also :math:`\ge G_k`), should a later reading of the paper differ.
-Caveat: per-example norms depend on what an "example" is; with a mean loss the
-engine reports :math:`\nabla f_i` of example i's own (undivided) loss, on the
-scale of :math:`\bar g`.
+Caveats of this reading: (1) it is a reading, not a transcription of the
+paper's algorithm; (2) :math:`G_k` estimates :math:`E\lVert\nabla_k f_i\rVert`,
+which does not shrink as the batch grows while :math:`\lVert\bar g_k\rVert` does,
+so late in training (noise-dominated gradients) CLARS keeps a smaller rate than
+LARS at every batch size; (3) per-example norms depend on what an "example" is:
+with a mean loss the engine reports :math:`\nabla f_i` of example i's own
+(undivided) loss, on the scale of :math:`\bar g`. ``local`` is 1 where
+:math:`\lVert w_k\rVert = 0` or the denominator is 0 (as in LARS), without a
+host sync.
 
 Fallback. Where a layer has no exact per-example norm (BatchNorm in train
 mode mixes examples: the engine reports ``"batchnorm-contribution"``; or the
@@ -51,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
 from ._methods import (
     StatisticsConsumer,
     StatisticsIndex,
@@ -209,6 +216,7 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         self.last_gradient_measures: list[Tensor | None] = [None] * len(self.param_groups)
         self._fallback: Tensor | None = None
         self._fallback_params: list[Tensor] = []
+        self._inexact_cache: tuple[tuple[bool, ...] | None, Tensor | None] = (None, None)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_lr(group["lr"])
@@ -267,7 +275,10 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
             inexact = _inexact_mask(self.stats, summary.example_norm_mean.numel())
             if inexact is not None and any(inexact):
                 index = self._index.index(params, measure.device)
-                engine_says = torch.tensor(inexact, device=measure.device)[index]
+                key = tuple(inexact)
+                if self._inexact_cache[0] != key:  # labels rarely change: build the mask once
+                    self._inexact_cache = (key, torch.tensor(inexact, device=measure.device))
+                engine_says = self._inexact_cache[1][index]
                 fallback = fallback | (engine_says & torch.tensor(wants_fallback, device=measure.device))
         micro = self._index.gather(summary.sample_sq_norm_mean, params).to(dtype).clamp(min=0).sqrt()
         measure = torch.where(fallback, micro, measure)

@@ -291,11 +291,17 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         self._clear_introspection()
 
     def state_dict(self) -> dict[str, Any]:
-        return tag_state_dict(super().state_dict(), self.method)
+        out = tag_state_dict(super().state_dict(), self.method)
+        out["layer_grouping"] = self.layer_grouping
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_state_dict(state_dict, self.method)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "method"})
+        saved = state_dict.get("layer_grouping", self.layer_grouping)
+        if saved != self.layer_grouping:
+            # the per-layer averages and progress were kept for other layers
+            raise ValueError(f"this state dict used layer_grouping={saved!r}, this optimiser {self.layer_grouping!r}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("method", "layer_grouping")})
 
     def warmup_ends(self) -> Tensor:
         """Warm-up end (1-based update number, -1 if not yet) of every parameter, in group order."""
