@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+TIMEOUT_ENV = "LARGEBATCH_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,19 @@ def setup() -> Context:
         # Share the cores between the ranks on this machine instead of oversubscribing.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=_timeout())
     return Context(rank, world, local_rank, _device(use_cuda, local_rank), owns_group=True)
+
+
+def _timeout() -> timedelta | None:
+    """``LARGEBATCH_DIST_TIMEOUT`` seconds for connecting and collectives (default: torch's).
+
+    After a torchrun restart the new gloo group has been seen to hang while
+    connecting on a loaded machine; a finite timeout turns that into a failure
+    the next restart recovers from.
+    """
+    seconds = os.environ.get(TIMEOUT_ENV)
+    return timedelta(seconds=float(seconds)) if seconds else None
 
 
 def teardown(context: Context) -> None:

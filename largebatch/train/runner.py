@@ -14,6 +14,7 @@ it, and the resumed run rebuilds the permutation and skips those steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import sys
@@ -85,13 +86,17 @@ def prepare_run_dir(path: str | Path, rank: int) -> Path:
 
 
 def load_data(config: TrainConfig) -> ImageDataset:
+    return _load_dataset_once(
+        config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit, config.test_limit
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _load_dataset_once(name, data_dir, val_size, split_seed, train_limit, test_limit) -> ImageDataset:
+    # A sweep trains many runs on the same split: read and standardise it once.
+    # Training only indexes these tensors, never writes them.
     return load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        val_size=config.val_size,
-        seed=config.split_seed,
-        train_limit=config.train_limit,
-        test_limit=config.test_limit,
+        name, data_dir=data_dir, val_size=val_size, seed=split_seed, train_limit=train_limit, test_limit=test_limit
     )
 
 
