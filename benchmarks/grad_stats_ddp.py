@@ -1,11 +1,14 @@
 """Overhead of the gradient statistics engine (per-micro-batch and per-worker norms).
 
 Two measurements, each a ratio against a reference measured in the same run,
-steps interleaved (reference, engine, reference, ...), medians of the paired
-ratios:
+steps interleaved (reference, engine, engine, reference, ...), medians of the
+paired ratios of wall time and of the training thread's CPU time (the latter
+is robust to other processes on a shared machine):
 
 1. one process, gradient accumulation over 4 micro-batches: plain accumulation
-   vs ``GradientStatistics(sample="micro_batch")`` (tensor hooks + summary());
+   vs ``GradientStatistics(sample="micro_batch")`` (tensor hooks + summary()),
+   with B read after every backward (``applied_norm="backward"``, default) or
+   once in summary() (``"summary"``);
 2. 2-process gloo DDP on loopback: plain DDP (built-in all-reduce) vs DDP with
    the statistics comm hook, ``sample="worker"`` (1 micro-batch per worker) and
    ``sample="micro_batch"`` (2 micro-batches per worker, no_sync).
@@ -66,16 +69,16 @@ def build(name: str) -> nn.Module:
     return MODELS[name][0]()
 
 
-def accumulate_step(model, data, stats, no_sync=None) -> float:
-    """One optimiser step's backwards (+ summary); returns seconds."""
-    start = time.perf_counter()
+def accumulate_step(model, data, stats, no_sync=None) -> tuple[float, float]:
+    """One optimiser step's backwards (+ summary); returns (wall, main-thread CPU) seconds."""
+    start, start_cpu = time.perf_counter(), time.thread_time()
     for j, (x, y) in enumerate(data):
         quiet = no_sync is not None and j < len(data) - 1
         with no_sync() if quiet else contextlib.nullcontext():
             (nn.functional.cross_entropy(model(x), y) / len(data)).backward()
     if stats is not None:
         stats.summary()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start, time.thread_time() - start_cpu
     for p in model.parameters():
         p.grad = None
     if stats is not None:
@@ -92,24 +95,33 @@ def paired(run_reference, run_engine, steps: int, warmup: int = 3) -> dict:
             eng.append(run_engine()), ref.append(run_reference())
         else:
             ref.append(run_reference()), eng.append(run_engine())
-    ratios = [e / r for e, r in zip(eng, ref)]
+    wall_ref, wall_eng = [r[0] for r in ref], [e[0] for e in eng]
+    ratios = [e / r for e, r in zip(wall_eng, wall_ref)]
+    cpu_ratios = [e[1] / r[1] for e, r in zip(eng, ref)]
     quartiles = statistics.quantiles(ratios, n=4)
     return {
-        "reference_ms": 1e3 * statistics.median(ref),
-        "engine_ms": 1e3 * statistics.median(eng),
+        "reference_ms": 1e3 * statistics.median(wall_ref),
+        "engine_ms": 1e3 * statistics.median(wall_eng),
         "ratio_median": statistics.median(ratios),
-        "ratio_of_medians": statistics.median(eng) / statistics.median(ref),
+        "ratio_of_medians": statistics.median(wall_eng) / statistics.median(wall_ref),
         "ratio_quartiles": [quartiles[0], quartiles[2]],  # spread of the paired ratios (machine noise)
+        # CPU time of the training thread: the work added, insensitive to other
+        # processes on a shared machine (misses waiting for the extra collective)
+        "cpu_ratio_median": statistics.median(cpu_ratios),
         "steps": steps,
     }
 
 
 def single_process(name: str, steps: int, micro: int = 4) -> dict:
     data = batches(name, micro)
-    plain, measured = build(name), build(name)
-    stats = GradientStatistics(measured, sample="micro_batch")
-    result = paired(lambda: accumulate_step(plain, data, None), lambda: accumulate_step(measured, data, stats), steps)
-    return dict(result, micro_batches=micro, batch=MODELS[name][2])
+    plain = build(name)
+    out = {}
+    for applied_norm in ("backward", "summary"):
+        measured = build(name)
+        stats = GradientStatistics(measured, sample="micro_batch", applied_norm=applied_norm)
+        result = paired(lambda: accumulate_step(plain, data, None), lambda: accumulate_step(measured, data, stats), steps)
+        out[f"{name}/applied_norm={applied_norm}"] = dict(result, micro_batches=micro, batch=MODELS[name][2])
+    return out
 
 
 def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
@@ -155,15 +167,16 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads_per_process": args.threads,
-        "single_process_accumulation": {name: single_process(name, args.steps) for name in MODELS},
+        "single_process_accumulation": {k: v for name in MODELS for k, v in single_process(name, args.steps).items()},
         "ddp_gloo_2_processes": ddp(args.steps),
     }
     for section in ("single_process_accumulation", "ddp_gloo_2_processes"):
         for key, r in report[section].items():
             low, high = r["ratio_quartiles"]
             print(
-                f"{section:28s} {key:18s} {r['reference_ms']:8.2f} ms -> {r['engine_ms']:8.2f} ms  "
-                f"ratio {r['ratio_median']:.3f} (quartiles {low:.3f}-{high:.3f})"
+                f"{section:28s} {key:32s} {r['reference_ms']:8.2f} ms -> {r['engine_ms']:8.2f} ms  "
+                f"ratio {r['ratio_median']:.3f} (quartiles {low:.3f}-{high:.3f}), "
+                f"CPU-time ratio {r['cpu_ratio_median']:.3f}"
             )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -104,6 +104,7 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
             ddp,
             sample=opts["sample"],
             accumulation=opts.get("accumulation", "mean"),
+            applied_norm=opts.get("applied_norm", "backward"),
             per_example=opts.get("per_example", False),
             comm_hook=hook,
         )
@@ -208,8 +209,9 @@ def test_gradient_as_bucket_view(group):
     _check_against_one_process(opts, group.run(_train_ddp, opts))
 
 
-def test_no_sync_micro_batches_two_workers_equal_four_micro_batches(group):
-    opts = {"sample": "micro_batch", "micro": 2, "steps": 3}
+@pytest.mark.parametrize("applied_norm", ["backward", "summary"])
+def test_no_sync_micro_batches_two_workers_equal_four_micro_batches(group, applied_norm):
+    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "applied_norm": applied_norm}
     ranks = group.run(_train_ddp, opts)
     _check_against_one_process(opts, ranks)
     assert ranks[0][0]["summary"]["n"] == 4

@@ -186,6 +186,26 @@ def test_gradients_changed_after_backward_do_not_skew_statistics():
     np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("accumulation", ["mean", "sum"])
+def test_applied_norm_read_in_summary_matches(accumulation):
+    model, batches = _mlp(), _micro_batches(3)
+    A_ref, B_ref = _reference_AB(_saved_sample_grads(model, batches))
+    stats = GradientStatistics(model, accumulation=accumulation, applied_norm="summary")
+    _accumulate(model, batches, accumulation)
+    s = stats.summary()
+    np.testing.assert_allclose(s.sample_sq_norm_mean.numpy(), A_ref, rtol=1e-10)
+    np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
+
+
+def test_applied_norm_read_in_summary_refuses_modified_gradients():
+    model = _mlp()
+    stats = GradientStatistics(model, applied_norm="summary")
+    _accumulate(model, _micro_batches(2))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.raises(RuntimeError, match="applied_norm='backward'"):
+        stats.summary()
+
+
 def test_worker_sample_in_one_process_is_one_sample():
     model, batches = _mlp(), _micro_batches(2)
     stats = GradientStatistics(model, sample="worker")
@@ -277,6 +297,7 @@ def test_summary_before_any_backward_is_an_error():
         ({"sample": "example"}, "sample"),
         ({"accumulation": "avg"}, "accumulation"),
         ({"loss_reduction": "none"}, "loss_reduction"),
+        ({"applied_norm": "step"}, "applied_norm"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):

@@ -37,6 +37,7 @@ from .ddp import bucket_sq_norms, launch_stats_all_reduce, statistics_comm_hook
 __all__ = ["GradientStatistics", "GradientSummary"]
 
 _SAMPLES = ("micro_batch", "worker")
+_APPLIED_NORM = ("backward", "summary")
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -146,6 +147,12 @@ class GradientStatistics:
         batchnorm: per-example policy for BatchNorm layers (per_example only).
         per_example_fallback: allow the per-module torch.func fallback for
             layers without a ghost-norm rule (per_example only).
+        applied_norm: when B = ||p.grad||^2 is read. "backward" (default): as
+            each synchronised backward leaves p.grad, so GradScaler.unscale_
+            or clipping before summary() cannot skew A/B; with accumulation in
+            one process this is one extra gradient read per micro-batch.
+            "summary": once, in summary(), which refuses (RuntimeError) if
+            p.grad was changed in place after the last backward.
         comm_hook, comm_state: the DDP communication hook to wrap, and its state.
         process_group: group for the statistics all-reduce (default: DDP's).
         params: the tracked parameters (default: all trainable ones).
@@ -168,6 +175,7 @@ class GradientStatistics:
         sample: str = "micro_batch",
         batchnorm: str = "contribution",
         per_example_fallback: bool = True,
+        applied_norm: str = "backward",
         comm_hook=None,
         comm_state=None,
         process_group=None,
@@ -176,6 +184,8 @@ class GradientStatistics:
         _check_choice("loss_reduction", loss_reduction, _REDUCTIONS)
         _check_choice("accumulation", accumulation, _REDUCTIONS)
         _check_choice("sample", sample, _SAMPLES)
+        _check_choice("applied_norm", applied_norm, _APPLIED_NORM)
+        self.applied_norm = applied_norm
         self.ddp = model if isinstance(model, DistributedDataParallel) else None
         self.module = model.module if self.ddp is not None else model
         self.loss_reduction, self.accumulation, self.sample = loss_reduction, accumulation, sample
@@ -224,6 +234,7 @@ class GradientStatistics:
         self._worker_sq.zero_()  # local accumulated gradient, from the comm hook
         self._reduced: Tensor | None = None
         self._grad_sq: Tensor | None = None
+        self._grad_versions: list | None = None
         self._reductions = 0
         self._backwards_at_reduction = 0
         if self.per_example is not None:
@@ -258,9 +269,7 @@ class GradientStatistics:
         else:
             sums, extra = None, None
             num_examples = self._examples
-        if self._grad_sq is None:
-            raise RuntimeError("GradientStatistics.summary(): the last backward did not complete")
-        B = self._grad_sq / grad_scale**2
+        B = self._applied_grad_sq() / grad_scale**2
         if self.sample == "micro_batch":
             n = world * m
             local = self._micro_sq if sums is None else sums
@@ -317,7 +326,24 @@ class GradientStatistics:
         """
         if self.ddp is not None and self._backwards_at_reduction != self._backwards:
             return  # a no_sync backward: p.grad is local, not the applied gradient
-        self._grad_sq = sq_norms([p.grad for p in self.params], self._dtype, self.params[0])
+        if self.applied_norm == "summary":
+            self._grad_versions = _grad_versions(self.params)
+        else:
+            self._grad_sq = sq_norms([p.grad for p in self.params], self._dtype, self.params[0])
+
+    def _applied_grad_sq(self) -> Tensor:
+        if self.applied_norm == "backward":
+            if self._grad_sq is None:
+                raise RuntimeError("GradientStatistics.summary(): the last backward did not complete")
+            return self._grad_sq
+        if self._grad_versions is None:
+            raise RuntimeError("GradientStatistics.summary(): the last backward did not complete")
+        if _grad_versions(self.params) != self._grad_versions:
+            raise RuntimeError(
+                "p.grad was changed in place after the last backward (GradScaler.unscale_, "
+                "gradient clipping?), so B would not match A; use applied_norm='backward'"
+            )
+        return sq_norms([p.grad for p in self.params], self._dtype, self.params[0])
 
     def _count_examples(self, module, args, kwargs) -> None:
         if torch.is_grad_enabled():
@@ -435,6 +461,11 @@ class GradientStatistics:
                 "micro-batch (PyTorch issue 143580: the reducer asserts in backward). Make the "
                 "first micro-batch of training a synchronised one, or use static_graph=False."
             )
+
+
+def _grad_versions(params: list[Tensor]) -> list:
+    """Identity and in-place version counter of each p.grad (detects later modification)."""
+    return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
 
 
 def _refuse_sharded(model: nn.Module, params: list[Tensor]) -> None:
