@@ -27,18 +27,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["bucket_sq_norms", "statistics_comm_hook", "launch_stats_all_reduce"]
+__all__ = ["bucket_norms", "statistics_comm_hook", "launch_stats_all_reduce"]
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 
-def bucket_sq_norms(
+def bucket_norms(
     gradients: list[Tensor], parameters: list[Tensor], index_of: dict[int, int], dtype: torch.dtype
-) -> tuple[list[int], Tensor | None]:
-    """Squared norms of one bucket's gradients, keyed by parameter position.
+) -> tuple[list[int], list[Tensor]]:
+    """2-norms of one bucket's gradients (one ``_foreach_norm``), keyed by parameter position.
 
-    Returns (indices, squared_norms) for the parameters the engine tracks;
-    parameters it does not track (``params=`` subset) are skipped.
+    Returns (indices, norms) for the parameters the engine tracks; parameters
+    it does not track (``params=`` subset) are skipped. The norms are taken
+    now, before the bucket's reduction overwrites the gradients.
     """
     indices, tracked = [], []
     for grad, param in zip(gradients, parameters):
@@ -47,9 +48,8 @@ def bucket_sq_norms(
             indices.append(k)
             tracked.append(grad)
     if not tracked:
-        return indices, None
-    norms = torch._foreach_norm(tracked, 2, dtype=dtype)
-    return indices, torch.stack(norms).square()
+        return indices, []
+    return indices, list(torch._foreach_norm(tracked, 2, dtype=dtype))
 
 
 def launch_stats_all_reduce(vector: Tensor, group) -> torch.futures.Future:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
 from . import estimators
-from .ddp import bucket_sq_norms, launch_stats_all_reduce, statistics_comm_hook
+from .ddp import bucket_norms, launch_stats_all_reduce, statistics_comm_hook
 
 __all__ = ["GradientStatistics", "GradientSummary"]
 
@@ -108,6 +108,8 @@ class GradientSummary:
 
 def first_batch_size(args: tuple, kwargs: dict) -> int:
     """Leading dimension of the first tensor among a forward call's arguments (0 if none)."""
+    if args and isinstance(args[0], Tensor) and args[0].dim() > 0:  # the usual call, without pytree
+        return args[0].shape[0]
     for leaf in tree_leaves((args, kwargs)):
         if isinstance(leaf, Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
@@ -210,6 +212,7 @@ class GradientStatistics:
             )
         self._active = True
         self._group = None
+        self._world: int | None = None
         if self.ddp is not None:
             self._attach_ddp(comm_hook, comm_state, process_group)
         elif comm_hook is not None:
@@ -228,8 +231,10 @@ class GradientStatistics:
         self._backwards = 0
         self._in_backward = False
         self._examples = 0
-        self._pending_norms: list[Tensor] = []
+        self._pending_norms: list[Tensor] = []  # per-micro-batch, from tensor hooks
         self._pending_index: list[int] = []
+        self._pending_worker_norms: list[Tensor] = []  # local accumulated gradient, from the comm hook
+        self._pending_worker_index: list[int] = []
         self._micro_sq.zero_()  # sum over local micro-batches of ||h_i||^2
         self._worker_sq.zero_()  # local accumulated gradient, from the comm hook
         self._reduced: Tensor | None = None
@@ -350,12 +355,15 @@ class GradientStatistics:
             self._examples += first_batch_size(args, kwargs)
 
     def _flush(self) -> None:
-        """Add the pending per-parameter norms of finished micro-batches."""
-        if not self._pending_norms:
-            return
-        norms, index = torch.stack(self._pending_norms), self._cached_index(self._pending_index)
-        self._pending_norms, self._pending_index = [], []
-        self._micro_sq.index_add_(0, index, norms.square())
+        """Add pending per-parameter norms (finished micro-batches, hooked buckets): one scatter each."""
+        for norms, indices, total in (
+            (self._pending_norms, self._pending_index, self._micro_sq),
+            (self._pending_worker_norms, self._pending_worker_index, self._worker_sq),
+        ):
+            if norms:
+                total.index_add_(0, self._cached_index(indices), torch.stack(norms).square())
+                norms.clear()
+                indices.clear()
 
     def _cached_index(self, indices: list[int]) -> Tensor:
         key = tuple(indices)
@@ -401,14 +409,18 @@ class GradientStatistics:
         self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
 
     def _world_size(self) -> int:
-        return dist.get_world_size(self._group) if self.ddp is not None else 1
+        if self.ddp is None:
+            return 1
+        if self._world is None:
+            self._world = dist.get_world_size(self._group)
+        return self._world
 
     def _on_bucket(self, bucket: dist.GradBucket) -> None:
         if self.sample != "worker":
             return
-        indices, squared = bucket_sq_norms(bucket.gradients(), bucket.parameters(), self._index_of, self._dtype)
-        if squared is not None:
-            self._worker_sq.index_add_(0, self._cached_index(indices), squared)
+        indices, norms = bucket_norms(bucket.gradients(), bucket.parameters(), self._index_of, self._dtype)
+        self._pending_worker_index += indices
+        self._pending_worker_norms += norms
 
     def _reduce_statistics(self) -> torch.futures.Future:
         """Pack every statistic of the step into one vector and all-reduce it once."""
