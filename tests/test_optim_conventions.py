@@ -291,11 +291,12 @@ def test_params_without_grad_are_skipped(case):
     assert "3.weight" not in opt.trust_ratios_by_name() and "group0.4" not in opt.trust_ratios_by_name()
 
 
-@pytest.mark.parametrize("index", range(11))
-def test_bad_hyperparameters_name_the_argument(case, index):
-    if index >= len(case.bad):
-        pytest.skip("no such case")
-    bad, name = case.bad[index]
+@pytest.mark.parametrize(
+    "case,bad,name",
+    [(c, bad, name) for c in OPTIMIZERS for bad, name in c.bad],
+    ids=lambda x: repr(x) if isinstance(x, Case) else str(x),
+)
+def test_bad_hyperparameters_name_the_argument(case, bad, name):
     with pytest.raises(ValueError, match=name):
         case.cls([torch.zeros(2, requires_grad=True)], **{**case.kwargs, **bad})
     # per-group values are validated too
