@@ -119,11 +119,11 @@ def first_batch_size(args: tuple, kwargs: dict) -> int:
 def sq_norms(tensors: list[Tensor | None], dtype: torch.dtype, like: Tensor) -> Tensor:
     """Squared 2-norms of a list of tensors in one ``_foreach_norm``; None gives 0."""
     present = [i for i, t in enumerate(tensors) if t is not None]
+    if len(present) == len(tensors):
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
     out = torch.zeros(len(tensors), dtype=dtype, device=like.device)
     if present:
         norms = torch._foreach_norm([tensors[i] for i in present], 2, dtype=dtype)
-        if len(present) == len(tensors):
-            return torch.stack(norms).square()
         out[present] = torch.stack(norms).square()
     return out
 
