@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -273,9 +274,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (machine is shared)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    args.repeats = args.repeats or (5 if args.quick else 20)
+    args.repeats = args.repeats or (5 if args.quick else 30)
     torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg()  # the machine is shared: record how busy it was
     rows = []
     for name, bench in BENCHMARKS:
         if args.only and name not in args.only.split(","):
@@ -288,6 +290,7 @@ def main() -> None:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
