@@ -142,7 +142,7 @@ def test_conv(conv, shape, method):
 def test_conv_geometry_property(nd, groups, out_mult, kernel, stride, padding, dilation, size, method):
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
     layer = conv(4, groups * out_mult, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
-    sizes = (size, 5, 4)[:nd]
+    sizes = (size, 5, 5)[:nd]  # >= dilation * (kernel - 1) + 1, so every geometry is valid
     check(nn.Sequential(layer, nn.Tanh()), torch.randn(2, 4, *sizes), method=method)
 
 
