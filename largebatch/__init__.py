@@ -1,6 +1,7 @@
 """largebatch: training neural networks with very large batches.
 
-Optimisers (``torch.optim`` drop-ins): :class:`LARS`, :class:`LAMB`.
+Optimisers (``torch.optim`` drop-ins): :class:`CLARS`, :class:`LENA`,
+:class:`AdaScale`, :class:`LARS`, :class:`LAMB`.
 Scaling rules and warm-up: :func:`linear_scaling`, :func:`sqrt_scaling`,
 :func:`scale_lr`, :class:`GradualWarmup`, :func:`warmup_then`.
 Parameter groups with the two exclusion masks (weight decay, adaptation):
@@ -8,7 +9,7 @@ Parameter groups with the two exclusion masks (weight decay, adaptation):
 Gradient statistics: :class:`GradientStatistics`.
 """
 
-from .optim import LAMB, LARS
+from .optim import CLARS, LAMB, LARS, LENA, AdaScale, ProgressLR
 from .param_groups import param_groups, plan_param_groups
 from .schedules import GradualWarmup, linear_scaling, scale_lr, sqrt_scaling, warmup_then
 from .stats import GradientStatistics, GradientSummary
@@ -16,7 +17,11 @@ from .stats import GradientStatistics, GradientSummary
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaScale",
+    "CLARS",
     "LAMB",
+    "LENA",
+    "ProgressLR",
     "LARS",
     "GradientStatistics",
     "GradientSummary",
