@@ -150,6 +150,22 @@ def test_engine_matches_saved_micro_batch_gradients(accumulation, loss_reduction
     np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
 
 
+
+@pytest.mark.parametrize("accumulation", ["mean", "sum"])
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+def test_grad_scale_relates_p_grad_to_the_mean_gradient(accumulation, loss_reduction):
+    model, batches = _mlp(), _micro_batches(3, size=5)
+    gbar = [np.mean(s, axis=0) for s in zip(*_saved_sample_grads(model, batches))]
+    stats = GradientStatistics(model, accumulation=accumulation, loss_reduction=loss_reduction)
+    _accumulate(model, batches, accumulation, loss_reduction)
+    s = stats.summary()
+    assert s.grad_scale == pytest.approx((3 if accumulation == "sum" else 1) * (5 if loss_reduction == "sum" else 1))
+    for p, g in zip(model.parameters(), gbar):
+        np.testing.assert_allclose(p.grad.numpy(), s.grad_scale * g, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(
+        [(p.grad**2).sum().item() for p in model.parameters()], s.grad_scale**2 * s.mean_grad_sq_norm.numpy(), rtol=1e-10
+    )
+
 def test_engine_derived_statistics_match_numpy():
     model, batches = _mlp(), _micro_batches(3, size=5)
     samples = _saved_sample_grads(model, batches)

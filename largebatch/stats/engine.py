@@ -48,6 +48,10 @@ class GradientSummary:
     ``sample_sq_norm_mean`` is A_k = (1/n) sum_i ||g_k^(i)||^2 and
     ``mean_grad_sq_norm`` is B_k = ||gbar_k||^2 (methods.md, AdaScale / LENA).
     ``example_*`` are set when per-example norms were collected (CLARS).
+    ``grad_scale`` relates them to ``p.grad``: the backwards leave
+    ``p.grad = grad_scale * gbar`` (a loss scale included on both sides; m
+    under ``accumulation="sum"``, times the micro-batch size under
+    ``loss_reduction="sum"``, 1 with the defaults).
     Derived estimators follow estimators.py; "total" means model-level, the
     ratio of sums over layers.
     """
@@ -58,6 +62,7 @@ class GradientSummary:
     num_examples: int | Tensor
     example_norm_mean: Tensor | None = None
     example_sq_norm_mean: Tensor | None = None
+    grad_scale: float = 1.0
 
     @property
     def examples_per_sample(self) -> float | Tensor:
@@ -300,6 +305,7 @@ class GradientStatistics:
             num_examples=num_examples,
             example_norm_mean=example_norm_mean,
             example_sq_norm_mean=example_sq_norm_mean,
+            grad_scale=grad_scale,
         )
 
     # -- hooks --------------------------------------------------------------
