@@ -1,4 +1,5 @@
-"""A small statistics source for the optimiser tests: random but consistent.
+"""A small statistics source for the optimiser tests, random but consistent, and
+the parameters the CLARS, LENA and AdaScale tests step.
 
 It follows the interface of largebatch.stats.GradientStatistics (params,
 index_of, summary, reset) and computes B_k from the real gradients, then
@@ -13,6 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+SHAPES = [(5, 3), (5,), (4, 5), (4,)]  # two layers, weight and bias each
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def set_random_grads(params, generator):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
 
 
 @dataclass
@@ -23,6 +37,7 @@ class Summary:
     num_examples: int
     example_norm_mean: torch.Tensor | None = None
     example_sq_norm_mean: torch.Tensor | None = None
+    grad_scale: float = 1.0  # B_k is computed from p.grad itself
 
 
 class FakeStats:

@@ -6,22 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from _method_stats import FakeStats, Summary
+from _method_stats import FakeStats, make_params, set_random_grads
 from largebatch.optim.clars import CLARS
 from largebatch.optim.lena import LENA
-
-SHAPES = [(5, 3), (5,), (4, 5), (4,)]
-
-
-def make_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
-
-
-def set_random_grads(params, generator):
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator)
-
 
 def reference_clars_step(w, grads, bufs, measures, hyper, lr_scale=1.0):
     """LARS algorithm with the layer gradient measure G_k given; one loop per layer."""

@@ -8,22 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from _method_stats import FakeStats
+from _method_stats import FakeStats, make_params, set_random_grads
 from largebatch.optim.adascale import AdaScale
 from largebatch.optim.lena import LENA
-
-SHAPES = [(5, 3), (5,), (4, 5), (4,)]
-
-
-def make_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
-
-
-def set_random_grads(params, generator):
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator)
-
 
 class ReferenceLENA:
     """One Python loop per parameter, floats where the paper has scalars."""

@@ -235,13 +235,112 @@ def test_params_without_grad_are_skipped(case):
     assert len(first_introspection(opt)) == len(list(net.parameters())) - 1
 
 
-@pytest.mark.parametrize("index", range(6))
-def test_bad_hyperparameters_name_the_argument(case, index):
-    if index >= len(case.bad):
-        pytest.skip("no such case")
-    bad, name = case.bad[index]
+@pytest.mark.parametrize(
+    "case, bad, name",
+    [(c, bad, name) for c in CASES for bad, name in c.bad],
+    ids=lambda x: repr(x) if isinstance(x, Case) else str(x),
+)
+def test_bad_hyperparameters_name_the_argument(case, bad, name):
     net = model()
     with pytest.raises(ValueError, match=name):
         case.make(net, **bad)
     with pytest.raises(ValueError, match=name):
         case.make(net, params=[{"params": list(net.parameters()), **bad}])
+
+
+# -- accumulation and loss-reduction conventions ---------------------------------------------
+# With accumulation="sum" (the loss is not divided by the m micro-batches) p.grad is m times
+# the mean gradient, with loss_reduction="sum" b times; the engine reports A, B and the
+# per-example norms on the mean-gradient scale whatever the convention. "The same run" then
+# means what each method's equations make invariant:
+# * LENA, AdaScale (momentum SGD with a gain): the same gains, warm-up progress and clock,
+#   and the same weights when lr is divided and weight decay multiplied by the factor c
+#   (exactly as torch.optim.SGD on a c times larger loss);
+# * CLARS (a LARS trust ratio): the same steps when weight decay and eps, which are in
+#   gradient units in the denominator, are multiplied by c; the trust ratio, a factor on
+#   p.grad, is then c times smaller.
+# No weight is zero: a zero-norm layer gets trust ratio 1, a plain SGD step that is c times
+# larger, as in LARS.
+
+M, MICRO = 3, 4  # micro-batches per step, examples per micro-batch
+
+
+def _convention_equivalent(case, factor):
+    kw = {**case.kwargs, "eps": 1e-3} if case.cls is LENA else dict(case.kwargs)  # eps must matter
+    if case.cls is CLARS:
+        return {**kw, "weight_decay": kw["weight_decay"] * factor, "eps": 1e-8 * factor}
+    if factor == 1:
+        return kw
+    return {**kw, "lr": kw["lr"] / factor, "weight_decay": kw["weight_decay"] * factor}
+
+
+def _convention_run(case, accumulation, loss_reduction, steps=4):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        net[2].bias.uniform_(-0.5, 0.5)
+    stats = GradientStatistics(net, per_example=case.per_example, accumulation=accumulation, loss_reduction=loss_reduction)
+    factor = (M if accumulation == "sum" else 1) * (MICRO if loss_reduction == "sum" else 1)
+    opt = case.cls(net.parameters(), stats=stats, **_convention_equivalent(case, factor))
+    trace = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(M * MICRO, 6, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        for xs in x.split(MICRO):
+            per_example = net(xs).pow(2).mean(dim=1)
+            loss = per_example.mean() if loss_reduction == "mean" else per_example.sum()
+            (loss / M if accumulation == "mean" else loss).backward()
+        opt.step()
+        if isinstance(opt, CLARS):
+            trace.append(torch.cat(opt.last_trust_ratios) * factor)
+        elif isinstance(opt, LENA):
+            trace.append(torch.cat(opt.last_gains + opt.last_warmup_progress))
+        else:
+            trace.append(torch.stack([opt.last_gain, opt.progress]))
+    states = list(opt.state_dict()["state"].values())
+    keys = [k for k in states[0] if k != "momentum_buffer"]
+    return flat(net), trace, {k: torch.stack([s[k] for s in states]) for k in keys}
+
+
+@pytest.mark.parametrize("accumulation, loss_reduction", [("sum", "mean"), ("mean", "sum"), ("sum", "sum")])
+def test_accumulation_and_reduction_conventions_give_the_same_run(case, accumulation, loss_reduction):
+    weights, trace, state = _convention_run(case, "mean", "mean")
+    other_weights, other_trace, other_state = _convention_run(case, accumulation, loss_reduction)
+    for a, b in zip(other_trace, trace):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
+    torch.testing.assert_close(other_weights, weights, rtol=1e-9, atol=1e-12)
+    # the moving averages are kept on the mean-gradient scale: a checkpoint means the same
+    # thing whatever the convention (and n or m may change on resuming)
+    for key, values in state.items():
+        torch.testing.assert_close(other_state[key], values, rtol=1e-9, atol=1e-9 * values.abs().max().item())
+
+
+# -- the public surface -------------------------------------------------------------------------
+
+PAPERS = {"clars": "Huo, Gu, Huang", "lena": "Ko, Lee, Kim", "adascale": "Johnson"}
+
+
+@pytest.mark.parametrize("module", sorted(PAPERS))
+def test_public_objects_cite_the_paper_and_an_equation(module):
+    import importlib
+
+    mod = importlib.import_module(f"largebatch.optim.{module}")
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        assert PAPERS[module].split(",")[0] in obj.__doc__, name
+        assert "=" in obj.__doc__ or "math::" in obj.__doc__, name
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
+            assert PAPERS[module].split(",")[0] in obj.step.__doc__, f"{name}.step"
+
+
+def test_top_level_exports_take_named_parameters(case):
+    import largebatch
+
+    cls = getattr(largebatch, case.cls.__name__)
+    assert cls is case.cls
+    net = model()
+    opt = cls(net.named_parameters(), stats=GradientStatistics(net, per_example=case.per_example), **case.kwargs)
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in net.named_parameters()]
+    train(net, opt, 2)
+    assert torch.isfinite(flat(net)).all()

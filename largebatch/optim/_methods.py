@@ -1,6 +1,7 @@
-"""What CLARS, LENA and AdaScale share: the statistics source, bias-corrected
-moving averages, the momentum-SGD update with a per-layer rate, method tags
-for checkpoints and argument checks.
+"""What CLARS, LENA and AdaScale share: the statistics source and its scales,
+bias-corrected moving averages, the momentum-SGD update with a per-layer rate,
+the step's bookkeeping (parameters with gradients, per-group updates and
+momentum buffers), method tags for checkpoints and argument checks.
 
 All of it works on stacked per-parameter vectors so a step costs a handful of
 kernels whatever the number of layers, and nothing is read back to the host.
@@ -13,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._sharded import local
+from ._sharded import layer_sq_norms, local
+from ._trust import check_bool, check_lr, check_range
 
 METHOD_KEY = "method"
 
@@ -23,6 +25,18 @@ METHOD_KEY = "method"
 def check_alpha(alpha: float) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 < alpha <= 1.0):
         raise ValueError(f"alpha: the warm-up fraction must be in (0, 1], got {alpha!r}")
+
+
+def check_sgd_group(group: dict) -> None:
+    """The momentum-SGD hyperparameters every method has (ValueError naming the argument)."""
+    check_lr(group["lr"])
+    check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+    check_range("dampening", group["dampening"], 0.0, 1.0)
+    check_range("weight_decay", group["weight_decay"], 0.0)
+    for name in ("nesterov", "maximize"):
+        check_bool(name, group[name])
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
 
 
 def check_source(stats, method: str, need_per_example: bool = False) -> None:
@@ -71,20 +85,49 @@ class StatisticsIndex:
         return vector.index_select(0, self.index(params, vector.device))
 
 
-def loss_scale_sq(measured_sq_norms: Tensor, grad_sq_norms: Tensor) -> Tensor:
-    """S^2, the squared loss scale the statistics saw but ``p.grad`` no longer carries.
+def grad_scale(summary) -> float:
+    """c with ``p.grad = c * gbar`` as the backwards leave it (``GradientSummary.grad_scale``; 1 if not given)."""
+    return float(getattr(summary, "grad_scale", 1.0))
 
-    A source reports B_k = ||gbar_k||^2 as the backward passes left it; a
-    ``GradScaler`` unscales ``p.grad`` before ``step``. The ratio of the total
-    squared norms gives S^2 (1 without loss scaling; 1 where either is 0).
-    ``grad_sq_norms`` are the squared norms of the current ``p.grad``
-    (``layer_sq_norms``). No host sync.
+
+def loss_scale_sq(summary, mean_grad_sq_norms: Tensor, grad_sq_norms: Tensor) -> Tensor:
+    """S^2, the squared loss scale (``GradScaler``) the statistics saw but ``p.grad`` no longer carries.
+
+    A source reports B_k = ||gbar_k||^2 on the mean-gradient scale, as the
+    backwards left the gradients, and ``summary.grad_scale`` (c, 1 if the source
+    does not say): the backwards left ``p.grad = c * S * gbar`` with c what the
+    accumulation and loss-reduction conventions put on it (m micro-batches
+    summed, not averaged: c = m). ``scaler.step`` unscales ``p.grad`` to
+    ``c * gbar`` first, so from the total squared norms
+
+        S^2 = c^2 * sum_k B_k / sum_k ||p.grad_k||^2      (1 where either sum is 0)
+
+    ``mean_grad_sq_norms`` are the B_k of the stepped parameters,
+    ``grad_sq_norms`` the squared norms of their current ``p.grad``
+    (``layer_sq_norms``). No host sync. Statistics divided by S^2 are on the
+    mean-gradient scale whatever the conventions; c is not mistaken for a
+    loss scale.
     """
-    measured = measured_sq_norms.sum()
+    c = grad_scale(summary)
+    measured = mean_grad_sq_norms.sum() * (c * c)
     actual = grad_sq_norms.to(measured.dtype).sum()
     ok = (measured > 0) & (actual > 0)
     one = torch.ones_like(measured)
     return torch.where(ok, measured / torch.where(ok, actual, one), one)
+
+
+def sample_statistics(summary, index: StatisticsIndex, params: Sequence[Tensor], dtype) -> tuple[Tensor, Tensor]:
+    """A_k and B_k of ``params`` (AdaScale, LENA Eq. 4) on the mean-gradient scale.
+
+    Gathered from the summary and divided by the loss scale S^2
+    (``loss_scale_sq``, one ``_foreach_norm`` of the gradients), so epsilons are
+    in the units of the papers and moving averages never mix scales, whatever
+    the loss scale, the accumulation convention or the number of micro-batches.
+    """
+    A = index.gather(summary.sample_sq_norm_mean, params).to(dtype)
+    B = index.gather(summary.mean_grad_sq_norm, params).to(dtype)
+    scale_sq = loss_scale_sq(summary, B, layer_sq_norms([p.grad for p in params]))
+    return A / scale_sq, B / scale_sq
 
 
 def summary_n(summary) -> int:
@@ -114,6 +157,25 @@ def ema_update(avg: Tensor, weight: Tensor, value: Tensor, c: float) -> tuple[Te
 
 
 # -- the update ------------------------------------------------------------------------------
+
+def decayed_gradients(
+    params: list[Tensor], grads: list[Tensor], weight_decay: float, *, maximize: bool, foreach: bool
+) -> list[Tensor]:
+    """d = (-g if maximize else g) + wd * w, coupled weight decay, on the local shards.
+
+    New tensors where anything is added or negated; ``p.grad`` is never modified.
+    """
+    params, grads = [local(p) for p in params], [local(g) for g in grads]
+    if maximize:
+        grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
+    if weight_decay != 0:
+        grads = (
+            torch._foreach_add(grads, params, alpha=weight_decay)
+            if foreach
+            else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
+        )
+    return grads
+
 
 def momentum_sgd_(
     params: list[Tensor],
@@ -145,22 +207,15 @@ def momentum_sgd_(
         return momentum_buffers
     originals = params
     params = [local(p) for p in params]
-    grads = [local(g) for g in grads]
-    if maximize:
-        grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
-    if decoupled_weight_decay and weight_decay != 0:
+    decoupled = decoupled_weight_decay and weight_decay != 0
+    grads = decayed_gradients(params, grads, 0.0 if decoupled else weight_decay, maximize=maximize, foreach=foreach)
+    if decoupled:
         factor = 1 - lr * weight_decay
         if foreach:
             torch._foreach_mul_(params, factor)
         else:
             for p in params:
                 p.mul_(factor)
-    elif weight_decay != 0:
-        grads = (
-            torch._foreach_add(grads, params, alpha=weight_decay)
-            if foreach
-            else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
-        )
     if momentum != 0:
         bufs = []
         for i, (d, b) in enumerate(zip(grads, momentum_buffers)):
@@ -200,11 +255,65 @@ def momentum_sgd_(
     return momentum_buffers
 
 
+def sgd_options(group: dict) -> dict:
+    """The keyword arguments of ``momentum_sgd_`` from a parameter group."""
+    return dict(
+        momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+        weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+        lr=group["lr"], maximize=group["maximize"], foreach=group["foreach"] is not False,
+    )
+
+
+def stepped_parameters(param_groups: Sequence[dict], method: str) -> tuple[list[Tensor], list[dict], list[list[int]]]:
+    """The parameters with a gradient in group order, the group of each, and per group their indices."""
+    params, groups_of, stepped = [], [], []
+    for group in param_groups:
+        stepped.append([])
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{method} does not support sparse gradients")
+                params.append(p)
+                groups_of.append(group)
+                stepped[-1].append(i)
+    return params, groups_of, stepped
+
+
+def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], rates: Tensor, update) -> None:
+    """Run ``update(ps, grads, momentum_buffers, rates, group) -> momentum_buffers`` on each
+    group's slice of the stepped parameters and keep the buffers in the optimiser state."""
+    start = 0
+    for group, indices in zip(optimizer.param_groups, stepped):
+        count = len(indices)
+        if count == 0:
+            continue
+        ps = params[start : start + count]
+        buffers = [optimizer.state[p].get("momentum_buffer") for p in ps]
+        buffers = update(ps, [p.grad for p in ps], buffers, rates[start : start + count], group)
+        if group["momentum"] != 0:
+            for p, b in zip(ps, buffers):
+                optimizer.state[p]["momentum_buffer"] = b
+        start += count
+
+
+def momentum_sgd_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], rates: Tensor) -> None:
+    """``momentum_sgd_`` with each group's options and the per-parameter ``rates`` (LENA, AdaScale)."""
+    apply_by_group(
+        optimizer, params, stepped, rates,
+        lambda ps, grads, buffers, r, group: momentum_sgd_(ps, grads, buffers, r, **sgd_options(group)),
+    )
+
+
 # -- bookkeeping -------------------------------------------------------------------------------
 
 def scalar_dtype(params: Sequence[Tensor]) -> torch.dtype:
     """dtype of the per-layer vectors: float64 for a float64 model (exact comparisons), else float32."""
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def zeros_state(p: Tensor, keys: Sequence[str]) -> dict[str, Tensor]:
+    """0-d zeros of the per-layer dtype on ``p``'s device, one per key (fresh per-parameter state)."""
+    return {key: torch.zeros((), dtype=scalar_dtype([p]), device=p.device) for key in keys}
 
 
 def stack_state(states: Sequence[dict], key: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -264,6 +373,14 @@ class LayerIntrospection:
                 start += len(indices)
             self._last[name] = pieces
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._clear_introspection()
+
+    def effective_lrs(self) -> list[Tensor | None]:
+        """Per group: the rate applied to each parameter stepped last."""
+        return self.last("effective_lr")
+
     def last(self, name: str) -> list[Tensor | None]:
         """Per group: the 1-D tensor of ``name`` for the parameters stepped last (None if none)."""
         return self._last[name]
@@ -281,16 +398,33 @@ class LayerIntrospection:
 
 
 class StatisticsConsumer:
-    """Keeps the statistics source in step with the gradients it describes.
+    """An optimiser that reads a statistics source at every step.
 
-    With ``reset_statistics`` (the default) the source is reset after every
+    Keeps the source in step with the gradients it describes: with
+    ``reset_statistics`` (the default) the source is reset after every
     ``step()`` and whenever the gradients are cleared with ``zero_grad()``; the
     latter covers a step that did not run (a ``GradScaler`` skipping an inf/NaN
     step), so the next step's statistics never include an old step's backwards.
+    Checkpoints carry the class's ``method`` tag and refuse another method's.
     """
 
+    method: str
     stats: object
     reset_statistics: bool
+
+    def _attach_statistics(self, stats, reset_statistics: bool) -> None:
+        self.stats = stats
+        self.reset_statistics = reset_statistics
+        self._index = StatisticsIndex(stats)
+
+    def _begin_step(self, closure) -> tuple:
+        """Run the closure (its backwards belong to this step), then read the source: (loss, summary, n)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        summary = self.stats.summary()
+        return loss, summary, summary_n(summary)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -299,3 +433,10 @@ class StatisticsConsumer:
     def _reset_statistics(self) -> None:
         if getattr(self, "reset_statistics", False) and callable(getattr(self.stats, "reset", None)):
             self.stats.reset()
+
+    def state_dict(self) -> dict:
+        return tag_state_dict(super().state_dict(), self.method)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_state_dict(state_dict, self.method)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != METHOD_KEY})

@@ -28,9 +28,13 @@ smoothed :math:`\bar\sigma^2, \bar\mu^2` are clamped at 0 before the ratio
 the averages are left as they are and :math:`r = 1` (plain SGD), so one
 worker without accumulation works.
 
-Loss scaling: statistics measured on ``GradScaler``-scaled gradients are
-divided by :math:`S^2`, found from the reported :math:`\lVert\bar g\rVert^2` and the
-unscaled ``p.grad`` (one ``_foreach_norm``), so the averages never mix scales.
+Scales: A and B are used on the mean-gradient scale (gradients of mean
+losses, as the engine reports them) whatever the accumulation convention and
+loss scale: a ``GradScaler``'s :math:`S^2`, found from the reported
+:math:`\lVert\bar g\rVert^2`, the engine's ``grad_scale`` (``p.grad`` =
+``grad_scale`` :math:`\bar g`, m when m micro-batches are summed) and the
+unscaled ``p.grad`` (one ``_foreach_norm``), is divided out, so the averages
+never mix scales, also when the number of micro-batches changes.
 
 Works with one process and accumulation (n = micro-batches) and under DDP
 (n = workers x micro-batches) through ``largebatch.stats``. The update is
@@ -46,25 +50,23 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.optimizer import Optimizer
 
-from ._sharded import layer_sq_norms
-from ._trust import check_bool, check_lr, check_range
-
 from ._methods import (
-    StatisticsConsumer,
     LayerIntrospection,
-    StatisticsIndex,
+    StatisticsConsumer,
+    check_sgd_group,
     check_source,
-    check_state_dict,
     ema_update,
-    loss_scale_sq,
-    momentum_sgd_,
+    group_vector,
+    momentum_sgd_by_group,
+    sample_statistics,
     scalar_dtype,
     smoothing,
     stack_state,
-    summary_n,
-    tag_state_dict,
+    stepped_parameters,
     write_state,
+    zeros_state,
 )
+from ._trust import check_bool
 
 __all__ = ["AdaScale", "ProgressLR", "adascale_gain"]
 
@@ -74,7 +76,16 @@ _STAT_KEYS = ("step", "var_avg", "sq_avg", "avg_weight", "progress")
 def adascale_gain(
     sample_sq_norm: Tensor, mean_sq_norm: Tensor, state: dict[str, Tensor], *, n: int
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """The functional core: new state, model gain r_t (0-d) and per-layer gains.
+    r"""The functional core of AdaScale (Johnson et al., ICML 2020, Algorithm 1): new state,
+    model gain r_t (0-d) and per-layer gains.
+
+    .. math::
+
+        \hat\sigma^2 = \tfrac{n}{n-1}(A - B),\quad \hat\mu^2 = B - \hat\sigma^2/n,\quad
+        r_t = \frac{\bar\sigma^2 + \bar\mu^2}{\bar\sigma^2/n + \bar\mu^2}\in[1, n],\quad
+        \tau_{t+1} = \tau_t + r_t
+
+    with bias-corrected moving averages (factor :math:`\max(1 - n/1000, 0)`); r = 1 when n = 1.
 
     ``state`` holds stacked per-parameter vectors: the smoothed per-layer
     estimates (their sums over layers are the model's smoothed estimates,
@@ -106,7 +117,14 @@ def adascale_gain(
 
 
 class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
-    r"""AdaScale SGD (Johnson et al., ICML 2020). See the module docstring.
+    r"""AdaScale SGD (Johnson et al., ICML 2020, Algorithm 1). See the module docstring.
+
+    .. math::
+
+        r_t = \frac{\bar\sigma^2 + \bar\mu^2}{\bar\sigma^2/n + \bar\mu^2},\qquad
+        \eta_t = r_t\,\eta_0(\tau_t),\qquad \tau_{t+1} = \tau_t + r_t
+
+    then momentum SGD at :math:`\eta_t` (rate outside the buffer, as ``torch.optim.SGD``).
 
     Args:
         params: tensors, dicts or ``named_parameters()``.
@@ -154,22 +172,14 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
         )
         super().__init__(params, defaults)
-        self.stats = stats
-        self.reset_statistics = reset_statistics
-        self._index = StatisticsIndex(stats)
+        self._attach_statistics(stats, reset_statistics)
         self._clear_introspection()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_lr(group["lr"])
-        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_range("dampening", group["dampening"], 0.0, 1.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
-        for name in ("decoupled_weight_decay", "nesterov", "maximize"):
-            check_bool(name, group[name])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
+        check_sgd_group(group)
+        check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _clear_introspection(self) -> None:
         super()._clear_introspection()
@@ -179,23 +189,10 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
     def last_layer_gains(self) -> list[Tensor | None]:
         return self.last("layer_gain")
 
-    def effective_lrs(self) -> list[Tensor | None]:
-        return self.last("effective_lr")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._clear_introspection()
-
-    def state_dict(self) -> dict[str, Any]:
-        return tag_state_dict(super().state_dict(), self.method)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_dict(state_dict, self.method)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "method"})
-
     @property
     def progress(self) -> Tensor:
-        r""":math:`\tau`: scale-invariant iterations so far (0-d tensor; 0 before the first step)."""
+        r""":math:`\tau`: scale-invariant iterations so far, :math:`\tau_{t+1} = \tau_t + r_t`
+        (Johnson et al. 2020, Algorithm 1); 0-d tensor, 0 before the first step."""
         for group in self.param_groups:
             for p in group["params"]:
                 if "progress" in self.state[p]:
@@ -203,75 +200,47 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         return torch.zeros(())
 
     def done(self, base_iterations: float) -> bool:
-        r"""True once :math:`\tau \ge T_1` (reads :math:`\tau` back: call once per step, outside ``step``)."""
+        r"""True once :math:`\tau \ge T_1`, AdaScale's stopping rule (Johnson et al. 2020, Algorithm 1).
+
+        Reads :math:`\tau` back: call once per step, outside ``step``."""
         return bool(self.progress >= base_iterations)
 
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
         if "step" not in state:
-            zero = torch.zeros((), dtype=scalar_dtype([p]), device=p.device)
-            state.update(
-                step=zero.clone(), var_avg=zero.clone(), sq_avg=zero.clone(),
-                avg_weight=zero.clone(), progress=self.progress.to(p.device, zero.dtype).clone(),
-            )
+            state.update(zeros_state(p, _STAT_KEYS[:-1]))
+            state["progress"] = self.progress.to(p.device, state["step"].dtype).clone()
         return state
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        summary = self.stats.summary()
-        n = summary_n(summary)
-        everything = [p for g in self.param_groups for p in g["params"]]
-        params = [p for p in everything if p.grad is not None]
+        r"""One AdaScale update (Johnson et al. 2020, Algorithm 1): A, B from ``stats.summary()``,
+        r_t from ``adascale_gain``, momentum SGD at r_t * eta0(tau_t), tau += r_t."""
+        loss, summary, n = self._begin_step(closure)
+        params, groups_of, stepped = stepped_parameters(self.param_groups, "AdaScale")
         if not params:
             return loss
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("AdaScale does not support sparse gradients")
-        # every parameter carries the model-wide clock, also those without a gradient now
-        all_states = [self._init_state(p) for p in everything]
-        states = [self.state[p] for p in params]
-        stacked = {key: stack_state(states, key, scalar_dtype(params)) for key in _STAT_KEYS}
         dtype = scalar_dtype(params)
-        A = self._index.gather(summary.sample_sq_norm_mean, params).to(dtype)
-        B = self._index.gather(summary.mean_grad_sq_norm, params).to(dtype)
-        # statistics measured under a GradScaler carry S^2; the averages must not mix scales
-        scale_sq = loss_scale_sq(B, layer_sq_norms([p.grad for p in params]))
-        new_state, gain, layer_gain = adascale_gain(A / scale_sq, B / scale_sq, stacked, n=n)
+        # every parameter carries the model-wide clock, also those without a gradient now
+        all_states = [self._init_state(p) for g in self.param_groups for p in g["params"]]
+        states = [self.state[p] for p in params]
+        A, B = sample_statistics(summary, self._index, params, dtype)  # the averages never mix scales
+        new_state, gain, layer_gain = adascale_gain(A, B, {key: stack_state(states, key, dtype) for key in _STAT_KEYS}, n=n)
         for key in ("step", "var_avg", "sq_avg"):
             write_state(states, key, new_state[key])
-        torch._foreach_copy_([s["avg_weight"] for s in all_states], [new_state["avg_weight"][0]] * len(all_states))
-        torch._foreach_copy_([s["progress"] for s in all_states], [new_state["progress"][0]] * len(all_states))
-
-        effective, stepped = [], []
-        for group in self.param_groups:
-            stepped.append([i for i, p in enumerate(group["params"]) if p.grad is not None])
-            ps = [group["params"][i] for i in stepped[-1]]
-            if not ps:
-                continue
-            rate = gain * group["lr"]
-            effective.append(rate.expand(len(ps)))
-            buffers = [self.state[p].get("momentum_buffer") for p in ps]
-            buffers = momentum_sgd_(
-                ps, [p.grad for p in ps], buffers, rate.expand(len(ps)),
-                momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                lr=group["lr"], maximize=group["maximize"], foreach=group["foreach"] is not False,
-            )
-            if group["momentum"] != 0:
-                for p, b in zip(ps, buffers):
-                    self.state[p]["momentum_buffer"] = b
+        for key in ("avg_weight", "progress"):
+            torch._foreach_copy_([s[key] for s in all_states], [new_state[key][0]] * len(all_states))
+        rates = gain * group_vector(groups_of, "lr", params[0].device, dtype)  # r_t * eta0(tau_t)
+        momentum_sgd_by_group(self, params, stepped, rates)
         self.last_gain = gain
-        self._record(stepped, layer_gain=layer_gain, effective_lr=torch.cat(effective))
+        self._record(stepped, layer_gain=layer_gain, effective_lr=rates)
         self._reset_statistics()
         return loss
 
 
 class ProgressLR(LRScheduler):
-    r"""Drive an optimiser's rate by AdaScale's clock: ``lr = base_lr * lr_lambda(tau)``.
+    r"""Drive an optimiser's rate by AdaScale's clock (Johnson et al. 2020): :math:`\eta_0(\tau_t)`,
+    ``lr = base_lr * lr_lambda(tau)``.
 
     ``lr_lambda`` is the base-batch schedule as a function of base-batch
     iterations (e.g. ``lambda it: 0.1 ** (it // 30_000)``); call

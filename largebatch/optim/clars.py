@@ -60,16 +60,18 @@ from torch import Tensor
 
 from ._methods import (
     StatisticsConsumer,
-    StatisticsIndex,
+    apply_by_group,
+    check_sgd_group,
     check_source,
-    check_state_dict,
+    decayed_gradients,
+    grad_scale,
+    group_vector,
     loss_scale_sq,
     scalar_dtype,
-    summary_n,
-    tag_state_dict,
+    stepped_parameters,
 )
 from ._sharded import layer_sq_norms, local
-from ._trust import TrustRatioOptimizer, check_bool, check_choice, check_lr, check_range
+from ._trust import TrustRatioOptimizer, check_bool, check_choice, check_range
 
 __all__ = ["CLARS", "clars_trust_ratios", "clars_"]
 
@@ -86,8 +88,13 @@ def clars_trust_ratios(
     eps: Tensor,
     adapt: Tensor,
 ) -> Tensor:
-    """local_k = eta * ||w_k|| / (G_k + beta ||w_k|| + eps); 1 where ||w_k|| = 0, where the
-    denominator G_k + beta ||w_k|| is 0 (as LARS), or where the group is not adapted."""
+    """CLARS trust ratios (Huo, Gu, Huang, AAAI 2021; the LARS ratio with G_k for ||g_k||):
+
+        local_k = eta * ||w_k|| / (G_k + beta ||w_k|| + eps),   G_k = (1/B) sum_i ||grad_k f_i(w)||
+
+    1 where ||w_k|| = 0, where the denominator G_k + beta ||w_k|| is 0 (as LARS), or where
+    the group is not adapted. Vectors over the layers; no host sync.
+    """
     denominator = gradient_measure + weight_decay * weight_norms
     ratio = trust_coefficient * weight_norms / (denominator + eps)
     keep = (weight_norms > 0) & (denominator > 0) & adapt
@@ -107,21 +114,16 @@ def clars_(
     maximize: bool,
     foreach: bool,
 ) -> list[Tensor]:
-    """The LARS update with the rate inside the buffer: s_k = eta_t * local_k,
+    """The CLARS update (Huo, Gu, Huang, AAAI 2021), LARS's, with the rate inside the buffer:
 
-        d = g + beta w;  v = m v + (1 - dampening) s_k d  (v = s_k d first);  w -= v
-        (nesterov: w -= s_k d + m v).
+        s_k = eta_t * local_k;  d = g + beta w;  v = m v + (1 - dampening) s_k d  (v = s_k d first);
+        w -= v   (nesterov: w -= s_k d + m v).
+
+    ``scales`` holds s_k per parameter; returns the momentum buffers. ``p.grad`` is never modified.
     """
     originals = params
-    params, grads = [local(p) for p in params], [local(g) for g in grads]
-    if maximize:
-        grads = [-g for g in grads]
-    if weight_decay != 0:
-        grads = (
-            torch._foreach_add(grads, params, alpha=weight_decay)
-            if foreach
-            else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
-        )
+    grads = decayed_gradients(params, grads, weight_decay, maximize=maximize, foreach=foreach)
+    params = [local(p) for p in params]
     s = list(scales.unbind(0))
     scaled = torch._foreach_mul(grads, s) if foreach else [d * r for d, r in zip(grads, s)]
     if momentum == 0:
@@ -155,7 +157,15 @@ def _inexact_mask(stats, count: int) -> list[bool] | None:
 
 
 class CLARS(StatisticsConsumer, TrustRatioOptimizer):
-    r"""CLARS (Huo, Gu, Huang, AAAI 2021). See the module docstring for the maths and the reading.
+    r"""CLARS (Huo, Gu, Huang, AAAI 2021): LARS with the mean per-example layer gradient norm.
+
+    .. math::
+
+        G_k = \tfrac1B \textstyle\sum_i \lVert\nabla_k f_i(w)\rVert,\qquad
+        \text{local}_k = \eta\,\frac{\lVert w_k\rVert}{G_k + \beta\lVert w_k\rVert + \epsilon},\qquad
+        v_k \leftarrow m v_k + \eta_t\,\text{local}_k\,(\bar g_k + \beta w_k),\quad w_k \leftarrow w_k - v_k
+
+    See the module docstring for the reading of the paper and the fallback.
 
     Args:
         params: tensors, dicts or ``named_parameters()``.
@@ -171,10 +181,16 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
             per-example norms (see the module docstring).
         reset_statistics: call ``stats.reset()`` after each step and in ``zero_grad()`` (default True).
 
-    Loss scaling (``torch.amp.GradScaler``): the statistics were measured on
-    the scaled gradients, ``p.grad`` is unscaled by ``scaler.step``; the
-    measure is divided by the ratio of the two (from the total squared norms,
-    one extra ``_foreach_norm``), so a scaled step equals an unscaled one.
+    Scales: :math:`G_k` is used on the scale of ``p.grad``, which the trust
+    ratio multiplies (as LARS uses :math:`\lVert g_k\rVert`). The engine
+    reports it on the mean-gradient scale with ``grad_scale`` = c, where
+    ``p.grad`` = c :math:`\bar g` (c = m when m micro-batches are summed rather
+    than averaged), so :math:`G_k` is multiplied by c; a ``GradScaler``'s loss
+    scale, which the statistics saw but the unscaled ``p.grad`` no longer has,
+    is found from the total squared norms (one ``_foreach_norm``) and divided
+    out. A scaled step equals an unscaled one, and summed accumulation with
+    ``weight_decay`` and ``eps`` (gradient units) multiplied by c takes the
+    same steps as averaged accumulation.
 
     After each step (never checkpointed), per group as in LARS:
     ``last_trust_ratios``, ``effective_lrs()``, ``trust_ratios_by_name()``;
@@ -210,38 +226,24 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
             maximize=maximize, foreach=foreach,
         )
         super().__init__(params, defaults)
-        self.stats = stats
-        self.reset_statistics = reset_statistics
-        self._index = StatisticsIndex(stats)
+        self._attach_statistics(stats, reset_statistics)
         self.last_gradient_measures: list[Tensor | None] = [None] * len(self.param_groups)
         self._fallback: Tensor | None = None
         self._fallback_params: list[Tensor] = []
         self._inexact_cache: tuple[tuple[bool, ...] | None, Tensor | None] = (None, None)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_range("dampening", group["dampening"], 0.0, 1.0)
-        for name in ("weight_decay", "trust_coefficient", "eps"):
+        check_sgd_group(group)
+        for name in ("trust_coefficient", "eps"):
             check_range(name, group[name], 0.0)
         check_choice("statistic", group["statistic"], STATISTICS)
         check_choice("inexact", group["inexact"], ("fallback", "use"))
-        for name in ("nesterov", "adapt", "maximize"):
-            check_bool(name, group[name])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
+        check_bool("adapt", group["adapt"])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.last_gradient_measures = [None] * len(self.param_groups)
         self._fallback, self._fallback_params = None, []
-
-    def state_dict(self) -> dict[str, Any]:
-        return tag_state_dict(super().state_dict(), self.method)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_dict(state_dict, self.method)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "method"})
 
     @property
     def fallback_layers(self) -> list[str]:
@@ -282,29 +284,17 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
                 fallback = fallback | (engine_says & torch.tensor(wants_fallback, device=measure.device))
         micro = self._index.gather(summary.sample_sq_norm_mean, params).to(dtype).clamp(min=0).sqrt()
         measure = torch.where(fallback, micro, measure)
-        # undo a loss scale the statistics saw but p.grad no longer has (GradScaler)
-        scale_sq = loss_scale_sq(self._index.gather(summary.mean_grad_sq_norm, params).to(dtype), grad_sq_norms)
-        return measure / scale_sq.sqrt(), fallback
+        # The trust ratio multiplies p.grad, so G_k goes on p.grad's scale, as LARS's ||g_k||:
+        # times c (p.grad = c * gbar: m micro-batches summed, not averaged) and without the loss
+        # scale S the statistics saw but p.grad no longer has (GradScaler).
+        scale_sq = loss_scale_sq(summary, self._index.gather(summary.mean_grad_sq_norm, params).to(dtype), grad_sq_norms)
+        return measure * (grad_scale(summary) / scale_sq.sqrt()), fallback
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        summary = self.stats.summary()
-        summary_n(summary)
-        params, groups_of, stepped = [], [], []
-        for group in self.param_groups:
-            indices = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("CLARS does not support sparse gradients")
-                    params.append(p)
-                    groups_of.append(group)
-                    indices.append(i)
-            stepped.append(indices)
+        """One CLARS update (Huo et al. 2021): G_k from ``stats.summary()``, local_k, then LARS's momentum step."""
+        loss, summary, _ = self._begin_step(closure)
+        params, groups_of, stepped = stepped_parameters(self.param_groups, "CLARS")
         if not params:
             return loss
         device, dtype = params[0].device, scalar_dtype(params)
@@ -312,37 +302,24 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         sq_norms = layer_sq_norms(params + [p.grad for p in params]).to(dtype)
         weight_norms = sq_norms[: len(params)].sqrt()
         measure, fallback = self._gradient_measure(summary, params, groups_of, sq_norms[len(params) :])
-
-        def vector(key: str, dtype=dtype) -> Tensor:
-            return torch.tensor([g[key] for g in groups_of], dtype=dtype, device=device)
-
         ratio = clars_trust_ratios(
-            weight_norms, measure, weight_decay=vector("weight_decay"),
-            trust_coefficient=vector("trust_coefficient"), eps=vector("eps"), adapt=vector("adapt", torch.bool),
+            weight_norms, measure, weight_decay=group_vector(groups_of, "weight_decay", device, dtype),
+            trust_coefficient=group_vector(groups_of, "trust_coefficient", device, dtype),
+            eps=group_vector(groups_of, "eps", device, dtype), adapt=group_vector(groups_of, "adapt", device, torch.bool),
         )
-        lrs = torch.stack([torch.as_tensor(g["lr"], dtype=dtype, device=device).reshape(()) for g in groups_of])
-        rates = ratio * lrs
-
-        start = 0
-        for index, group in enumerate(self.param_groups):
-            count = len(stepped[index])
-            if count == 0:
-                self._record(index, [], None)
-                self.last_gradient_measures[index] = None
-                continue
-            ps = params[start : start + count]
-            buffers = [self.state[p].get("momentum_buffer") for p in ps]
-            buffers = clars_(
-                ps, [p.grad for p in ps], buffers, rates[start : start + count],
-                momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], maximize=group["maximize"],
+        apply_by_group(
+            self, params, stepped, ratio * group_vector(groups_of, "lr", device, dtype),
+            lambda ps, grads, buffers, rates, group: clars_(
+                ps, grads, buffers, rates, momentum=group["momentum"], dampening=group["dampening"],
+                nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                 foreach=group["foreach"] is not False,
-            )
-            if group["momentum"] != 0:
-                for p, b in zip(ps, buffers):
-                    self.state[p]["momentum_buffer"] = b
-            self._record(index, stepped[index], ratio[start : start + count])
-            self.last_gradient_measures[index] = measure[start : start + count]
+            ),
+        )
+        start = 0
+        for index, indices in enumerate(stepped):
+            count = len(indices)
+            self._record(index, indices, ratio[start : start + count] if count else None)
+            self.last_gradient_measures[index] = measure[start : start + count] if count else None
             start += count
         self._fallback, self._fallback_params = fallback, params
         self._reset_statistics()

@@ -37,10 +37,13 @@ whatever parameters are in a group with ``weight_decay > 0`` (exclude biases
 and norm weights with a separate group). A "layer" is a parameter tensor
 (``layer_grouping="parameter"``, the authors' choice) or a module
 (``"module"``: weight and bias of one module share A, B, r and S).
-Statistics measured on ``GradScaler``-scaled gradients are divided by the
-squared loss scale (found from the reported :math:`B` and the unscaled
-``p.grad``), so :math:`\epsilon` is in unscaled units and the averages never mix
-scales. A layer's warm-up ends at the first update where :math:`S_k \ge \theta` (the
+:math:`A_k, B_k` are used on the mean-gradient scale (gradients of mean
+losses, as the engine reports them) whatever the accumulation convention
+(micro-batches summed or averaged) and loss scale: a ``GradScaler``'s squared
+scale, found from the reported :math:`B`, the engine's ``grad_scale`` and the
+unscaled ``p.grad``, is divided out. So :math:`\epsilon` is in the paper's
+units and the averages never mix scales (also when the number of
+micro-batches changes). A layer's warm-up ends at the first update where :math:`S_k \ge \theta` (the
 first update at its full rate); ``warmup_end`` records that update's number
 (1-based), -1 while the layer is still warming up.
 """
@@ -53,27 +56,24 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
-from ._sharded import layer_sq_norms
-from ._trust import check_bool, check_lr, check_range
-
 from ._methods import (
-    StatisticsConsumer,
     LayerIntrospection,
-    StatisticsIndex,
+    StatisticsConsumer,
     check_alpha,
+    check_sgd_group,
     check_source,
-    check_state_dict,
     ema_update,
     group_vector,
-    loss_scale_sq,
-    momentum_sgd_,
+    momentum_sgd_by_group,
+    sample_statistics,
     scalar_dtype,
     smoothing,
     stack_state,
-    summary_n,
-    tag_state_dict,
+    stepped_parameters,
     write_state,
+    zeros_state,
 )
+from ._trust import check_bool, check_range
 
 __all__ = ["LENA", "lena_rates"]
 
@@ -92,7 +92,14 @@ def lena_rates(
     warmup: Tensor,
     layer_index: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The functional core: per-parameter rates of one LENA update.
+    r"""The functional core: per-parameter rates of one LENA update (Ko, Lee, Kim, WWW 2022, Eq. 5-8).
+
+    .. math::
+
+        \bar A_k, \bar B_k \leftarrow \text{bias-corrected averages, } c = \max(1 - n/1000, 0) \quad\text{(Eq. 8)}
+
+        r_k = \operatorname{clamp}\big((\bar A_k + \epsilon)/(\bar B_k + \epsilon), 1, n\big) \quad\text{(Eq. 5)},\qquad
+        S_k \mathrel{+}= r_k,\qquad \eta_{t,k} = r_k\,\text{lr}\,\min(S_k/\theta, 1) \quad\text{(Eq. 6, 7)}
 
     Inputs are vectors over the P stepped parameters: this step's A and B per
     parameter, the stacked state (keys ``_STAT_KEYS``), and per-parameter
@@ -152,6 +159,15 @@ def _module_layers(params: list[Tensor], model: nn.Module | None, names: dict[in
 
 class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
     r"""LENA (Ko, Lee, Kim, WWW 2022): per-layer gain, state-aware warm-up. See the module docstring.
+
+    .. math::
+
+        r_k = \operatorname{clamp}\Big(\frac{\bar A_k + \epsilon}{\bar B_k + \epsilon}, 1, n\Big)
+        \ \text{(Eq. 4, 5, 8)},\qquad
+        S_k \mathrel{+}= r_k,\qquad
+        \eta_{t,k} = r_k\,\eta_0\,\text{decay}(t)\,\min(S_k/(\alpha T_1), 1)\ \text{(Eq. 6, 7)}
+
+    then momentum SGD at :math:`\eta_{t,k}` (rate outside the buffer, as ``torch.optim.SGD``).
 
     Args:
         params: tensors, dicts (parameter groups) or ``named_parameters()``.
@@ -237,10 +253,8 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
         )
         super().__init__(params, defaults)
-        self.stats = stats
-        self.reset_statistics = reset_statistics
+        self._attach_statistics(stats, reset_statistics)
         self.layer_grouping = layer_grouping
-        self._index = StatisticsIndex(stats)
         if layer_grouping == "module":
             names = {
                 id(p): name
@@ -257,17 +271,12 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_lr(group["lr"])
-        check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_range("dampening", group["dampening"], 0.0, 1.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_sgd_group(group)
         check_range("eps", group["eps"], 0.0)
         check_alpha(group["alpha"])
         check_range("base_iterations", group["base_iterations"], 1e-12)  # T1 > 0
-        for name in ("warmup", "decoupled_weight_decay", "nesterov", "maximize"):
+        for name in ("warmup", "decoupled_weight_decay"):
             check_bool(name, group[name])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
         if getattr(self, "_layer_key", None) is not None:
             raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
 
@@ -283,28 +292,19 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
     def last_warmup_progress(self) -> list[Tensor | None]:
         return self.last("warmup_progress")
 
-    def effective_lrs(self) -> list[Tensor | None]:
-        return self.last("effective_lr")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._clear_introspection()
-
     def state_dict(self) -> dict[str, Any]:
-        out = tag_state_dict(super().state_dict(), self.method)
-        out["layer_grouping"] = self.layer_grouping
-        return out
+        return {**super().state_dict(), "layer_grouping": self.layer_grouping}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_dict(state_dict, self.method)
         saved = state_dict.get("layer_grouping", self.layer_grouping)
         if saved != self.layer_grouping:
             # the per-layer averages and progress were kept for other layers
             raise ValueError(f"this state dict used layer_grouping={saved!r}, this optimiser {self.layer_grouping!r}")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("method", "layer_grouping")})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "layer_grouping"})
 
     def warmup_ends(self) -> Tensor:
-        """Warm-up end (1-based update number, -1 if not yet) of every parameter, in group order."""
+        """Update (1-based) at which each parameter's layer ended its state-aware warm-up, S_k >= alpha T1
+        (Ko et al. 2022, Eq. 7); -1 if not yet. Every parameter, in group order."""
         ends = [
             self.state[p]["warmup_end"] if "warmup_end" in self.state[p] else torch.tensor(-1)
             for g in self.param_groups
@@ -325,44 +325,24 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
         if "step" not in state:
-            zero = torch.zeros((), dtype=scalar_dtype([p]), device=p.device)
-            state.update(
-                step=zero.clone(), sample_sq_norm_avg=zero.clone(), mean_sq_norm_avg=zero.clone(),
-                avg_weight=zero.clone(), progress=zero.clone(),
-                warmup_end=torch.full((), -1, dtype=torch.long, device=p.device),
-            )
+            state.update(zeros_state(p, _STAT_KEYS[:-1]), warmup_end=torch.full((), -1, dtype=torch.long, device=p.device))
         return state
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        summary = self.stats.summary()
-        n = summary_n(summary)
-        params, groups_of, stepped = [], [], []
-        for group in self.param_groups:
-            stepped.append([])
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("LENA does not support sparse gradients")
-                    params.append(p)
-                    groups_of.append(group)
-                    stepped[-1].append(i)
+        """One LENA update (Ko et al. 2022, Algorithm 1): A_k, B_k from ``stats.summary()``, the rates
+        of ``lena_rates`` (Eq. 4-8), then momentum SGD at eta_{t,k}."""
+        loss, summary, n = self._begin_step(closure)
+        params, groups_of, stepped = stepped_parameters(self.param_groups, "LENA")
         if not params:
             return loss
         device, dtype = params[0].device, scalar_dtype(params)
         states = [self._init_state(p) for p in params]
-        stacked = {key: stack_state(states, key, dtype) for key in _STAT_KEYS}
-        A = self._index.gather(summary.sample_sq_norm_mean, params).to(dtype)
-        B = self._index.gather(summary.mean_grad_sq_norm, params).to(dtype)
-        scale_sq = loss_scale_sq(B, layer_sq_norms([p.grad for p in params]))  # so eps is in unscaled units
+        A, B = sample_statistics(summary, self._index, params, dtype)  # mean-gradient scale: eps in its units
         new_state, intro = lena_rates(
-            A / scale_sq,
-            B / scale_sq,
-            stacked,
+            A,
+            B,
+            {key: stack_state(states, key, dtype) for key in _STAT_KEYS},
             n=n,
             lr=group_vector(groups_of, "lr", device, dtype),
             # theta = alpha * T1 formed in double precision on the host (no truncation to epochs)
@@ -373,25 +353,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         )
         for key, value in new_state.items():
             write_state(states, key, value)
-
-        start = 0
-        for group, indices in zip(self.param_groups, stepped):
-            count = len(indices)
-            if count == 0:
-                continue
-            ps = params[start : start + count]
-            buffers = [self.state[p].get("momentum_buffer") for p in ps]
-            buffers = momentum_sgd_(
-                ps, [p.grad for p in ps], buffers, intro["effective_lr"][start : start + count],
-                momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                lr=group["lr"], maximize=group["maximize"], foreach=group["foreach"] is not False,
-            )
-            if group["momentum"] != 0:
-                for p, b in zip(ps, buffers):
-                    self.state[p]["momentum_buffer"] = b
-            start += count
-
+        momentum_sgd_by_group(self, params, stepped, intro["effective_lr"])
         self._record(stepped, **intro)
         self._reset_statistics()
         return loss
