@@ -4,19 +4,35 @@ torchrun (or any launcher) sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
 then the process group is initialised with NCCL on GPUs and gloo on CPUs. A
 process group that is already initialised (e.g. by a test harness) is used
 as it is.
+
+Restarts under ``torchrun --max-restarts``: the elastic agent hosts one
+TCPStore for the whole job (``TORCHELASTIC_USE_AGENT_STORE=True``) and hands
+every start of the workers the same ``MASTER_PORT``, and torch keys the
+process group's rendezvous by names that do not change between starts. The
+addresses the previous workers published are therefore still in the store
+when the restarted workers connect, and a rank that reads a peer's key before
+the peer has overwritten it tries to connect to a socket that died with the
+old process (seen both as "connection refused" and as a hang). So with
+an agent store the ranks first agree on a namespace that is new for this
+start of the workers (:func:`_fresh_namespace`) and rendezvous inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 TIMEOUT_ENV = "LARGEBATCH_DIST_TIMEOUT"
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+JOIN_PREFIX = "largebatch/join"
 
 
 @dataclass(frozen=True)
@@ -60,19 +76,90 @@ def setup() -> Context:
         # Share the cores between the ranks on this machine instead of oversubscribing.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=_timeout())
+    timeout = _timeout()
+    store = _store_for_this_start(rank, world, timeout)
+    if store is None:
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    else:
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
     return Context(rank, world, local_rank, _device(use_cuda, local_rank), owns_group=True)
 
 
 def _timeout() -> timedelta | None:
-    """``LARGEBATCH_DIST_TIMEOUT`` seconds for connecting and collectives (default: torch's).
+    """How long connecting and each collective may take: ``LARGEBATCH_DIST_TIMEOUT`` seconds (None: torch's default).
 
-    After a torchrun restart the new gloo group has been seen to hang while
-    connecting on a loaded machine; a finite timeout turns that into a failure
-    the next restart recovers from.
+    Restarts do not need it (see the module docstring); it bounds a rank that
+    waits for a peer which is alive but stuck.
     """
     seconds = os.environ.get(TIMEOUT_ENV)
-    return timedelta(seconds=float(seconds)) if seconds else None
+    if not seconds:
+        return None
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, not {seconds!r}")
+    return timedelta(seconds=value)
+
+
+def _store_for_this_start(rank: int, world: int, timeout: timedelta | None) -> dist.Store | None:
+    """A view of the launcher's store that only this start of the workers uses (None: let torch connect).
+
+    Without an agent store (plain ``env://``, or torchrun with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) rank 0 hosts a new store on
+    every start, so nothing survives a restart and torch's own rendezvous is
+    used.
+    """
+    if os.environ.get(AGENT_STORE_ENV) != str(True):
+        return None
+    timeout = timeout or default_pg_timeout
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"largebatch/{_fresh_namespace(store, rank, world, timeout)}", store)
+
+
+def _fresh_namespace(store: dist.Store, rank: int, world: int, timeout: timedelta, poll: float = 0.02) -> str:
+    """A name that every rank of this start agrees on and that no earlier start used.
+
+    Keys outlive the processes that wrote them, so a value read from a
+    well-known key may be an earlier start's. A rank can only trust what
+    carries a token it made itself: rank 0 makes the namespace, every other
+    rank makes a token, publishes it under ``hello/<rank>`` and waits for
+    ``welcome/<token>``, which rank 0 writes (holding the namespace) for each
+    token it sees. Rank 0 keeps answering until every rank has confirmed
+    inside the new namespace, since a ``hello`` it reads may be a stale one
+    that its writer will overwrite. (``TORCHELASTIC_RESTART_COUNT`` is no
+    substitute: each node's agent counts its own restarts.)
+    """
+    if rank != 0:
+        token = uuid.uuid4().hex
+        store.set(f"{JOIN_PREFIX}/hello/{rank}", token)
+        welcome = f"{JOIN_PREFIX}/welcome/{token}"
+        store.wait([welcome], timeout)
+        namespace = store.get(welcome).decode()
+        store.delete_key(welcome)
+        store.set(f"{JOIN_PREFIX}/{namespace}/joined/{rank}", b"")
+        return namespace
+    namespace = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout.total_seconds()
+    answered: set[bytes] = set()
+    waiting = set(range(1, world))
+    while waiting:
+        hellos = [f"{JOIN_PREFIX}/hello/{r}" for r in sorted(waiting)]
+        store.wait(hellos, timeout)  # the first start: nothing published yet
+        for token in store.multi_get(hellos):
+            if token not in answered:
+                store.set(f"{JOIN_PREFIX}/welcome/{token.decode()}", namespace)
+                answered.add(token)
+        waiting = {r for r in waiting if not store.check([f"{JOIN_PREFIX}/{namespace}/joined/{r}"])}
+        if waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(waiting)} did not join within {timeout} (set {TIMEOUT_ENV})")
+            time.sleep(poll)
+    return namespace
 
 
 def teardown(context: Context) -> None:

@@ -156,6 +156,7 @@ class _Run:
         if self.context.is_main:
             for name in (METRICS, LAYERS):
                 truncate_after(self.run_dir / name, self.position.step)
+            print(f"resuming {path} at step {self.position.step}", file=sys.stderr, flush=True)
         self.evals = [r for r in read_jsonl(self.run_dir / METRICS) if r.get("kind") == "eval"]
 
     def describe(self) -> dict:
