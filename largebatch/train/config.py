@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..data import DATASETS
 from ..models import MODELS
-from .methods import DEFAULT_DECAY_TO, DEFAULT_WARMUP_FRACTION, get_method
+from .methods import DEFAULT_DECAY_TO, DEFAULT_WARMUP_FRACTION, WARMUP_MODES, get_method
 
 # Fields that may differ between a run and its resumption.
 NOT_PART_OF_THE_RUN = ("resume", "progress", "checkpoint_every", "tensorboard", "run_dir", "max_steps")
@@ -36,6 +36,7 @@ class TrainConfig:
     val_size: int = 5000
     split_seed: int = 0  # the train/validation split, the same for every run of a sweep
     warmup_fraction: float = DEFAULT_WARMUP_FRACTION
+    warmup: str = "default"  # none | fixed | state-aware | default (the method's own)
     decay_to: float | None = DEFAULT_DECAY_TO
     eval_every: int = 0  # also evaluate every k steps (0: once per epoch only)
     layer_every: int = 10  # per-layer statistics every k steps
@@ -50,7 +51,10 @@ class TrainConfig:
 
     def run_identity(self) -> dict:
         """The fields a resumed run must share with the run it continues."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_PART_OF_THE_RUN}
+        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_PART_OF_THE_RUN}
+        if identity["warmup"] == "default":
+            del identity["warmup"]  # checkpoints written before the option existed still resume
+        return identity
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ValueError with a one-line message for any bad setting."""
@@ -75,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.decay_to is not None and not 0 < self.decay_to <= 1:
             raise ValueError(f"--decay-to must be in (0, 1], got {self.decay_to}")
+        if self.warmup not in WARMUP_MODES:
+            raise ValueError(f"--warmup must be one of {', '.join(WARMUP_MODES)}, got {self.warmup!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.train_limit is not None and self.train_limit < self.batch:

@@ -18,7 +18,30 @@ adascale  ``largebatch.optim.AdaScale``       own gain   none; decay on its tau 
 ========  =================================  =========  =========================
 
 An entry whose optimiser class is missing from :mod:`largebatch.optim` is
-simply not offered. The user's decay schedule (default: exponential decay to
+simply not offered.
+
+Warm-up is also a run option (``RunShape.warmup``, ``--warmup``), applicable to
+every method, for the LENA paper's ablation (Table 2):
+
+- ``default``: the method's own, the last column of the table above;
+- ``none``: no warm-up;
+- ``fixed``: gradual warm-up over ``warmup_fraction`` of the epochs (Goyal et
+  al.). Fixed-scaling methods start from the unscaled rate eta0; gain-driven
+  methods (LENA, AdaScale: scaling "none") start at 1/n of their rate, which is
+  eta0 when the gain is n, the same start as linear scaling;
+- ``state-aware``: LENA's Eq. 6-7 with theta = alpha T1 (alpha = 0.05, T1 the
+  base-batch iterations of the budget): each layer k counts its progress in
+  base-batch iterations, S_k += r_k, and its rate is multiplied by
+  min(S_k / theta, 1). LENA does this itself, per layer, from its own gains.
+  For a fixed-scaling method r_k is the data an update consumes in base
+  batches, B/b, for every layer, so S_k = t B/b and the warm-up is a linear
+  ramp from (B/b)/theta to 1 that ends at the same update for every layer,
+  after alpha of the run's updates: state-aware and fixed warm-up differ only
+  in the start (near 0 instead of eta0) and the length (5% instead of 5.5%).
+  For AdaScale r is its model gain and S is its tau clock; the rate of update
+  t uses tau before the update plus 1 (the least an update adds), because the
+  scheduler sets the rate before the optimiser measures that update's gain.
+ The user's decay schedule (default: exponential decay to
 1% of the rate over the run, as in the LENA paper) multiplies the warm-up.
 
 CLARS, LENA and AdaScale read their statistics from a
@@ -37,15 +60,18 @@ from decay and adaptation through :func:`largebatch.param_groups.param_groups`.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import ExponentialLR, LRScheduler
+from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, LRScheduler
 
 DEFAULT_WARMUP_FRACTION = 0.055  # LENA paper's LSW baseline: 5.5% of the epochs
 DEFAULT_DECAY_TO = 0.01  # LENA paper: exponential decay to 1% over the run
+STATE_AWARE_ALPHA = 0.05  # LENA paper: theta = 5% of the base-batch iterations
+WARMUP_MODES = ("default", "none", "fixed", "state-aware")
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 
@@ -61,6 +87,7 @@ class RunShape:
     epochs: int
     warmup_fraction: float = DEFAULT_WARMUP_FRACTION
     decay_to: float | None = DEFAULT_DECAY_TO  # None: constant rate after warm-up
+    warmup: str = "default"  # one of WARMUP_MODES
 
     @property
     def total_steps(self) -> int:
@@ -80,7 +107,7 @@ class Method:
     summary: str
     family: str  # methods of one family share a base rate tuned at the base batch
     scaling: str  # "linear", "sqrt" or "none" (the method adapts the rate itself)
-    warmup: bool
+    warmup: str  # its default warm-up mode: "none", "fixed" or "state-aware"
     # (model, wrapped model, peak rate, run shape) -> optimiser; "wrapped" is the DDP
     # module under torchrun (statistics hooks go there), else the model itself.
     make_optimizer: Callable[[nn.Module, nn.Module, float, RunShape], torch.optim.Optimizer]
@@ -88,6 +115,7 @@ class Method:
     default_base_lr: float = 0.05
     make_decay: Callable[[torch.optim.Optimizer, RunShape], LRScheduler | None] | None = None
     uses_statistics: bool = False
+    own_state_aware_warmup: bool = False  # the optimiser warms up per layer itself (its warmup= option)
 
     def available(self) -> bool:
         return self.optimizer_class is None or _optim_class(self.optimizer_class) is not None
@@ -123,16 +151,21 @@ def _layerwise(path: str, **options):
     return make
 
 
-def _with_statistics(path: str, per_example: bool = False, needs_t1: bool = False, **options):
+def _with_statistics(path: str, per_example: bool = False, needs_t1: bool = False, own_warmup: bool = False,
+                     **options):
     """A method that reads per-layer gradient statistics from :mod:`largebatch.stats`."""
 
     def make(model: nn.Module, wrapped: nn.Module, lr: float, shape: RunShape) -> torch.optim.Optimizer:
         from ..stats import GradientStatistics
 
         stats = GradientStatistics(wrapped, per_example=per_example)
+        extra = {}
         if needs_t1:
-            options["base_iterations"] = base_iterations(shape)
-        return _optim_class(path)(_groups(model), lr=lr, stats=stats, **options)
+            extra["base_iterations"] = base_iterations(shape)
+        if own_warmup:  # the optimiser's own state-aware warm-up, on or off by the run's mode
+            extra["warmup"] = shape.warmup in ("default", "state-aware")
+            extra["alpha"] = STATE_AWARE_ALPHA
+        return _optim_class(path)(_groups(model), lr=lr, stats=stats, **options, **extra)
 
     return make
 
@@ -167,20 +200,21 @@ class ExponentialOnClock:
 
 # The single table of methods: adding a method is adding one entry.
 _ALL_METHODS = (
-    Method("sgd", "momentum SGD, linear scaling, no warm-up", "sgd", "linear", False, _momentum_sgd),
-    Method("lsw", "momentum SGD, linear scaling + gradual warm-up", "sgd", "linear", True, _momentum_sgd),
-    Method("sqrt", "momentum SGD, square-root scaling + gradual warm-up", "sgd", "sqrt", True, _momentum_sgd),
-    Method("lars", "LARS, linear scaling + gradual warm-up", "lars", "linear", True,
+    Method("sgd", "momentum SGD, linear scaling, no warm-up", "sgd", "linear", "none", _momentum_sgd),
+    Method("lsw", "momentum SGD, linear scaling + gradual warm-up", "sgd", "linear", "fixed", _momentum_sgd),
+    Method("sqrt", "momentum SGD, square-root scaling + gradual warm-up", "sgd", "sqrt", "fixed", _momentum_sgd),
+    Method("lars", "LARS, linear scaling + gradual warm-up", "lars", "linear", "fixed",
            _layerwise("lars:LARS", momentum=MOMENTUM), optimizer_class="lars:LARS"),
-    Method("lamb", "LAMB, square-root scaling + gradual warm-up", "lamb", "sqrt", True,
+    Method("lamb", "LAMB, square-root scaling + gradual warm-up", "lamb", "sqrt", "fixed",
            _layerwise("lamb:LAMB"), optimizer_class="lamb:LAMB", default_base_lr=0.002),
-    Method("clars", "CLARS (per-example layer norms), linear scaling, no warm-up", "lars", "linear", False,
+    Method("clars", "CLARS (per-example layer norms), linear scaling, no warm-up", "lars", "linear", "none",
            _with_statistics("clars:CLARS", per_example=True, momentum=MOMENTUM), optimizer_class="clars:CLARS",
            uses_statistics=True),
-    Method("lena", "LENA: per-layer gain + state-aware per-layer warm-up", "sgd", "none", False,
-           _with_statistics("lena:LENA", needs_t1=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-           optimizer_class="lena:LENA", uses_statistics=True),
-    Method("adascale", "AdaScale: gain ratio, decay on its tau clock", "sgd", "none", False,
+    Method("lena", "LENA: per-layer gain + state-aware per-layer warm-up", "sgd", "none", "state-aware",
+           _with_statistics("lena:LENA", needs_t1=True, own_warmup=True, momentum=MOMENTUM,
+                            weight_decay=WEIGHT_DECAY),
+           optimizer_class="lena:LENA", uses_statistics=True, own_state_aware_warmup=True),
+    Method("adascale", "AdaScale: gain ratio, decay on its tau clock", "sgd", "none", "none",
            _with_statistics("adascale:AdaScale", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
            optimizer_class="adascale:AdaScale", make_decay=_progress_decay, uses_statistics=True),
 )
@@ -205,12 +239,28 @@ def peak_lr(method: Method, shape: RunShape) -> float:
     return scale_lr(method.scaling, shape.base_lr, shape.base_batch, shape.batch)
 
 
-def warmup_steps(method: Method, shape: RunShape) -> int:
-    if not method.warmup:
-        return 0
-    from ..schedules import epochs_to_steps
+def warmup_mode(method: Method, shape: RunShape) -> str:
+    """The run's warm-up mode: ``none``, ``fixed`` or ``state-aware`` (``default`` resolved)."""
+    if shape.warmup not in WARMUP_MODES:
+        raise ValueError(f"--warmup must be one of {', '.join(WARMUP_MODES)}, got {shape.warmup!r}")
+    return method.warmup if shape.warmup == "default" else shape.warmup
 
-    return epochs_to_steps(shape.warmup_fraction * shape.epochs, shape.steps_per_epoch)
+
+def warmup_steps(method: Method, shape: RunShape) -> int:
+    """Length of a warm-up fixed in advance, in updates (0: none, or one driven by measured gains)."""
+    mode = warmup_mode(method, shape)
+    if mode == "fixed":
+        from ..schedules import epochs_to_steps
+
+        return epochs_to_steps(shape.warmup_fraction * shape.epochs, shape.steps_per_epoch)
+    if mode == "state-aware" and method.scaling != "none":
+        return math.ceil(state_aware_theta(shape) / shape.samples_per_step)
+    return 0
+
+
+def state_aware_theta(shape: RunShape) -> float:
+    """theta = alpha T1, in base-batch iterations (LENA Eq. 7)."""
+    return STATE_AWARE_ALPHA * base_iterations(shape)
 
 
 def _decay(optimizer: torch.optim.Optimizer, shape: RunShape) -> LRScheduler | None:
@@ -221,18 +271,98 @@ def _decay(optimizer: torch.optim.Optimizer, shape: RunShape) -> LRScheduler | N
     return ExponentialLR(optimizer, gamma=gamma)
 
 
+@dataclass(frozen=True)
+class StateAwareRamp:
+    """Rate multiplier of update t+1 (t scheduler steps done) for a fixed-scaling method.
+
+    S = (t + 1) * n base-batch iterations after the update (progress counted
+    before the test, as LENA's Algorithm 1), times the exponential decay on the
+    training clock. A class so LambdaLR can checkpoint it.
+    """
+
+    samples_per_step: int
+    theta: float
+    total_steps: int
+    decay_to: float | None
+
+    def __call__(self, step: int) -> float:
+        ramp = min((step + 1) * self.samples_per_step / self.theta, 1.0)
+        decay = 1.0 if self.decay_to is None else self.decay_to ** (min(step, self.total_steps) / self.total_steps)
+        return ramp * decay
+
+
+def _state_aware_fixed_scaling(optimizer: torch.optim.Optimizer, shape: RunShape) -> LRScheduler:
+    ramp = StateAwareRamp(shape.samples_per_step, state_aware_theta(shape), max(1, shape.total_steps),
+                          shape.decay_to)
+    return LambdaLR(optimizer, ramp)
+
+
+@dataclass(frozen=True)
+class ClockedWarmup:
+    """AdaScale's schedule with a warm-up: decay on the tau clock times a fixed or state-aware ramp."""
+
+    mode: str  # "fixed" or "state-aware"
+    decay: ExponentialOnClock | None
+    fixed_steps: int
+    start_factor: float
+    theta: float
+
+    def __call__(self, step: int, tau: float) -> float:
+        from ..schedules import warmup_factor
+
+        factor = 1.0 if self.decay is None else self.decay(tau)
+        if self.mode == "fixed":
+            return factor * warmup_factor(step, self.fixed_steps, self.start_factor)
+        # tau + 1: this update's progress is at least one base-batch iteration (its gain is not known yet)
+        return factor * min((tau + 1.0) / self.theta, 1.0)
+
+
+class ClockedWarmupLR(LRScheduler):
+    """``lr = base_lr * schedule(step, tau)``, tau read from the optimiser's ``progress`` (AdaScale)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: ClockedWarmup, last_epoch: int = -1):
+        self.schedule = schedule
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        tau = float(self.optimizer.progress)
+        return [base * self.schedule(self.last_epoch, tau) for base in self.base_lrs]
+
+
+def _clocked_warmup(optimizer: torch.optim.Optimizer, method: Method, shape: RunShape, mode: str) -> LRScheduler:
+    decay = None if shape.decay_to is None else ExponentialOnClock(base_iterations(shape), shape.decay_to)
+    fixed = warmup_steps(method, replace(shape, warmup="fixed"))
+    schedule = ClockedWarmup(mode, decay, fixed, 1.0 / shape.samples_per_step, state_aware_theta(shape))
+    return ClockedWarmupLR(optimizer, schedule)
+
+
 def build(
     method: Method, model: nn.Module, shape: RunShape, wrapped: nn.Module | None = None
 ) -> tuple[torch.optim.Optimizer, LRScheduler | None]:
     """The method's optimiser at its peak rate and its scheduler (warm-up x decay)."""
+    mode = warmup_mode(method, shape)
     peak = peak_lr(method, shape)
     optimizer = method.make_optimizer(model, model if wrapped is None else wrapped, peak, shape)
+    if method.make_decay is not None and mode != "none" and not method.own_state_aware_warmup:
+        return optimizer, _clocked_warmup(optimizer, method, shape, mode)  # AdaScale's decay runs on its own clock
+    if mode == "state-aware" and not method.own_state_aware_warmup:
+        return optimizer, _state_aware_fixed_scaling(optimizer, shape)
     decay = (method.make_decay or _decay)(optimizer, shape)
-    steps = warmup_steps(method, shape)
-    if steps == 0 or peak <= shape.base_lr:
-        return optimizer, decay
+    if mode != "fixed":
+        return optimizer, decay  # no warm-up, or the optimiser's own per-layer one
+    return optimizer, _fixed_warmup(optimizer, decay, method, shape, peak)
+
+
+def _fixed_warmup(optimizer, decay, method: Method, shape: RunShape, peak: float) -> LRScheduler | None:
     from ..schedules import warmup_then
 
+    steps = warmup_steps(method, shape)
+    if method.scaling == "none":
+        # Gain-driven: start at 1/n of the rate (eta0 when the gain is n), as linear scaling starts at eta0.
+        if steps == 0 or shape.samples_per_step == 1:
+            return decay
+        return warmup_then(optimizer, decay, warmup_steps=steps, start_factor=1.0 / shape.samples_per_step)
+    if steps == 0 or peak <= shape.base_lr:
+        return decay
     # Goyal et al.: start at the unscaled rate eta0, reach the scaled rate after W steps.
-    scheduler = warmup_then(optimizer, decay, warmup_steps=steps, start_lr=shape.base_lr)
-    return optimizer, scheduler
+    return warmup_then(optimizer, decay, warmup_steps=steps, start_lr=shape.base_lr)

@@ -118,7 +118,7 @@ class _Run:
         self.shape = RunShape(
             base_lr=config.base_lr(), base_batch=config.base_batch, batch=config.batch,
             steps_per_epoch=self.steps_per_epoch, epochs=config.epochs,
-            warmup_fraction=config.warmup_fraction, decay_to=config.decay_to,
+            warmup_fraction=config.warmup_fraction, decay_to=config.decay_to, warmup=config.warmup,
         )
         self.model = make_model(config, self.data, context.device)
         self.wrapped = self._wrap(self.model)
