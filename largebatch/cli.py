@@ -4,6 +4,7 @@
   largebatch sweep   every (method, batch, seed), resumable, then the report
   largebatch tune    pick a method family's base rate at the base batch on the validation split
   largebatch report  report.md and PNG plots of a run or sweep directory
+  largebatch study   the papers' study from one specification: tune, sweep, ablate, results page
   largebatch advise  gradient noise scale: which batch sizes still pay
   largebatch methods the methods this installation offers
   largebatch demo    base batch vs large batch with linear scaling vs LARS
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .data import DATASETS, DatasetNotFoundError, IdxFormatError
 from .models import MODELS
@@ -60,7 +62,7 @@ def _config_from(args: argparse.Namespace, **overrides):
     fields = dict(
         model=args.model, micro_batch=args.micro_batch, epochs=args.epochs, base_batch=args.base_batch,
         dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
-        val_size=args.val_size, warmup_fraction=args.warmup_fraction,
+        val_size=args.val_size, warmup_fraction=args.warmup_fraction, warmup=args.warmup,
         decay_to=None if args.decay == "none" else args.decay_to, eval_every=args.eval_every,
         layer_every=args.layer_every, progress=not args.no_progress,
     )
@@ -133,6 +135,26 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .train.study import StudySpec, collect, estimate, run_study
+
+    spec = StudySpec.load(args.spec, args.preset, run_dir=args.run_dir, artifacts=args.artifacts, out=args.out,
+                          progress=True if args.progress else None)
+    if args.report_only:
+        from .report.study import write_study_report
+
+        print(f"results page: {write_study_report(Path(spec.artifacts) / 'summaries.json', spec.out)}")
+        return 0
+    if args.collect_only:
+        print(f"summaries: {collect(spec)}")
+        return 0
+    estimate(spec)
+    if args.estimate_only:
+        return 0
+    print(f"results page: {run_study(spec, commit=args.commit)}")
+    return 0
+
+
 def _advise(args: argparse.Namespace) -> int:
     from .train.advise import AdviseConfig, advise, format_advice
 
@@ -188,6 +210,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=128, help="examples per forward/backward (per rank)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--base-batch", type=int, default=128, help="the batch the base rate was tuned at")
+    p.add_argument("--warmup", choices=("default", "none", "fixed", "state-aware"), default="default",
+                   help="warm-up mode for any method (default: the method's own; see `largebatch methods`)")
     p.add_argument("--warmup-fraction", type=float, default=0.055, help="warm-up length as a fraction of the epochs")
     p.add_argument("--decay", choices=("exp", "none"), default="exp", help="decay schedule after warm-up")
     p.add_argument("--decay-to", type=float, default=0.01, help="exponential decay to this fraction of the peak")
@@ -238,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="report.md and PNG plots of a run or sweep directory")
     report.add_argument("run_dir")
     report.set_defaults(func=_report)
+
+    study = sub.add_parser("study", help="the papers' study: tune, sweep, warm-up ablation, results page",
+                           description="Run a study specification (docs/study.md): base-rate tuning at the base "
+                           "batch, the main sweep, the warm-up ablation at the two largest batches, then "
+                           "summaries.json and the results page. Finished runs are skipped.")
+    which = study.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="a built-in specification: paper-small")
+    which.add_argument("--spec", help="a TOML specification file")
+    study.add_argument("--run-dir", default=None, help="where the runs go (default: the specification's)")
+    study.add_argument("--artifacts", default=None, help="where summaries.json and the PNGs go")
+    study.add_argument("--out", default=None, help="the results page (default: the specification's)")
+    study.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate and stop")
+    study.add_argument("--report-only", action="store_true", help="rewrite the page from summaries.json only")
+    study.add_argument("--collect-only", action="store_true", help="rewrite summaries.json from the run directories")
+    study.add_argument("--commit", action="store_true", help="git-commit the summaries after each phase")
+    study.add_argument("--progress", action="store_true", help="a progress bar per run")
+    study.set_defaults(func=_study)
 
     advise = sub.add_parser("advise", help="measure the gradient noise scale and say which batch sizes pay")
     advise.add_argument("--model", default="mlp", help=f"one of {', '.join(MODELS)}")

@@ -118,3 +118,56 @@ def warmup_end_points(run: RunResult, path: Path) -> Path | None:
            title=f"{run.method}, batch {run.batch}: per-layer warm-up end points")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
+
+
+def early_epochs(curves: dict[str, list[tuple[list[float], list[float]]]], target: float | None, epochs: float,
+                 title: str, path: Path) -> Path:
+    """Test accuracy over the first ``epochs`` epochs: per method, the mean over seeds and the seeds' range.
+
+    ``curves`` maps a method to one (epochs, accuracies) pair per seed, evaluated at the same points.
+    """
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for i, (method, seeds) in enumerate(curves.items()):
+        length = min(len(x) for x, _ in seeds)
+        xs = [x for x in seeds[0][0][:length]]
+        keep = [j for j, x in enumerate(xs) if x <= epochs + 1e-9]
+        if not keep:
+            continue
+        xs = [xs[j] for j in keep]
+        per_point = [[100 * acc[j] for _, acc in seeds] for j in keep]
+        mean = [sum(v) / len(v) for v in per_point]
+        ax.plot(xs, mean, marker="o", markersize=3, color=f"C{i}", label=method)
+        if len(seeds) > 1:
+            ax.fill_between(xs, [min(v) for v in per_point], [max(v) for v in per_point], color=f"C{i}", alpha=0.15)
+    if target is not None:
+        ax.axhline(100 * target, color="black", linestyle="--", linewidth=1, label="target")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def warmup_ends_by_layer(ends: dict[str, list[dict[str, float]]], references: dict[str, float], title: str,
+                         path: Path) -> Path:
+    """Per layer, the update its state-aware warm-up ended; one bar group per run label (mean over seeds,
+    the seeds' range as an error bar); ``references`` draws horizontal lines (e.g. the fixed warm-up's end).
+    """
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    layers = list(dict.fromkeys(layer for runs in ends.values() for run in runs for layer in run))
+    width = 0.8 / max(1, len(ends))
+    for i, (label, runs) in enumerate(ends.items()):
+        values = [[run[layer] for run in runs if layer in run and run[layer] >= 0] for layer in layers]
+        mean = [sum(v) / len(v) if v else math.nan for v in values]
+        low = [m - min(v) if v else 0 for m, v in zip(mean, values)]
+        high = [max(v) - m if v else 0 for m, v in zip(mean, values)]
+        xs = [j + (i - (len(ends) - 1) / 2) * width for j in range(len(layers))]
+        ax.bar(xs, mean, width=width, color=f"C{i}", label=label, yerr=[low, high], capsize=2)
+    for j, (label, value) in enumerate(references.items()):
+        ax.axhline(value, color=f"C{len(ends) + j}", linestyle="--", linewidth=1, label=label)
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize="x-small")
+    ax.set(xlabel="layer (parameter tensor)", ylabel="update at which its warm-up ended", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="x-small")
+    return _save(fig, path)

@@ -4,7 +4,8 @@ Layout of a sweep directory::
 
     DIR/sweep.json                      the sweep's settings and protocol
     DIR/tune/<family>-lr<rate>/         tuning runs (with --tune)
-    DIR/runs/<method>-b<batch>-s<seed>/ one training run each (summary.json when finished)
+    DIR/runs/<method>-b<batch>-s<seed>/ one training run each (summary.json when finished);
+                                        <method>-w<mode>-b... with a --warmup mode other than default
     DIR/report.md, DIR/*.png            written by ``largebatch report DIR``
 
 The target of each seed is the final test accuracy of the baseline, momentum
@@ -39,6 +40,10 @@ class SweepSpec:
     template: TrainConfig  # model, epochs, data, micro-batch... shared by every run
     lrs: dict[str, float] = field(default_factory=dict)  # family -> base rate
     tune_grid: list[float] = field(default_factory=list)
+    # > 0: evaluate this many times per epoch at every batch size (overrides template.eval_every), so
+    # that iterations to target have the same resolution, in epochs, at every batch size
+    evals_per_epoch: int = 0
+    train_size: int | None = None  # training images, needed with evals_per_epoch
 
     def validate(self) -> None:
         for method in self.methods:
@@ -56,9 +61,17 @@ class SweepSpec:
             method=method, batch=batch, seed=seed,
             micro_batch=min(self.template.micro_batch, batch),
             lr=lr if lr is not None else self.lrs.get(family, self.template.lr),
-            run_dir=str(run_path(self.run_dir, method, batch, seed)),
+            run_dir=str(run_path(self.run_dir, method, batch, seed, self.template.warmup)),
+            eval_every=self.eval_every(batch),
             resume=True,
         )
+
+    def eval_every(self, batch: int) -> int:
+        if not self.evals_per_epoch:
+            return self.template.eval_every
+        if self.train_size is None:
+            raise ValueError("evals_per_epoch needs train_size")
+        return max(1, (self.train_size // batch) // self.evals_per_epoch)
 
     def runs(self) -> list[tuple[str, int, int]]:
         """Every (method, batch, seed) to train: the baselines first, then the grid."""
@@ -84,13 +97,15 @@ class SweepSpec:
             "target": f"per seed, the final test accuracy of momentum SGD at the base batch "
             f"{self.template.base_batch} after {self.template.epochs} epochs",
             "accuracy_checked": "on the test set at the end of every epoch"
-            + (f" and every {self.template.eval_every} steps" if self.template.eval_every else ""),
+            + (f" and {self.evals_per_epoch} times per epoch" if self.evals_per_epoch else
+               f" and every {self.template.eval_every} steps" if self.template.eval_every else ""),
             "time": "training wall-clock seconds, evaluation excluded",
         }
 
 
-def run_path(root: str | Path, method: str, batch: int, seed: int) -> Path:
-    return Path(root) / "runs" / f"{method}-b{batch}-s{seed}"
+def run_path(root: str | Path, method: str, batch: int, seed: int, warmup: str = "default") -> Path:
+    mode = "" if warmup == "default" else f"-w{warmup}"
+    return Path(root) / "runs" / f"{method}{mode}-b{batch}-s{seed}"
 
 
 def is_finished(run_dir: Path) -> bool:
