@@ -29,6 +29,7 @@ after every finished run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -42,7 +43,7 @@ import torch
 
 from .config import TrainConfig
 from .methods import WARMUP_MODES, get_method
-from .metrics import LAYERS, METRICS, SUMMARY, read_json, read_jsonl, write_json
+from .metrics import LAYERS, METRICS, SUMMARY, read_json, read_jsonl
 from .sweep import BASELINE_METHOD, SweepSpec, is_finished, run_sweep
 from .runner import load_data, train
 
@@ -448,8 +449,19 @@ def collect(spec: StudySpec) -> Path:
                 runs.append(_run_record(directory, model.name, "ablation"))
     path = Path(spec.artifacts) / SUMMARIES
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"spec": spec.to_dict(), "environment": _environment(), "tuning": tuning, "runs": runs})
+    _write_one_run_per_line(path, {"spec": spec.to_dict(), "environment": _environment(), "tuning": tuning},
+                             runs)
     return path
+
+
+def _write_one_run_per_line(path: Path, header: dict, runs: list[dict]) -> None:
+    """Valid JSON, compact, one run per line: small to commit and readable in a diff."""
+    lines = ["{"] + [f"{json.dumps(k)}: {json.dumps(v)}," for k, v in header.items()] + ['"runs": [']
+    lines += [json.dumps(run, separators=(",", ":")) + ("," if i < len(runs) - 1 else "") for i, run in enumerate(runs)]
+    lines += ["]}"]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
 
 
 _RECORDS: dict[tuple[str, str, float], dict] = {}  # a run's record, until its summary.json changes
