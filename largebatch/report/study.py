@@ -349,6 +349,8 @@ class Study:
                 references[f"fixed warm-up end, B = {b}"] = fixed[0]["warmup_steps"]
         if not ends:
             return []
+        unfinished = {label: sorted({layer for run in runs for layer, end in run.items() if end < 0})
+                      for label, runs in ends.items()}
         png = plots.warmup_ends_by_layer(ends, references, f"{model}: per-layer state-aware warm-up end points",
                                          self.artifacts / f"{model}-warmup-ends.png")
         return [
@@ -356,7 +358,8 @@ class Study:
             "S_k reached theta; bars: mean over seeds, whiskers: the seeds' range; dashed: where the fixed "
             "warm-up of LSW ends at the same batch.", "",
             f"![{model}: per-layer warm-up end points]({self.link(png)})", "",
-        ]
+        ] + [f"Still warming up when the run ended ({label}, some seed): {', '.join(layers)}." + "\n"
+             for label, layers in unfinished.items() if layers]
 
     # -- cost ------------------------------------------------------------------------------------
     def throughput_section(self, model: str) -> list[str]:
