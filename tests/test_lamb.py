@@ -164,3 +164,19 @@ def test_update_norm_is_lr_times_phi_of_weight_norm(seed, lr, clamp, weight_deca
         for b, p in zip(before, params):
             phi = b.norm() if clamp is None else b.norm().clamp(*clamp)
             torch.testing.assert_close((p.detach() - b).norm(), lr * phi, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("options", GRID[::2], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_workspace_path_matches_reference(options, monkeypatch):
+    """Lists of large tensors build the update in a workspace reused across steps
+    (per-tensor ``out=``) instead of two allocated lists; force that path here."""
+    import largebatch.optim._trust as trust
+
+    monkeypatch.setattr(trust, "WORKSPACE_MIN_MEAN_NUMEL", 1)
+    grad_steps = make_grads(len(LRS))
+    params, opt = run_lamb(grad_steps, LRS, foreach=True, **options)
+    expected = reference_lamb(make_params(), grad_steps, LRS, **options)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+    assert len(opt._workspace._buffers) == len(params)  # the path was taken
+    assert "workspace" not in repr(opt.state_dict())

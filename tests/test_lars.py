@@ -199,3 +199,20 @@ def test_update_invariant_to_gradient_scale_without_decay(scale, denominator, se
         steps.append([p.detach().clone() for p in params])
     for a, b in zip(*steps):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", GRID[::3], ids=lambda o: "-".join(
+    f"{k}={v}" for k, v in o.items() if k not in ("trust_coefficient", "eps")))
+def test_workspace_path_matches_reference(options, monkeypatch):
+    """Lists of large tensors write d = g + wd*w into a reused workspace (per-tensor
+    ``out=``) instead of allocating it; force that path on the small test tensors."""
+    import largebatch.optim._trust as trust
+
+    monkeypatch.setattr(trust, "WORKSPACE_MIN_MEAN_NUMEL", 1)
+    grad_steps = make_grads(len(LRS))
+    params, opt = run_lars(grad_steps, LRS, foreach=True, **options)
+    expected = reference_lars(make_params(), grad_steps, LRS, **options)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+    assert len(opt._workspace._buffers) == len(params)  # the path was taken
+    assert "workspace" not in repr(opt.state_dict())

@@ -15,7 +15,9 @@ tensor) :math:`w` with gradient :math:`g`:
 The functional core is :func:`lamb` with a per-tensor path
 (:func:`_single_tensor_lamb`) and a multi-tensor path
 (:func:`_multi_tensor_lamb`, the default); :class:`LAMB` gathers the state and
-calls it.
+calls it. FSDP2 (``fully_shard``, DTensor) parameters take the multi-tensor
+path on their local shards, with the norms of whole layers from one
+all-reduce per step (:func:`_sharded_lamb`).
 """
 
 from __future__ import annotations
@@ -25,16 +27,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._sharded import check_not_flat, local
 from ._trust import (
+    NormsFn,
+    ShardedNorms,
     TrustRatioOptimizer,
     add_scaled_,
+    any_sharded,
     check_bool,
+    check_foreach_fused,
     check_lr,
     check_range,
     compiled,
     group_by_device_and_dtype,
+    into,
+    plain_norms,
     scatter_by_indices,
-    stacked_norms,
     trust_ratios,
 )
 
@@ -112,11 +120,7 @@ class LAMB(TrustRatioOptimizer):
         foreach: bool | None = None,
         fused: bool = False,
     ) -> None:
-        if foreach is not None:
-            check_bool("foreach", foreach)
-        check_bool("fused", fused)
-        if fused and foreach:
-            raise ValueError("fused: fused=True and foreach=True cannot be set together")
+        check_foreach_fused(foreach, fused)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -134,56 +138,34 @@ class LAMB(TrustRatioOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         validate_lamb_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
+        check_not_flat(group["params"])  # FSDP1 / ZeRO flat layouts: per-layer norms impossible
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Perform one LAMB step (see the class docstring)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for index, group in enumerate(self.param_groups):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            steps: list[Tensor] = []
-            stepped: list[int] = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-                stepped.append(i)
-            if not params:
-                self._record(index, stepped, None)
-                continue
-
-            ratios = lamb(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                **{k: group[k] for k in _HYPERPARAMETERS},
-                foreach=group["foreach"],
-                fused=group["fused"],
-            )
-            if ratios is None:
-                ratios = torch.ones(len(params), device=params[0].device)
-            self._record(index, stepped, ratios)
-        return loss
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> Tensor | None:
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        steps: list[Tensor] = []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return lamb(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            **{k: group[k] for k in _HYPERPARAMETERS},
+            foreach=group["foreach"],
+            fused=group["fused"],
+            workspace=None if group["fused"] else self._workspace.like(params),
+        )
 
 
 _HYPERPARAMETERS = (
@@ -251,12 +233,18 @@ def lamb(
     maximize: bool = False,
     foreach: bool | None = None,
     fused: bool = False,
+    workspace: list[Tensor] | None = None,
 ) -> Tensor | None:
     """Functional LAMB: update ``params`` and the state in place; see :class:`LAMB`.
 
     ``exp_avgs``/``exp_avg_sqs`` start as zeros and ``steps`` as 0-d tensors
     holding 0. Returns the 1-D tensor of trust ratios (one per parameter), or
     ``None`` when ``adapt`` is False. ``grads`` are never modified.
+    ``workspace`` (optional, one scratch tensor per parameter, e.g.
+    ``Workspace.like(params)``) lets the eager multi-tensor path build the
+    update there instead of allocating two parameter-sized lists. DTensor
+    (FSDP2) parameters always take the multi-tensor path on their local
+    shards (:func:`_sharded_lamb`).
     """
     validate_lamb_hyperparameters(
         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -271,13 +259,15 @@ def lamb(
         phi_clamp=None if phi_clamp is None else (float(phi_clamp[0]), float(phi_clamp[1])),
         decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
     )
+    state = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    if any_sharded(params):
+        return _sharded_lamb(*state, lr=lr, workspace=workspace, **options)
     if foreach is None:
         foreach = not torch.jit.is_scripting()
-    state = (params, grads, exp_avgs, exp_avg_sqs, steps)
     if fused:
         return _multi_tensor_lamb(*state, lr=lr, compile=True, **options)
     if foreach:
-        return _multi_tensor_lamb(*state, lr=lr, **options)
+        return _multi_tensor_lamb(*state, lr=lr, workspace=workspace, **options)
     return _single_tensor_lamb(*state, lr=lr, **options)
 
 
@@ -345,14 +335,17 @@ def _multi_tensor_lamb(
     *,
     lr: float | Tensor,
     compile: bool = False,
+    workspace: list[Tensor] | None = None,
     **options: Any,
 ) -> Tensor | None:
     """Multi-tensor path: per (device, dtype) group, moments with foreach ops,
     norms with one ``_foreach_norm`` each, ratios in one vectorised op."""
     results = []
-    for lists, indices in group_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, steps]
+    scratch = [workspace] if workspace is not None else []
+    for grouped, indices in group_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, steps, *scratch]
     ):
+        lists, device_scratch = grouped[:5], (grouped[5] if scratch else None)
         if compile:
             # Static options form the cache key; the rate goes in as a tensor
             # so a schedule never triggers recompilation.
@@ -360,10 +353,33 @@ def _multi_tensor_lamb(
             rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
             ratios = step_fn(*lists, rate.to(lists[0][0].device), **options)
         else:
-            ratios = _lamb_device_step(*lists, lr, **options)
+            ratios = _lamb_device_step(*lists, lr, workspace=device_scratch, **options)
         if ratios is not None:
             results.append((ratios, indices))
     return scatter_by_indices(results, len(params))
+
+
+def _sharded_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    workspace: list[Tensor] | None = None,
+    **options: Any,
+) -> Tensor | None:
+    """FSDP2: the multi-tensor step on the local shards (the moments are DTensors
+    like their parameters); the norms of whole layers (weights and updates
+    together) come from one all-reduce (:class:`ShardedNorms`)."""
+    check_not_flat(params)
+    shards = [[local(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
+    return _lamb_device_step(
+        *shards, steps, lr,
+        workspace=None if workspace is None else [local(w) for w in workspace],
+        norms=ShardedNorms(params), **options,
+    )
 
 
 def _lamb_device_step(
@@ -383,8 +399,14 @@ def _lamb_device_step(
     decoupled_weight_decay: bool,
     adapt: bool,
     maximize: bool,
+    workspace: list[Tensor] | None = None,
+    norms: NormsFn = plain_norms,
 ) -> Tensor | None:
-    """One LAMB step for tensors on one device with one dtype."""
+    """One LAMB step for tensors on one device with one dtype.
+
+    The update is built in one list: the denominators first, then, in place,
+    the Adam ratio (in ``workspace`` when given, so nothing parameter-sized is
+    allocated). ``norms`` gives the per-layer norms of several lists at once."""
     device = params[0].device
     if maximize:
         grads = torch._foreach_neg(grads)
@@ -404,7 +426,7 @@ def _lamb_device_step(
     #   m_hat / (sqrt(v_hat) + eps) = c * m / (sqrt(v) + eps * sqrt(b2)),
     # so bias correction costs one per-tensor factor c (folded into later ops)
     # instead of two extra passes over v.
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    denominators = into(workspace, torch.sqrt, exp_avg_sqs)
     if bias_correction:
         step = torch.stack(steps).to(device=device, dtype=params[0].dtype, non_blocking=True)
         sqrt_b2 = (1 - beta2**step).sqrt()
@@ -413,8 +435,9 @@ def _lamb_device_step(
     else:
         c = None
         torch._foreach_add_(denominators, eps)
-    # updates = r / c, i.e. u = c * (updates + (wd / c) * w)
-    updates = torch._foreach_div(exp_avgs, denominators)
+    # updates = r / c, i.e. u = c * (updates + (wd / c) * w); with a workspace
+    # the ratio overwrites the denominators it is computed from.
+    updates = into(workspace, torch.div, exp_avgs, denominators)
     del denominators
     if weight_decay != 0 and decoupled_weight_decay:
         if c is None:
@@ -424,10 +447,10 @@ def _lamb_device_step(
 
     if adapt:
         # ||u|| = c * ||updates||, as one vectorised op on the stacked norms.
-        update_norms = stacked_norms(updates)
+        weight_norms, update_norms = norms([params, updates])
         if c is not None:
             update_norms = update_norms * c
-        ratios = trust_ratios(_phi(stacked_norms(params), phi_clamp), update_norms)
+        ratios = trust_ratios(_phi(weight_norms, phi_clamp), update_norms)
         scale = ratios * lr if c is None else ratios * c * lr
         add_scaled_(params, updates, list((-scale).unbind()))
         return ratios

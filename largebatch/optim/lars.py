@@ -14,7 +14,9 @@ Networks", arXiv:1708.03888, Algorithm 1. For each layer (parameter tensor)
 The functional core is :func:`lars` with a per-tensor path
 (:func:`_single_tensor_lars`) and a multi-tensor path
 (:func:`_multi_tensor_lars`, the default); :class:`LARS` gathers the state and
-calls it.
+calls it. FSDP2 (``fully_shard``, DTensor) parameters take the multi-tensor
+path on their local shards, with the norms of whole layers from one
+all-reduce per step (:func:`_sharded_lars`).
 """
 
 from __future__ import annotations
@@ -24,17 +26,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._sharded import check_not_flat, local
 from ._trust import (
+    NormsFn,
+    ShardedNorms,
     TrustRatioOptimizer,
     add_scaled_,
+    any_sharded,
+    as_sharded_like,
     check_bool,
     check_choice,
+    check_foreach_fused,
     check_lr,
     check_range,
     compiled,
     group_by_device_and_dtype,
+    into,
+    plain_norms,
     scatter_by_indices,
-    stacked_norms,
     trust_ratios,
 )
 
@@ -132,11 +141,7 @@ class LARS(TrustRatioOptimizer):
         foreach: bool | None = None,
         fused: bool = False,
     ) -> None:
-        if foreach is not None:
-            check_bool("foreach", foreach)
-        check_bool("fused", fused)
-        if fused and foreach:
-            raise ValueError("fused: fused=True and foreach=True cannot be set together")
+        check_foreach_fused(foreach, fused)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -157,48 +162,26 @@ class LARS(TrustRatioOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
+        check_not_flat(group["params"])  # FSDP1 / ZeRO flat layouts: per-layer norms impossible
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Perform one LARS step (see the class docstring)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for index, group in enumerate(self.param_groups):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            buffers: list[Tensor | None] = []
-            stepped: list[int] = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
-                buffers.append(self.state[p].get("momentum_buffer"))
-                stepped.append(i)
-            if not params:
-                self._record(index, stepped, None)
-                continue
-
-            ratios = lars(
-                params,
-                grads,
-                buffers,
-                **{k: group[k] for k in _HYPERPARAMETERS},
-                foreach=group["foreach"],
-                fused=group["fused"],
-            )
-            if group["momentum"] != 0:
-                for p, buffer in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buffer
-            if ratios is None:
-                ratios = torch.ones(len(params), device=params[0].device)
-            self._record(index, stepped, ratios)
-        return loss
+    def _step_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> Tensor | None:
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        new_buffers = group["momentum"] != 0 and any(b is None for b in buffers)
+        ratios = lars(
+            params,
+            grads,
+            buffers,
+            **{k: group[k] for k in _HYPERPARAMETERS},
+            foreach=group["foreach"],
+            fused=group["fused"],
+            workspace=None if group["fused"] else self._workspace.like(params),
+        )
+        if new_buffers:
+            for p, buffer in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buffer
+        return ratios
 
 
 _HYPERPARAMETERS = (
@@ -271,34 +254,38 @@ def lars(
     maximize: bool = False,
     foreach: bool | None = None,
     fused: bool = False,
+    workspace: list[Tensor] | None = None,
 ) -> Tensor | None:
     """Functional LARS: update ``params`` in place; see :class:`LARS` for the maths.
 
     ``momentum_buffers`` holds one entry per parameter (``None`` before the
     first step); new buffers are written into it. Returns the 1-D tensor of
     trust ratios (one per parameter), or ``None`` when ``adapt`` is False.
-    ``grads`` are never modified.
+    ``grads`` are never modified. ``workspace`` (optional, one scratch tensor
+    per parameter, e.g. ``Workspace.like(params)``) lets the eager
+    multi-tensor path write ``g + weight_decay * w`` there instead of
+    allocating it. DTensor (FSDP2) parameters always take the multi-tensor
+    path on their local shards (:func:`_sharded_lars`).
     """
-    validate_lars_hyperparameters(
-        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-        nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps,
-        denominator=denominator, lr_in_momentum=lr_in_momentum, trust_clip=trust_clip,
-        adapt=adapt, maximize=maximize,
-    )
-    if not params:
-        return None
     options = dict(
         momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps,
         denominator=denominator, lr_in_momentum=lr_in_momentum, trust_clip=trust_clip,
         adapt=adapt, maximize=maximize,
     )
+    validate_lars_hyperparameters(lr=lr, **options)
+    if not params:
+        return None
+    if any_sharded(params):
+        return _sharded_lars(params, grads, momentum_buffers, lr=lr, workspace=workspace, **options)
     if foreach is None:
         foreach = not torch.jit.is_scripting()
     if fused:
         return _multi_tensor_lars(params, grads, momentum_buffers, lr=lr, compile=True, **options)
     if foreach:
-        return _multi_tensor_lars(params, grads, momentum_buffers, lr=lr, **options)
+        return _multi_tensor_lars(
+            params, grads, momentum_buffers, lr=lr, workspace=workspace, **options
+        )
     return _single_tensor_lars(params, grads, momentum_buffers, lr=lr, **options)
 
 
@@ -362,13 +349,15 @@ def _multi_tensor_lars(
     *,
     lr: float | Tensor,
     compile: bool = False,
+    workspace: list[Tensor] | None = None,
     **options: Any,
 ) -> Tensor | None:
     """Multi-tensor path: per (device, dtype) group, norms with one
     ``_foreach_norm`` each, ratios in one vectorised op, updates with foreach ops."""
     results = []
-    for (device_params, device_grads, device_buffers), indices in group_by_device_and_dtype(
-        [params, grads, momentum_buffers]
+    scratch = [workspace] if workspace is not None else []
+    for (device_params, device_grads, device_buffers, *device_scratch), indices in (
+        group_by_device_and_dtype([params, grads, momentum_buffers, *scratch])
     ):
         use_momentum = options["momentum"] != 0
         first_step = use_momentum and any(b is None for b in device_buffers)
@@ -383,13 +372,41 @@ def _multi_tensor_lars(
                 rate.to(device_params[0].device), **options,
             )
         else:
-            ratios = _lars_device_step(device_params, device_grads, device_buffers, lr, **options)
-        if use_momentum:
+            ratios = _lars_device_step(
+                device_params, device_grads, device_buffers, lr,
+                workspace=device_scratch[0] if device_scratch else None, **options,
+            )
+        if first_step:
             for i, buffer in zip(indices, device_buffers):
                 momentum_buffers[i] = buffer
         if ratios is not None:
             results.append((ratios, indices))
     return scatter_by_indices(results, len(params))
+
+
+def _sharded_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    workspace: list[Tensor] | None = None,
+    **options: Any,
+) -> Tensor | None:
+    """FSDP2: the multi-tensor step on the local shards; the norms of whole layers
+    (weights and gradients together) come from one all-reduce (:class:`ShardedNorms`).
+    New momentum buffers are DTensors laid out like their parameters."""
+    check_not_flat(params)
+    local_buffers = [local(b) for b in momentum_buffers]
+    ratios = _lars_device_step(
+        [local(p) for p in params], [local(g) for g in grads], local_buffers, lr,
+        workspace=None if workspace is None else [local(w) for w in workspace],
+        norms=ShardedNorms(params), **options,
+    )
+    for i, buffer in enumerate(local_buffers):
+        if momentum_buffers[i] is None and buffer is not None:
+            momentum_buffers[i] = as_sharded_like(buffer, params[i])
+    return ratios
 
 
 def _lars_device_step(
@@ -409,21 +426,25 @@ def _lars_device_step(
     trust_clip: bool,
     adapt: bool,
     maximize: bool,
+    workspace: list[Tensor] | None = None,
+    norms: NormsFn = plain_norms,
 ) -> Tensor | None:
-    """One LARS step for tensors on one device with one dtype (``buffers`` filled in place)."""
+    """One LARS step for tensors on one device with one dtype (``buffers`` filled in place).
+
+    ``norms`` gives the per-layer norms of several lists at once (plain foreach
+    norms, or whole-layer norms of FSDP2 shards with one all-reduce)."""
     if maximize:
         grads = torch._foreach_neg(grads)
-    # d = g + wd*w is materialised once: the momentum update needs it, and so
-    # does the norm of the "combined" denominator.
-    updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+    # d = g + wd*w is materialised once (into the workspace when there is one):
+    # the momentum update needs it, and so does the norm of the "combined" denominator.
+    updates = into(workspace, torch.add, grads, params, alpha=weight_decay) if weight_decay != 0 else grads
 
     ratios = None
     if adapt:
-        weight_norms = stacked_norms(params)
         if denominator == "combined":
-            update_norms = stacked_norms(updates)
+            weight_norms, update_norms = norms([params, updates])
         else:
-            update_norms = stacked_norms(grads)
+            weight_norms, update_norms = norms([params, grads])
             if weight_decay != 0:
                 update_norms = torch.add(update_norms, weight_norms, alpha=weight_decay)
         ratios = trust_ratios(
