@@ -164,6 +164,9 @@ def warmup_ends_by_layer(ends: dict[str, list[dict[str, float]]], references: di
         high = [max(v) - m if v else 0 for m, v in zip(mean, values)]
         xs = [j + (i - (len(ends) - 1) / 2) * width for j in range(len(layers))]
         ax.bar(xs, mean, width=width, color=f"C{i}", label=label, yerr=[low, high], capsize=2)
+        for x, v in zip(xs, values):
+            if not v:  # no seed ended this layer's warm-up within the run
+                ax.text(x, 0, "not ended", rotation=90, ha="center", va="bottom", fontsize="x-small", color=f"C{i}")
     for j, (label, value) in enumerate(references.items()):
         ax.axhline(value, color=f"C{len(ends) + j}", linestyle="--", linewidth=1, label=label)
     ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize="x-small")

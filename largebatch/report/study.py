@@ -242,8 +242,8 @@ class Study:
             curves = {m: c for m, c in curves.items() if c and all(x for x, _ in c)}
             if not curves:
                 continue
-            png = plots.early_epochs(curves, mean_target, early, f"{model}, batch {b}: first {early} epochs",
-                                     self.artifacts / f"{model}-clars-early-b{b}.png")
+            title = f"{model}, batch {b}: first {early} epoch{'s' if early != 1 else ''}"
+            png = plots.early_epochs(curves, mean_target, early, title, self.artifacts / f"{model}-clars-early-b{b}.png")
             lines += [f"![{model}: CLARS vs gradual warm-up, first epochs, batch {b}]({self.link(png)})", ""]
         return lines
 
@@ -378,14 +378,21 @@ class Study:
                 mine, ref = per_step.get((method, b)), per_step.get(("lsw", b))
                 cells.append(f"{statistics.fmean(mine) / statistics.fmean(ref):.2f}" if mine and ref else "-")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        ratios = [statistics.fmean(per_step[key]) / statistics.fmean(per_step[("lsw", key[1])])
+                  for key in per_step if key[1] in batches and ("lsw", key[1]) in per_step]
+        disturbed = any(not 0.5 <= r <= 3 for r in ratios)
+        if disturbed:
+            lines += ["", "Ratios this far from 1 mean the machine was busy with other work during some runs: "
+                      "these times are not comparable; benchmarks/results holds interleaved measurements."]
         lena = [statistics.fmean(per_step[("lena", b)]) / statistics.fmean(per_step[("lsw", b)])
                 for b in batches if ("lena", b) in per_step and ("lsw", b) in per_step]
         if lena:
             slowdown = statistics.fmean(lena) - 1
+            verdict = ("not judged: the run times were disturbed" if disturbed else
+                       "held (at most 7.5% slower)" if slowdown <= 0.075 else "did not hold (more than 7.5% slower)")
             self.verdicts.append(
                 f"{model}: LENA's throughput about 5% below fixed scaling (LENA paper): measured "
-                f"{100 * slowdown:+.1f}% time per update against LSW, mean over batches "
-                f"({'held' if slowdown <= 0.075 else 'did not hold'}, within 7.5%)."
+                f"{100 * slowdown:+.1f}% time per update against LSW, mean over the large batches: {verdict}."
             )
         return lines + [""]
 

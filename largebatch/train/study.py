@@ -488,7 +488,7 @@ def _read_run_record(directory: Path, model: str, phase: str) -> dict:
     }
     if phase != "tune":
         record["evals"] = _compact_evals(summary["evals"], read_jsonl(directory / METRICS))
-        ends = _warmup_ends(directory)
+        ends = _final_warmup_ends(directory) if get_method(summary["method"]).own_state_aware_warmup else None
         if ends:
             record["warmup_ends"] = ends
     return record
@@ -511,8 +511,25 @@ def _compact_evals(evals: list[dict], metrics: list[dict]) -> dict[str, list]:
     return columns
 
 
-def _warmup_ends(directory: Path) -> dict[str, float] | None:
-    """Per layer, the update its state-aware warm-up ended (from the last layers.jsonl record that has it)."""
+def _final_warmup_ends(directory: Path) -> dict[str, float] | None:
+    """Per layer, the update its state-aware warm-up ended (-1: not within the run), from the optimiser
+    state in the run's final checkpoint; layers.jsonl is sampled every layer_every steps and can miss the end."""
+    from . import checkpoint as ckpt
+
+    path = ckpt.checkpoint_path(directory)
+    if not path.exists():
+        return _logged_warmup_ends(directory)
+    state = ckpt.load(path).get("optimizer", {})
+    ends = {}
+    for group in state.get("param_groups", []):
+        for index, name in zip(group["params"], group.get("param_names") or []):
+            end = state.get("state", {}).get(index, {}).get("warmup_end")
+            if end is not None:
+                ends[name] = float(end)
+    return ends or _logged_warmup_ends(directory)
+
+
+def _logged_warmup_ends(directory: Path) -> dict[str, float] | None:
     for record in reversed(read_jsonl(directory / LAYERS)):
         if isinstance(record.get("warmup_end"), dict):
             return record["warmup_end"]
