@@ -171,7 +171,8 @@ def _methods(args: argparse.Namespace) -> int:
     from .train.methods import methods
 
     for method in methods().values():
-        print(f"{method.name:10} {method.summary} (family {method.family}, default base rate {method.default_base_lr:g})")
+        print(f"{method.name:10} {method.summary} (family {method.family}, warm-up {method.warmup}, "
+              f"default base rate {method.default_base_lr:g})")
     return 0
 
 

@@ -255,7 +255,7 @@ def method_kind(method: str) -> str:
 KIND_METHODS = {"plain": "lsw", "statistics": "lena", "per-example": "clars"}
 
 
-def measure_throughput(config: TrainConfig, kinds: set[str], rounds: int = 5, batch: int | None = None) -> Throughput:
+def measure_throughput(config: TrainConfig, kinds: set[str], rounds: int = 8, batch: int | None = None) -> Throughput:
     """Timed steps at a batch of 4 micro-batches, the kinds of method interleaved round-robin so that a
     busy moment hits all alike; per kind the fastest step (the quiet machine's speed) after one untimed."""
     from .loop import accumulate_gradients, evaluate
