@@ -122,7 +122,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     spec = _sweep_spec(args, [args.method], args.grid)
     spec.validate()
-    tuned = tune_families(spec)
+    tuned = tune_families(spec, with_baseline=False)
     for family, entry in tuned.items():
         print(f"{family}: base rate {entry['lr']:g} ({entry['how']})")
     return 0

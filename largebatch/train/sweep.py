@@ -135,13 +135,17 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
     return root
 
 
-def tune_families(spec: SweepSpec, log: Callable[[str], None] = print) -> dict:
-    """Pick each family's base rate at the base batch by validation accuracy over the grid."""
+def tune_families(spec: SweepSpec, log: Callable[[str], None] = print, *, with_baseline: bool = True) -> dict:
+    """Pick each family's base rate at the base batch by validation accuracy over the grid.
+
+    A sweep also needs the baseline's family (its run defines the target);
+    ``with_baseline=False`` tunes only the families of ``spec.methods``.
+    """
     root = Path(spec.run_dir)
     path = root / TUNED_FILE
     tuned = read_json(path) if path.exists() else {}
     representatives: dict[str, str] = {}
-    for method in [BASELINE_METHOD, *spec.methods]:
+    for method in [BASELINE_METHOD, *spec.methods] if with_baseline else spec.methods:
         representatives.setdefault(get_method(method).family, method)
     for family, method in representatives.items():
         if family in tuned and set(tuned[family]["grid"]) == {f"{lr:g}" for lr in spec.tune_grid}:
