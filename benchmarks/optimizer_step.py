@@ -14,9 +14,18 @@ run:
   reference for LARS; ``adamw``: ``torch.optim.AdamW(foreach=True)`` for LAMB;
 * ``lars`` / ``lamb``: the default eager multi-tensor path;
 * ``lars_loop`` / ``lamb_loop``: a per-tensor Python loop, as the popular ports
-  step (the ``foreach=False`` path);
+  step. This is the library's own ``foreach=False`` path, which follows the
+  same per-tensor structure (timm's LARS/LAMB would be the faithful external
+  loop, but timm needs torchvision, which is not installed here);
+* ``clars`` / ``lena``: CLARS and LENA (SGD-style momentum steps) against
+  ``sgd``, fed a fixed precomputed statistics summary (``FixedStats``), so only
+  the optimiser step is timed, not the statistics engine;
 * ``lars_fused`` / ``lamb_fused``: ``fused=True`` (``torch.compile``); the
-  one-time compile seconds are reported separately.
+  one-time compile seconds are reported separately, cold by default (a fresh
+  empty ``TORCHINDUCTOR_CACHE_DIR``; ``--warm-compile`` keeps the user's cache).
+
+The 1-minute load average is recorded before and after each list: on a shared
+machine the absolute times move with it, the interleaved ratios much less.
 
 All optimisers share the same parameter and gradient tensors (each keeps its
 own state); the optimisers never modify gradients and a tiny rate keeps the
@@ -32,14 +41,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from largebatch.optim import LAMB, LARS
+from largebatch.optim import CLARS, LAMB, LARS, LENA
 
 RESULTS = Path(__file__).parent / "results" / "optimizer_step.json"
 
@@ -81,6 +93,44 @@ def make_params(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     return params
 
 
+@dataclass
+class Summary:
+    """The fields of a statistics summary that CLARS and LENA read."""
+
+    n: int
+    sample_sq_norm_mean: torch.Tensor
+    mean_grad_sq_norm: torch.Tensor
+    num_examples: int
+    example_norm_mean: torch.Tensor
+    example_sq_norm_mean: torch.Tensor
+
+
+class FixedStats:
+    """A statistics source returning one summary computed once from the gradients.
+
+    Follows the interface of ``largebatch.stats.GradientStatistics`` (``summary``,
+    ``index_of``, ``reset``) so the timed step is the optimiser's alone.
+    """
+
+    def __init__(self, params: list[torch.Tensor], n: int = 4) -> None:
+        self._index = {id(p): k for k, p in enumerate(params)}
+        generator = torch.Generator().manual_seed(1)
+        count = len(params)
+        B = torch.stack([p.grad.pow(2).sum() for p in params])
+        A = B * (1 + torch.rand(count, generator=generator) * (n - 1))
+        mean_norm = B.sqrt() * (1 + torch.rand(count, generator=generator))
+        self._summary = Summary(n, A, B, 32 * n, mean_norm, mean_norm.pow(2) * 1.5)
+
+    def index_of(self, p: torch.Tensor) -> int:
+        return self._index[id(p)]
+
+    def summary(self) -> Summary:
+        return self._summary
+
+    def reset(self) -> None:
+        pass
+
+
 def contenders(params: list[torch.Tensor], fused: bool) -> dict[str, torch.optim.Optimizer]:
     wd, lr = 5e-4, 1e-4
     opts: dict[str, torch.optim.Optimizer] = {
@@ -90,6 +140,11 @@ def contenders(params: list[torch.Tensor], fused: bool) -> dict[str, torch.optim
         "adamw": torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=True),
         "lamb": LAMB(params, lr=lr, weight_decay=wd),
         "lamb_loop": LAMB(params, lr=lr, weight_decay=wd, foreach=False),
+        "clars": CLARS(params, lr=lr, momentum=0.9, weight_decay=wd, stats=FixedStats(params)),
+        "lena": LENA(
+            params, lr=lr, momentum=0.9, weight_decay=wd, stats=FixedStats(params),
+            base_iterations=10_000,
+        ),
     }
     if fused:
         opts["lars_fused"] = LARS(params, lr=lr, momentum=0.9, weight_decay=wd, fused=True)
@@ -98,6 +153,7 @@ def contenders(params: list[torch.Tensor], fused: bool) -> dict[str, torch.optim
 
 
 def measure(shapes: list[tuple[int, ...]], steps: int, fused: bool) -> dict[str, object]:
+    load_before = os.getloadavg()[0]
     params = make_params(shapes)
     opts = contenders(params, fused)
 
@@ -127,6 +183,8 @@ def measure(shapes: list[tuple[int, ...]], steps: int, fused: bool) -> dict[str,
         "lamb/adamw": median["lamb"] / median["adamw"],
         "lars_loop/lars": median["lars_loop"] / median["lars"],
         "lamb_loop/lamb": median["lamb_loop"] / median["lamb"],
+        "clars/sgd": median["clars"] / median["sgd"],
+        "lena/sgd": median["lena"] / median["sgd"],
     }
     if fused:
         ratios["lars_fused/sgd"] = median["lars_fused"] / median["sgd"]
@@ -139,6 +197,7 @@ def measure(shapes: list[tuple[int, ...]], steps: int, fused: bool) -> dict[str,
         "median_ms": {name: 1e3 * m for name, m in median.items()},
         "ratios": ratios,
         "compile_seconds": compile_seconds,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
 
 
@@ -153,8 +212,14 @@ def main() -> None:
         "--fused-lists", default="resnet50",
         help="lists on which to time fused=True (compiles for each; '' for none)",
     )
+    parser.add_argument(
+        "--warm-compile", action="store_true",
+        help="keep the inductor cache (default: a fresh empty cache dir, i.e. cold compile seconds)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if not args.warm_compile:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
 
     steps = args.steps or (10 if args.quick else 30)
     fused_lists = set() if args.quick else set(filter(None, args.fused_lists.split(",")))
@@ -164,6 +229,10 @@ def main() -> None:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "compile_cache": "warm (existing inductor cache)" if args.warm_compile
+        else "cold (fresh empty TORCHINDUCTOR_CACHE_DIR)",
+        "loop_reference": "the library's own foreach=False per-tensor loop (timm needs torchvision)",
         "lists": {},
     }
     for name in args.lists.split(","):
@@ -176,6 +245,8 @@ def main() -> None:
             print(f"  {key:18s} {value:6.2f}x")
         for key, value in result["compile_seconds"].items():
             print(f"  compile {key}: {value:.1f} s")
+        load = result["load_average_1min"]
+        print(f"  load average (1 min): {load['before']:.2f} before, {load['after']:.2f} after")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.output}", flush=True)
