@@ -17,9 +17,6 @@ lena      ``largebatch.optim.LENA``           own gain   own per-layer warm-up
 adascale  ``largebatch.optim.AdaScale``       own gain   none; decay on its tau clock
 ========  =================================  =========  =========================
 
-An entry whose optimiser class is missing from :mod:`largebatch.optim` is
-simply not offered.
-
 Warm-up is also a run option (``RunShape.warmup``, ``--warmup``), applicable to
 every method, for the LENA paper's ablation (Table 2):
 
@@ -59,7 +56,6 @@ from decay and adaptation through :func:`largebatch.param_groups.param_groups`.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -67,6 +63,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, LRScheduler
+
+from ..optim import CLARS, LAMB, LARS, LENA, AdaScale
 
 DEFAULT_WARMUP_FRACTION = 0.055  # LENA paper's LSW baseline: 5.5% of the epochs
 DEFAULT_DECAY_TO = 0.01  # LENA paper: exponential decay to 1% over the run
@@ -118,24 +116,11 @@ class Method:
     # (model, wrapped model, peak rate, run shape) -> optimiser; "wrapped" is the DDP
     # module under torchrun (statistics hooks go there), else the model itself.
     make_optimizer: Callable[[nn.Module, nn.Module, float, RunShape], torch.optim.Optimizer]
-    optimizer_class: str | None = None  # "module:Class" under largebatch.optim this method needs
     default_base_lr: float = SGD_BASE_LR
     make_decay: Callable[[torch.optim.Optimizer, RunShape], LRScheduler | None] | None = None
     uses_statistics: bool = False
     own_state_aware_warmup: bool = False  # the optimiser warms up per layer itself (its warmup= option)
 
-    def available(self) -> bool:
-        return self.optimizer_class is None or _optim_class(self.optimizer_class) is not None
-
-
-def _optim_class(path: str):
-    """``"lena:LENA"`` -> ``largebatch.optim.lena.LENA``, or None when it does not exist (yet)."""
-    module_name, _, class_name = path.partition(":")
-    try:
-        module = importlib.import_module(f"largebatch.optim.{module_name}")
-    except ImportError:
-        return None
-    return getattr(module, class_name, None)
 
 
 def _momentum_sgd(model: nn.Module, wrapped: nn.Module, lr: float, shape: RunShape) -> torch.optim.Optimizer:
@@ -154,17 +139,17 @@ def _groups(model: nn.Module, adapt_all: bool = False) -> list[dict]:
     return param_groups(model, weight_decay=WEIGHT_DECAY, **({"no_adapt": ()} if adapt_all else {}))
 
 
-def _layerwise(path: str, **options):
-    """Build ``largebatch.optim`` class ``path`` on the project's parameter groups."""
+def _layerwise(optimizer_class: type[torch.optim.Optimizer], **options):
+    """Build a layer-wise optimiser on the project's parameter groups."""
 
     def make(model: nn.Module, wrapped: nn.Module, lr: float, shape: RunShape) -> torch.optim.Optimizer:
-        return _optim_class(path)(_groups(model), lr=lr, **options)
+        return optimizer_class(_groups(model), lr=lr, **options)
 
     return make
 
 
-def _with_statistics(path: str, per_example: bool = False, needs_t1: bool = False, own_warmup: bool = False,
-                     adapt_all: bool = False, **options):
+def _with_statistics(optimizer_class: type[torch.optim.Optimizer], per_example: bool = False,
+                     needs_t1: bool = False, own_warmup: bool = False, adapt_all: bool = False, **options):
     """A method that reads per-layer gradient statistics from :mod:`largebatch.stats`."""
 
     def make(model: nn.Module, wrapped: nn.Module, lr: float, shape: RunShape) -> torch.optim.Optimizer:
@@ -177,7 +162,7 @@ def _with_statistics(path: str, per_example: bool = False, needs_t1: bool = Fals
         if own_warmup:  # the optimiser's own state-aware warm-up, on or off by the run's mode
             extra["warmup"] = shape.warmup in ("default", "state-aware")
             extra["alpha"] = STATE_AWARE_ALPHA
-        return _optim_class(path)(_groups(model, adapt_all), lr=lr, stats=stats, **options, **extra)
+        return optimizer_class(_groups(model, adapt_all), lr=lr, stats=stats, **options, **extra)
 
     return make
 
@@ -216,25 +201,25 @@ _ALL_METHODS = (
     Method("lsw", "momentum SGD, linear scaling + gradual warm-up", "sgd", "linear", "fixed", _momentum_sgd),
     Method("sqrt", "momentum SGD, square-root scaling + gradual warm-up", "sgd", "sqrt", "fixed", _momentum_sgd),
     Method("lars", "LARS, linear scaling + gradual warm-up", "lars", "linear", "fixed",
-           _layerwise("lars:LARS", momentum=MOMENTUM), optimizer_class="lars:LARS", default_base_lr=LARS_BASE_LR),
+           _layerwise(LARS, momentum=MOMENTUM), default_base_lr=LARS_BASE_LR),
     Method("lamb", "LAMB, square-root scaling + gradual warm-up", "lamb", "sqrt", "fixed",
-           _layerwise("lamb:LAMB"), optimizer_class="lamb:LAMB", default_base_lr=LAMB_BASE_LR),
+           _layerwise(LAMB), default_base_lr=LAMB_BASE_LR),
     Method("clars", "CLARS (per-example layer norms), linear scaling, no warm-up", "lars", "linear", "none",
-           _with_statistics("clars:CLARS", per_example=True, adapt_all=True, momentum=MOMENTUM), optimizer_class="clars:CLARS",
+           _with_statistics(CLARS, per_example=True, adapt_all=True, momentum=MOMENTUM), 
            default_base_lr=LARS_BASE_LR, uses_statistics=True),
     Method("lena", "LENA: per-layer gain + state-aware per-layer warm-up", "sgd", "none", "state-aware",
-           _with_statistics("lena:LENA", needs_t1=True, own_warmup=True, momentum=MOMENTUM,
+           _with_statistics(LENA, needs_t1=True, own_warmup=True, momentum=MOMENTUM,
                             weight_decay=WEIGHT_DECAY),
-           optimizer_class="lena:LENA", uses_statistics=True, own_state_aware_warmup=True),
+           uses_statistics=True, own_state_aware_warmup=True),
     Method("adascale", "AdaScale: gain ratio, decay on its tau clock", "sgd", "none", "none",
-           _with_statistics("adascale:AdaScale", momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-           optimizer_class="adascale:AdaScale", make_decay=_progress_decay, uses_statistics=True),
+           _with_statistics(AdaScale, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+           make_decay=_progress_decay, uses_statistics=True),
 )
 
 
 def methods() -> dict[str, Method]:
-    """The methods this installation offers (those whose optimiser class exists)."""
-    return {m.name: m for m in _ALL_METHODS if m.available()}
+    """Every method, by name."""
+    return {m.name: m for m in _ALL_METHODS}
 
 
 def get_method(name: str) -> Method:
