@@ -9,13 +9,15 @@ kernels whatever the number of layers, and nothing is read back to the host.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from itertools import repeat
 
 import torch
 from torch import Tensor
 
-from ._sharded import layer_sq_norms, local
-from ._trust import check_bool, check_lr, check_range
+from ._sharded import DTensor, check_not_flat, layer_sq_norms, local
+from ._trust import Workspace, check_bool, check_lr, check_range, into
 
 METHOD_KEY = "method"
 
@@ -126,8 +128,23 @@ def sample_statistics(summary, index: StatisticsIndex, params: Sequence[Tensor],
     """
     A = index.gather(summary.sample_sq_norm_mean, params).to(dtype)
     B = index.gather(summary.mean_grad_sq_norm, params).to(dtype)
-    scale_sq = loss_scale_sq(summary, B, layer_sq_norms([p.grad for p in params]))
+    scale_sq = loss_scale_sq(summary, B, sq_norms([p.grad for p in params]))
     return A / scale_sq, B / scale_sq
+
+
+def sq_norms(tensors: list[Tensor]) -> Tensor:
+    """``layer_sq_norms(tensors)``, the same values, with one stack and one cast for lists of
+    plain tensors of one dtype (instead of a cast per tensor); DTensors go to ``layer_sq_norms``."""
+    if not tensors:
+        return layer_sq_norms(tensors)
+    dtype = tensors[0].dtype
+    if (DTensor is not None and any(map(isinstance, tensors, repeat(DTensor)))) or not all(
+        map(operator.is_, map(operator.attrgetter("dtype"), tensors), repeat(dtype))
+    ):
+        return layer_sq_norms(tensors)
+    check_not_flat(tensors)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.stack(torch._foreach_norm(tensors)).to(wide).pow(2)
 
 
 def summary_n(summary) -> int:
@@ -158,23 +175,41 @@ def ema_update(avg: Tensor, weight: Tensor, value: Tensor, c: float) -> tuple[Te
 
 # -- the update ------------------------------------------------------------------------------
 
+def local_list(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """``[local(t) for t in tensors]``, with the check for DTensors done at C speed (a new list)."""
+    if DTensor is None or not any(map(isinstance, tensors, repeat(DTensor))):
+        return list(tensors)
+    return [local(t) for t in tensors]
+
+
 def decayed_gradients(
-    params: list[Tensor], grads: list[Tensor], weight_decay: float, *, maximize: bool, foreach: bool
+    params: list[Tensor],
+    grads: list[Tensor],
+    weight_decay: float,
+    *,
+    maximize: bool,
+    foreach: bool,
+    workspace: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """d = (-g if maximize else g) + wd * w, coupled weight decay, on the local shards.
 
-    New tensors where anything is added or negated; ``p.grad`` is never modified.
+    New tensors where anything is added or negated (written into ``workspace``,
+    scratch shaped like the parameters, when given); ``p.grad`` is never modified.
     """
-    params, grads = [local(p) for p in params], [local(g) for g in grads]
+    params, grads = local_list(params), local_list(grads)
     if maximize:
         grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
     if weight_decay != 0:
-        grads = (
-            torch._foreach_add(grads, params, alpha=weight_decay)
-            if foreach
-            else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
-        )
+        if foreach:
+            grads = into(workspace, torch.add, grads, params, alpha=weight_decay)
+        else:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
     return grads
+
+
+def _owns(grads: list[Tensor], weight_decay: float, maximize: bool) -> bool:
+    """Whether ``decayed_gradients`` returned new tensors (which the update may then overwrite)."""
+    return bool(grads) and (maximize or weight_decay != 0)
 
 
 def momentum_sgd_(
@@ -191,6 +226,7 @@ def momentum_sgd_(
     lr,
     maximize: bool,
     foreach: bool,
+    workspace: list[Tensor] | None = None,
 ) -> list[Tensor | None]:
     """PyTorch-SGD update with a per-parameter rate vector ``rates`` (shape [P]):
 
@@ -200,15 +236,47 @@ def momentum_sgd_(
         decoupled decay instead: w = w * (1 - lr * wd), at the scheduled group rate.
 
     The rate sits outside the momentum buffer (the PyTorch convention the LENA
-    and AdaScale codes build on). ``p.grad`` is never modified. Returns the
-    momentum buffers (new ones where None was passed).
+    and AdaScale codes build on). ``p.grad`` is never modified. ``workspace``
+    (optional, parameter-shaped scratch) receives d. Returns the momentum
+    buffers (new ones where None was passed).
     """
     if not params:
         return momentum_buffers
+    return _momentum_sgd(
+        params, grads, momentum_buffers, list((-rates).unbind(0)), momentum=momentum, dampening=dampening,
+        nesterov=nesterov, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, lr=lr,
+        maximize=maximize, foreach=foreach, workspace=workspace,
+    )
+
+
+def _momentum_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    neg_rates: list[Tensor],
+    *,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    lr,
+    maximize: bool,
+    foreach: bool,
+    workspace: list[Tensor] | None = None,
+) -> list[Tensor | None]:
+    """``momentum_sgd_`` with the negated rates as 0-d tensors, one per parameter.
+
+    In place throughout: d is formed once (into ``workspace`` for lists of
+    large tensors), the buffers take ``mul_`` and ``add_``, the weights one
+    ``addcmul_`` with the per-parameter 0-d rates (no host sync).
+    """
     originals = params
-    params = [local(p) for p in params]
+    params = local_list(params)
     decoupled = decoupled_weight_decay and weight_decay != 0
-    grads = decayed_gradients(params, grads, 0.0 if decoupled else weight_decay, maximize=maximize, foreach=foreach)
+    coupled = 0.0 if decoupled else weight_decay
+    grads = decayed_gradients(params, grads, coupled, maximize=maximize, foreach=foreach, workspace=workspace)
+    owned = _owns(grads, coupled, maximize)
     if decoupled:
         factor = 1 - lr * weight_decay
         if foreach:
@@ -216,43 +284,71 @@ def momentum_sgd_(
         else:
             for p in params:
                 p.mul_(factor)
+    directions = grads
     if momentum != 0:
-        bufs = []
-        for i, (d, b) in enumerate(zip(grads, momentum_buffers)):
+        bufs = _update_buffers(originals, grads, momentum_buffers, momentum, dampening, foreach)
+        if nesterov:
+            if foreach:
+                if owned:
+                    torch._foreach_add_(grads, bufs, alpha=momentum)
+                else:
+                    directions = torch._foreach_add(grads, bufs, alpha=momentum)
+            else:
+                directions = [d.add(b, alpha=momentum) for d, b in zip(grads, bufs)]
+        else:
+            directions = bufs
+    if foreach:
+        torch._foreach_addcmul_(params, directions, neg_rates)
+    else:
+        for p, d, r in zip(params, directions, neg_rates):
+            p.addcmul_(d, r)
+    return momentum_buffers
+
+
+def _update_buffers(
+    originals: list[Tensor],
+    updates: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    momentum: float,
+    dampening: float,
+    foreach: bool,
+    scales: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """v = m v + (1 - dampening) * s_k * d (``scales`` s_k, 1 when None), in place; new buffers
+    (zeros_like the parameter, so a sharded layout is kept) are seeded with s_k * d.
+    ``momentum_buffers`` is filled in; returns the local buffers."""
+    if any(b is None for b in momentum_buffers):
+        for i, b in enumerate(momentum_buffers):
+            d = updates[i]
             if b is None:
                 # zeros_like of the parameter keeps a sharded (DTensor) layout for checkpoints
                 momentum_buffers[i] = b = torch.zeros_like(originals[i], memory_format=torch.preserve_format)
-                local(b).copy_(d)
-                bufs.append(None)
+                if scales is None:
+                    local(b).copy_(d)
+                else:
+                    torch.mul(d, scales[i], out=local(b))
+            elif scales is None:
+                local(b).mul_(momentum).add_(d, alpha=1 - dampening)
             else:
-                bufs.append(local(b))
-        old = [i for i, b in enumerate(bufs) if b is not None]
-        if old:
-            ob, od = [bufs[i] for i in old], [grads[i] for i in old]
-            if foreach:
-                torch._foreach_mul_(ob, momentum)
-                torch._foreach_add_(ob, od, alpha=1 - dampening)
-            else:
-                for b, d in zip(ob, od):
-                    b.mul_(momentum).add_(d, alpha=1 - dampening)
-        bufs = [local(b) for b in momentum_buffers]
-        if nesterov:
-            directions = (
-                torch._foreach_add(grads, bufs, alpha=momentum)
-                if foreach
-                else [d.add(b, alpha=momentum) for d, b in zip(grads, bufs)]
-            )
-        else:
-            directions = bufs
-    else:
-        directions = grads
-    neg_rates = list((-rates).unbind(0))
+                local(b).mul_(momentum).addcmul_(d, scales[i], value=1 - dampening)
+        return local_list(momentum_buffers)
+    bufs = local_list(momentum_buffers)
     if foreach:
-        torch._foreach_add_(params, torch._foreach_mul(directions, neg_rates))
+        torch._foreach_mul_(bufs, momentum)
+        if scales is None:
+            torch._foreach_add_(bufs, updates, alpha=1 - dampening)
+        elif dampening == 0:
+            torch._foreach_addcmul_(bufs, updates, scales)
+        else:
+            torch._foreach_addcmul_(bufs, updates, scales, value=1 - dampening)
     else:
-        for p, d, r in zip(params, directions, neg_rates):
-            p.add_(d * r)
-    return momentum_buffers
+        for b, d, s in zip(bufs, updates, scales or [None] * len(bufs)):
+            b.mul_(momentum)
+            if s is None:
+                b.add_(d, alpha=1 - dampening)
+            else:
+                b.addcmul_(d, s, value=1 - dampening)
+    return bufs
 
 
 def sgd_options(group: dict) -> dict:
@@ -267,7 +363,16 @@ def sgd_options(group: dict) -> dict:
 def stepped_parameters(param_groups: Sequence[dict], method: str) -> tuple[list[Tensor], list[dict], list[list[int]]]:
     """The parameters with a gradient in group order, the group of each, and per group their indices."""
     params, groups_of, stepped = [], [], []
+    grad = operator.attrgetter("grad")
     for group in param_groups:
+        grads = list(map(grad, group["params"]))
+        if not any(map(operator.is_, grads, repeat(None))):  # every parameter has a gradient (usual)
+            if any(map(operator.attrgetter("is_sparse"), grads)):
+                raise RuntimeError(f"{method} does not support sparse gradients")
+            params.extend(group["params"])
+            groups_of.extend([group] * len(grads))
+            stepped.append(list(range(len(grads))))
+            continue
         stepped.append([])
         for i, p in enumerate(group["params"]):
             if p.grad is not None:
@@ -288,20 +393,75 @@ def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], ra
         if count == 0:
             continue
         ps = params[start : start + count]
-        buffers = [optimizer.state[p].get("momentum_buffer") for p in ps]
+        state = optimizer.state
+        buffers = [state[p].get("momentum_buffer") for p in ps]
         buffers = update(ps, [p.grad for p in ps], buffers, rates[start : start + count], group)
         if group["momentum"] != 0:
             for p, b in zip(ps, buffers):
-                optimizer.state[p]["momentum_buffer"] = b
+                state[p]["momentum_buffer"] = b
         start += count
 
 
 def momentum_sgd_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], rates: Tensor) -> None:
-    """``momentum_sgd_`` with each group's options and the per-parameter ``rates`` (LENA, AdaScale)."""
+    """``momentum_sgd_`` with each group's options and the per-parameter ``rates`` (LENA, AdaScale).
+
+    The negated rates go to the update as 0-d views of a vector kept across
+    steps (``scale_views``), d into a workspace kept on the optimiser (lists of
+    large tensors)."""
+    neg_rates = scale_views(optimizer, "neg_rates", -rates)
+    slices = iter(_slices(neg_rates, stepped))
+    workspace = _workspace(optimizer)
     apply_by_group(
         optimizer, params, stepped, rates,
-        lambda ps, grads, buffers, r, group: momentum_sgd_(ps, grads, buffers, r, **sgd_options(group)),
+        lambda ps, grads, buffers, r, group: _momentum_sgd(
+            ps, grads, buffers, next(slices),
+            workspace=local_workspace(workspace, ps) if group["foreach"] is not False and _decays(group) else None,
+            **sgd_options(group),
+        ),
     )
+
+
+def local_workspace(workspace: Workspace, params: list[Tensor]) -> list[Tensor] | None:
+    """The local shards of the workspace for ``params`` (None for lists of small tensors)."""
+    scratch = workspace.like(params)
+    return None if scratch is None else [local(w) for w in scratch]
+
+
+def _decays(group: dict) -> bool:
+    """Whether the update forms d = g + wd * w (coupled weight decay) for this group."""
+    return group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False)
+
+
+def _slices(views: list[Tensor], stepped: list[list[int]]) -> list[list[Tensor]]:
+    out, start = [], 0
+    for indices in stepped:
+        if indices:
+            out.append(views[start : start + len(indices)])
+            start += len(indices)
+    return out
+
+
+def _workspace(optimizer) -> Workspace:
+    workspace = optimizer.__dict__.get("_workspace")
+    if workspace is None:
+        workspace = optimizer.__dict__["_workspace"] = Workspace()
+    return workspace
+
+
+def scale_views(optimizer, name: str, values: Tensor) -> list[Tensor]:
+    """``values`` (a [P] vector) as P 0-d tensors for the foreach ops' per-tensor scales.
+
+    The 0-d tensors are views of a vector kept on the optimiser (never state)
+    and refreshed with one ``copy_`` per step: unbinding a new vector costs
+    about a microsecond per tensor (2 ms on 2,000 tensors), the copy one kernel.
+    """
+    cache = optimizer.__dict__.setdefault("_scale_views", {})
+    entry = cache.get(name)
+    if entry is None or entry[0].shape != values.shape or entry[0].dtype != values.dtype or entry[0].device != values.device:
+        vector = torch.empty_like(values)
+        entry = cache[name] = (vector, list(vector.unbind(0)))
+    entry[0].copy_(values)
+    return entry[1]
 
 
 # -- bookkeeping -------------------------------------------------------------------------------
@@ -325,8 +485,74 @@ def write_state(states: Sequence[dict], key: str, values: Tensor) -> None:
     torch._foreach_copy_([s[key] for s in states], list(values.unbind(0)))
 
 
+class StackedState:
+    """Per-parameter 0-d state entries kept as views of one vector per key.
+
+    The state stays per parameter (``state[p][key]`` is a 0-d tensor, so
+    ``state_dict()`` and ``load_state_dict()`` are those of any optimiser),
+    but each entry is a view of a [P] vector over the stepped parameters, so a
+    step reads the stacked state without ``torch.stack`` and writes it back
+    with one ``copy_`` per key instead of P. Rebuilt (one stack per key, and
+    the entries re-pointed at the new vector) whenever the parameters, their
+    state dicts or any entry changed (``load_state_dict``, another set of
+    parameters with gradients). Kept on the optimiser, never in the state.
+    """
+
+    def __init__(self) -> None:
+        self._owner = None
+        self._states: list[dict] = []
+        self._vectors: dict[str, Tensor] = {}
+        self._views: dict[str, list[Tensor]] = {}
+
+    def _valid(self, owner, states: Sequence[dict], keys: Sequence[str]) -> bool:
+        if self._owner is not owner or len(states) != len(self._states):
+            return False
+        if not all(map(operator.is_, states, self._states)):
+            return False
+        try:  # identity of every entry, at C speed
+            return all(all(map(operator.is_, map(operator.itemgetter(key), states), self._views[key])) for key in keys)
+        except KeyError:
+            return False
+
+    def vectors(self, owner, states: Sequence[dict], keys: Sequence[str], dtype: torch.dtype) -> dict[str, Tensor]:
+        """The [P] vector of each key (floating keys in ``dtype``); ``owner`` is the optimiser's
+        ``state`` mapping (a new one after ``load_state_dict``)."""
+        if not self._valid(owner, states, keys):
+            vectors, views = {}, {}
+            for key in keys:
+                vector = stack_state(states, key, dtype)
+                views[key] = list(vector.unbind(0))
+                for s, v in zip(states, views[key]):
+                    s[key] = v
+                vectors[key] = vector
+            self._owner, self._states, self._vectors, self._views = owner, list(states), vectors, views
+        return {key: self._vectors[key] for key in keys}
+
+    def write(self, values: dict[str, Tensor]) -> None:
+        """New values of the vectors (and so of every entry): one ``copy_`` per key."""
+        for key, value in values.items():
+            vector = self._vectors[key]
+            if value is not vector:
+                vector.copy_(value)
+
+
+def stacked_state(optimizer, name: str = "stacked") -> StackedState:
+    """The optimiser's :class:`StackedState` called ``name`` (created on first use)."""
+    cache = optimizer.__dict__.setdefault("_stacked_state", {})
+    stacked = cache.get(name)
+    if stacked is None:
+        stacked = cache[name] = StackedState()
+    return stacked
+
+
 def group_vector(groups_of: Sequence[dict], key: str, device, dtype=torch.float32) -> Tensor:
     """A per-parameter vector of one hyperparameter (groups may differ); float or tensor values."""
+    first = groups_of[0] if groups_of else None
+    if first is not None and all(map(operator.is_, groups_of, repeat(first))):  # one group: one fill
+        value = first[key]
+        if isinstance(value, Tensor):
+            return torch.as_tensor(value, dtype=dtype, device=device).reshape(()).expand(len(groups_of)).clone()
+        return torch.full((len(groups_of),), value, dtype=dtype, device=device)
     values = [g[key] for g in groups_of]
     if any(isinstance(v, Tensor) for v in values):
         return torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values])

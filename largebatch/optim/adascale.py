@@ -61,9 +61,8 @@ from ._methods import (
     sample_statistics,
     scalar_dtype,
     smoothing,
-    stack_state,
+    stacked_state,
     stepped_parameters,
-    write_state,
     zeros_state,
 )
 from ._trust import check_bool
@@ -212,6 +211,11 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
             state["progress"] = self.progress.to(p.device, state["step"].dtype).clone()
         return state
 
+    def _positions(self, params: list[Tensor]) -> Tensor:
+        """Positions of ``params`` among all parameters (group order)."""
+        where = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return torch.tensor([where[id(p)] for p in params], dtype=torch.long)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         r"""One AdaScale update (Johnson et al. 2020, Algorithm 1): A, B from ``stats.summary()``,
@@ -225,11 +229,20 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         all_states = [self._init_state(p) for g in self.param_groups for p in g["params"]]
         states = [self.state[p] for p in params]
         A, B = sample_statistics(summary, self._index, params, dtype)  # the averages never mix scales
-        new_state, gain, layer_gain = adascale_gain(A, B, {key: stack_state(states, key, dtype) for key in _STAT_KEYS}, n=n)
-        for key in ("step", "var_avg", "sq_avg"):
-            write_state(states, key, new_state[key])
-        for key in ("avg_weight", "progress"):
-            torch._foreach_copy_([s[key] for s in all_states], [new_state[key][0]] * len(all_states))
+        # per-parameter entries are views of one vector per key (no stack, one copy_ per key): the
+        # layer estimates over the stepped parameters, the model-wide clock over all parameters
+        layers = stacked_state(self, "layers")
+        clock = stacked_state(self, "clock")
+        stacked = layers.vectors(self.state, states, ("step", "var_avg", "sq_avg"), dtype)
+        shared = clock.vectors(self.state, all_states, ("avg_weight", "progress"), dtype)
+        if len(states) == len(all_states):  # every parameter stepped (the usual case): the same order
+            stacked.update(shared)
+        else:
+            positions = self._positions(params)
+            stacked.update({key: value.index_select(0, positions.to(value.device)) for key, value in shared.items()})
+        new_state, gain, layer_gain = adascale_gain(A, B, stacked, n=n)
+        layers.write({key: new_state[key] for key in ("step", "var_avg", "sq_avg")})
+        clock.write({key: new_state[key][0].clone() for key in ("avg_weight", "progress")})  # may alias the vector
         rates = gain * group_vector(groups_of, "lr", params[0].device, dtype)  # r_t * eta0(tau_t)
         momentum_sgd_by_group(self, params, stepped, rates)
         self.last_gain = gain

@@ -60,17 +60,22 @@ from torch import Tensor
 
 from ._methods import (
     StatisticsConsumer,
+    _slices,
+    _update_buffers,
     apply_by_group,
     check_sgd_group,
     check_source,
     decayed_gradients,
     grad_scale,
     group_vector,
+    local_list,
+    local_workspace,
     loss_scale_sq,
+    scale_views,
+    sq_norms,
     scalar_dtype,
     stepped_parameters,
 )
-from ._sharded import layer_sq_norms, local
 from ._trust import TrustRatioOptimizer, check_bool, check_choice, check_range
 
 __all__ = ["CLARS", "clars_trust_ratios", "clars_"]
@@ -113,34 +118,71 @@ def clars_(
     weight_decay: float,
     maximize: bool,
     foreach: bool,
+    workspace: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """The CLARS update (Huo, Gu, Huang, AAAI 2021), LARS's, with the rate inside the buffer:
 
         s_k = eta_t * local_k;  d = g + beta w;  v = m v + (1 - dampening) s_k d  (v = s_k d first);
         w -= v   (nesterov: w -= s_k d + m v).
 
-    ``scales`` holds s_k per parameter; returns the momentum buffers. ``p.grad`` is never modified.
+    ``scales`` holds s_k per parameter; returns the momentum buffers. ``p.grad`` is never
+    modified. ``workspace`` (optional, local scratch shaped like the parameters) receives d.
+    """
+    if not params:
+        return momentum_buffers
+    s = list(scales.unbind(0))
+    neg = list((-scales).unbind(0)) if momentum == 0 or nesterov else None
+    return _clars(
+        params, grads, momentum_buffers, s, neg, momentum=momentum, dampening=dampening, nesterov=nesterov,
+        weight_decay=weight_decay, maximize=maximize, foreach=foreach, workspace=workspace,
+    )
+
+
+def _clars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    scales: list[Tensor],
+    neg_scales: list[Tensor] | None,
+    *,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    foreach: bool,
+    workspace: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """``clars_`` with s_k (and -s_k, needed without momentum or with Nesterov) as 0-d tensors.
+
+    As LARS's multi-tensor path: d formed once (into ``workspace`` for lists of
+    large tensors), ``v.mul_(m).addcmul_(d, s_k)``, then the weights in place;
+    no parameter-sized temporaries otherwise and no host sync.
     """
     originals = params
-    grads = decayed_gradients(params, grads, weight_decay, maximize=maximize, foreach=foreach)
-    params = [local(p) for p in params]
-    s = list(scales.unbind(0))
-    scaled = torch._foreach_mul(grads, s) if foreach else [d * r for d, r in zip(grads, s)]
+    params = local_list(params)
+    d = decayed_gradients(params, grads, weight_decay, maximize=maximize, foreach=foreach, workspace=workspace)
     if momentum == 0:
-        torch._foreach_sub_(params, scaled)
-        return momentum_buffers
-    for i, b in enumerate(momentum_buffers):
-        if b is None:
-            momentum_buffers[i] = b = torch.zeros_like(originals[i])
-            local(b).copy_(scaled[i])  # seeded with the scaled update, never the raw gradient
+        if foreach:
+            torch._foreach_addcmul_(params, d, neg_scales)
         else:
-            local(b).mul_(momentum).add_(scaled[i], alpha=1 - dampening)
-    bufs = [local(b) for b in momentum_buffers]
-    if nesterov:
-        torch._foreach_sub_(params, scaled)
-        torch._foreach_sub_(params, bufs, alpha=momentum)
+            for p, u, r in zip(params, d, neg_scales):
+                p.addcmul_(u, r)
+        return momentum_buffers
+    bufs = _update_buffers(originals, d, momentum_buffers, momentum, dampening, foreach, scales=scales)
+    if foreach:
+        if nesterov:
+            torch._foreach_addcmul_(params, d, neg_scales)
+            torch._foreach_add_(params, bufs, alpha=-momentum)
+        else:
+            torch._foreach_sub_(params, bufs)
     else:
-        torch._foreach_sub_(params, bufs)
+        for i, (p, b) in enumerate(zip(params, bufs)):
+            if nesterov:
+                p.addcmul_(d[i], neg_scales[i])
+                p.add_(b, alpha=-momentum)
+            else:
+                p.sub_(b)
     return momentum_buffers
 
 
@@ -299,20 +341,31 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
             return loss
         device, dtype = params[0].device, scalar_dtype(params)
         # weights and gradients in one call: one all-reduce for sharded (FSDP2) parameters
-        sq_norms = layer_sq_norms(params + [p.grad for p in params]).to(dtype)
-        weight_norms = sq_norms[: len(params)].sqrt()
-        measure, fallback = self._gradient_measure(summary, params, groups_of, sq_norms[len(params) :])
+        norms = sq_norms(params + [p.grad for p in params]).to(dtype)
+        weight_norms = norms[: len(params)].sqrt()
+        measure, fallback = self._gradient_measure(summary, params, groups_of, norms[len(params) :])
         ratio = clars_trust_ratios(
             weight_norms, measure, weight_decay=group_vector(groups_of, "weight_decay", device, dtype),
             trust_coefficient=group_vector(groups_of, "trust_coefficient", device, dtype),
             eps=group_vector(groups_of, "eps", device, dtype), adapt=group_vector(groups_of, "adapt", device, torch.bool),
         )
+        rates = ratio * group_vector(groups_of, "lr", device, dtype)
+        # per-tensor scales as 0-d views of vectors kept across steps (no unbind per step)
+        slices = iter(_slices(scale_views(self, "rates", rates), stepped))
+        neg_slices = None
+        if any(g["momentum"] == 0 or g["nesterov"] for g in self.param_groups):
+            neg_slices = iter(_slices(scale_views(self, "neg_rates", -rates), stepped))
         apply_by_group(
-            self, params, stepped, ratio * group_vector(groups_of, "lr", device, dtype),
-            lambda ps, grads, buffers, rates, group: clars_(
-                ps, grads, buffers, rates, momentum=group["momentum"], dampening=group["dampening"],
+            self, params, stepped, rates,
+            lambda ps, grads, buffers, _, group: _clars(
+                ps, grads, buffers, next(slices), None if neg_slices is None else next(neg_slices),
+                momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                 foreach=group["foreach"] is not False,
+                workspace=(
+                    local_workspace(self._workspace, ps)
+                    if group["foreach"] is not False and group["weight_decay"] != 0 else None
+                ),
             ),
         )
         start = 0

@@ -68,9 +68,8 @@ from ._methods import (
     sample_statistics,
     scalar_dtype,
     smoothing,
-    stack_state,
+    stacked_state,
     stepped_parameters,
-    write_state,
     zeros_state,
 )
 from ._trust import check_bool, check_range
@@ -339,10 +338,12 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         device, dtype = params[0].device, scalar_dtype(params)
         states = [self._init_state(p) for p in params]
         A, B = sample_statistics(summary, self._index, params, dtype)  # mean-gradient scale: eps in its units
+        # the per-parameter entries are views of one vector per key: no stack, one copy_ per key
+        stacked = stacked_state(self)
         new_state, intro = lena_rates(
             A,
             B,
-            {key: stack_state(states, key, dtype) for key in _STAT_KEYS},
+            stacked.vectors(self.state, states, _STAT_KEYS, dtype),
             n=n,
             lr=group_vector(groups_of, "lr", device, dtype),
             # theta = alpha * T1 formed in double precision on the host (no truncation to epochs)
@@ -351,8 +352,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             warmup=group_vector(groups_of, "warmup", device, dtype=torch.bool),
             layer_index=self._layer_index(params, device),
         )
-        for key, value in new_state.items():
-            write_state(states, key, value)
+        stacked.write(new_state)
         momentum_sgd_by_group(self, params, stepped, intro["effective_lr"])
         self._record(stepped, **intro)
         self._reset_statistics()
