@@ -67,7 +67,7 @@ class StatisticsIndex:
         self._cache: dict[tuple[int, ...], Tensor] = {}
 
     def index(self, params: Sequence[Tensor], device) -> Tensor:
-        key = tuple(id(p) for p in params)
+        key = tuple(map(id, params))
         idx = self._cache.get(key)
         if idx is None:
             positions = []
@@ -132,6 +132,18 @@ def sample_statistics(summary, index: StatisticsIndex, params: Sequence[Tensor],
     return A / scale_sq, B / scale_sq
 
 
+def _maybe_flat(tensors: list[Tensor]) -> bool:
+    """The attributes ``check_not_flat`` looks for, looked up at C speed (it loops in Python)."""
+    for name in ("_is_flat_param", "_fsdp_flattened"):
+        if any(map(getattr, tensors, repeat(name), repeat(False))):
+            return True
+    missing = object()
+    for name in ("ds_id", "ds_tensor"):
+        if not all(map(operator.is_, map(getattr, tensors, repeat(name), repeat(missing)), repeat(missing))):
+            return True
+    return any(t.__name__ == "FlatParameter" for t in set(map(type, tensors)))
+
+
 def sq_norms(tensors: list[Tensor]) -> Tensor:
     """``layer_sq_norms(tensors)``, the same values, with one stack and one cast for lists of
     plain tensors of one dtype (instead of a cast per tensor); DTensors go to ``layer_sq_norms``."""
@@ -142,7 +154,8 @@ def sq_norms(tensors: list[Tensor]) -> Tensor:
         map(operator.is_, map(operator.attrgetter("dtype"), tensors), repeat(dtype))
     ):
         return layer_sq_norms(tensors)
-    check_not_flat(tensors)
+    if _maybe_flat(tensors):
+        check_not_flat(tensors)  # raises, naming the layout
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.stack(torch._foreach_norm(tensors)).to(wide).pow(2)
 
@@ -468,7 +481,7 @@ def scale_views(optimizer, name: str, values: Tensor) -> list[Tensor]:
 
 def scalar_dtype(params: Sequence[Tensor]) -> torch.dtype:
     """dtype of the per-layer vectors: float64 for a float64 model (exact comparisons), else float32."""
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return torch.float64 if torch.float64 in set(map(operator.attrgetter("dtype"), params)) else torch.float32
 
 
 def zeros_state(p: Tensor, keys: Sequence[str]) -> dict[str, Tensor]:
