@@ -229,43 +229,6 @@ def momentum_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
-    rates: Tensor,
-    *,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    lr,
-    maximize: bool,
-    foreach: bool,
-    workspace: list[Tensor] | None = None,
-) -> list[Tensor | None]:
-    """PyTorch-SGD update with a per-parameter rate vector ``rates`` (shape [P]):
-
-        d = g + wd * w   (coupled decay; the gradient statistics never see this term)
-        v = m * v + (1 - dampening) * d      (v = d on the first step, as torch.optim.SGD)
-        w = w - rate_k * (d + m * v if nesterov else v)
-        decoupled decay instead: w = w * (1 - lr * wd), at the scheduled group rate.
-
-    The rate sits outside the momentum buffer (the PyTorch convention the LENA
-    and AdaScale codes build on). ``p.grad`` is never modified. ``workspace``
-    (optional, parameter-shaped scratch) receives d. Returns the momentum
-    buffers (new ones where None was passed).
-    """
-    if not params:
-        return momentum_buffers
-    return _momentum_sgd(
-        params, grads, momentum_buffers, list((-rates).unbind(0)), momentum=momentum, dampening=dampening,
-        nesterov=nesterov, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, lr=lr,
-        maximize=maximize, foreach=foreach, workspace=workspace,
-    )
-
-
-def _momentum_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
     neg_rates: list[Tensor],
     *,
     momentum: float,
@@ -278,11 +241,19 @@ def _momentum_sgd(
     foreach: bool,
     workspace: list[Tensor] | None = None,
 ) -> list[Tensor | None]:
-    """``momentum_sgd_`` with the negated rates as 0-d tensors, one per parameter.
+    """PyTorch-SGD update with per-parameter rates, given negated as 0-d tensors ``neg_rates``:
 
-    In place throughout: d is formed once (into ``workspace`` for lists of
-    large tensors), the buffers take ``mul_`` and ``add_``, the weights one
-    ``addcmul_`` with the per-parameter 0-d rates (no host sync).
+        d = g + wd * w   (coupled decay; the gradient statistics never see this term)
+        v = m * v + (1 - dampening) * d      (v = d on the first step, as torch.optim.SGD)
+        w = w + neg_rate_k * (d + m * v if nesterov else v)
+        decoupled decay instead: w = w * (1 - lr * wd), at the scheduled group rate.
+
+    The rate sits outside the momentum buffer (the PyTorch convention the LENA
+    and AdaScale codes build on). ``p.grad`` is never modified. ``workspace``
+    (optional, parameter-shaped scratch) receives d. In place throughout:
+    d is formed once, the buffers take ``mul_`` and ``add_``, the weights one
+    ``addcmul_`` with the 0-d rates (no host sync). Returns the momentum
+    buffers (new ones where None was passed).
     """
     originals = params
     params = local_list(params)
@@ -426,7 +397,7 @@ def momentum_sgd_by_group(optimizer, params: list[Tensor], stepped: list[list[in
     workspace = _workspace(optimizer)
     apply_by_group(
         optimizer, params, stepped, rates,
-        lambda ps, grads, buffers, r, group: _momentum_sgd(
+        lambda ps, grads, buffers, r, group: momentum_sgd_(
             ps, grads, buffers, next(slices),
             workspace=local_workspace(workspace, ps) if group["foreach"] is not False and _decays(group) else None,
             **sgd_options(group),
