@@ -60,7 +60,7 @@ PRESETS: dict[str, dict] = {
         "batches": [128, 1024, 2048, 4096, 8192, 16384],
         "methods": ["sgd", "lsw", "sqrt", "adascale", "lars", "lamb", "clars", "lena"],
         "seeds": [0, 1, 2],
-        "models": [{"name": "mlp", "epochs": 6}, {"name": "lenet5-bn", "epochs": 3}],
+        "models": [{"name": "mlp", "epochs": 5}, {"name": "lenet5-bn", "epochs": 2}],
         # Half-decade steps over four decades: wide enough for every family's optimum at b = 128
         # (momentum SGD ~0.1, LAMB ~0.003, LARS/CLARS with trust coefficient 1e-3 ~1-10).
         "tune_grid": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
