@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._sharded import DTensor, check_not_flat, layer_sq_norms, local
+from ._stacked import StackedLayout, StackedSteps
 from ._trust import Workspace, check_bool, check_lr, check_range, into
 
 METHOD_KEY = "method"
@@ -368,40 +369,83 @@ def stepped_parameters(param_groups: Sequence[dict], method: str) -> tuple[list[
     return params, groups_of, stepped
 
 
-def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], rates: Tensor, update) -> None:
-    """Run ``update(ps, grads, momentum_buffers, rates, group) -> momentum_buffers`` on each
-    group's slice of the stepped parameters and keep the buffers in the optimiser state."""
+def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], update, *vectors: Tensor,
+                   decays=None) -> None:
+    """Run ``update(ps, grads, momentum_buffers, group, *scales, workspace=...) -> momentum_buffers``
+    on each group's slice of the stepped parameters and keep the buffers in the optimiser state.
+
+    ``vectors`` are per-parameter [P] vectors (rates); ``update`` gets each as a list of
+    per-tensor scales that broadcast against its tensors. ``decays(group)`` says whether the
+    update forms d = g + wd * w, which then goes into parameter-shaped scratch. Lists of many
+    small tensors are stepped as per-shape stacks (:mod:`._stacked`): ``update`` then gets the
+    stacks and ``[k, 1, ...]`` scales; otherwise the tensors and 0-d views of ``vectors``
+    (refreshed with one copy per step, see :func:`scale_views`).
+    """
+    views = [scale_views(optimizer, f"apply{i}", v) for i, v in enumerate(vectors)]
+    workspace = _workspace(optimizer)
     start = 0
     for group, indices in zip(optimizer.param_groups, stepped):
         count = len(indices)
         if count == 0:
             continue
-        ps = params[start : start + count]
-        state = optimizer.state
-        buffers = [state[p].get("momentum_buffer") for p in ps]
-        buffers = update(ps, [p.grad for p in ps], buffers, rates[start : start + count], group)
-        if group["momentum"] != 0:
-            for p, b in zip(ps, buffers):
-                state[p]["momentum_buffer"] = b
-        start += count
+        end = start + count
+        ps = params[start:end]
+        foreach = group["foreach"] is not False
+        scratch = foreach and (decays is None or decays(group))
+        layout = _stacked_steps(optimizer).layout(ps) if foreach else None
+        if layout is None or not _apply_stacked(
+            optimizer, ps, layout, group, update, [v[start:end] for v in vectors], scratch
+        ):
+            state = optimizer.state
+            buffers = [state[p].get("momentum_buffer") for p in ps]
+            buffers = update(
+                ps, [p.grad for p in ps], buffers, group, *[v[start:end] for v in views],
+                workspace=local_workspace(workspace, ps) if scratch else None,
+            )
+            if group["momentum"] != 0:
+                for p, b in zip(ps, buffers):
+                    state[p]["momentum_buffer"] = b
+        start = end
+
+
+def _apply_stacked(optimizer, ps: list[Tensor], layout: StackedLayout, group: dict, update,
+                   vectors: list[Tensor], scratch: bool) -> bool:
+    """``apply_by_group``'s step for one group on per-shape stacks; False where it cannot
+    (some momentum buffers new and some not: the per-tensor lists handle that step)."""
+    steps = _stacked_steps(optimizer)
+    momentum = group["momentum"] != 0
+    buffers = steps.state(optimizer.state, ps, layout, "momentum_buffer") if momentum else None
+    if buffers is False:
+        return False
+    weights, weight_rows = steps.scratch(ps, layout, "weights")
+    layout.stack(ps, weights)
+    grads = layout.stack([p.grad for p in ps], steps.scratch(ps, layout, "grads")[0])
+    stacks = buffers if isinstance(buffers, list) else [None] * len(weights)
+    scales = [layout.per_layer(layout.to_stack_order(v)) for v in vectors]
+    stacks = update(weights, grads, stacks, group, *scales,
+                    workspace=steps.scratch(ps, layout, "updates")[0] if scratch else None)
+    torch._foreach_copy_(ps, weight_rows)
+    if buffers is None and momentum:
+        steps.adopt(optimizer.state, ps, layout, "momentum_buffer", stacks)
+    return True
+
+
+def _stacked_steps(optimizer) -> StackedSteps:
+    steps = optimizer.__dict__.get("_stacked")
+    if steps is None:
+        steps = optimizer.__dict__["_stacked"] = StackedSteps()
+    return steps
 
 
 def momentum_sgd_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], rates: Tensor) -> None:
-    """``momentum_sgd_`` with each group's options and the per-parameter ``rates`` (LENA, AdaScale).
-
-    The negated rates go to the update as 0-d views of a vector kept across
-    steps (``scale_views``), d into a workspace kept on the optimiser (lists of
-    large tensors)."""
-    neg_rates = scale_views(optimizer, "neg_rates", -rates)
-    slices = iter(_slices(neg_rates, stepped))
-    workspace = _workspace(optimizer)
+    """``momentum_sgd_`` with each group's options and the per-parameter ``rates`` (LENA, AdaScale),
+    given to the update negated; d goes into scratch kept on the optimiser."""
     apply_by_group(
-        optimizer, params, stepped, rates,
-        lambda ps, grads, buffers, r, group: momentum_sgd_(
-            ps, grads, buffers, next(slices),
-            workspace=local_workspace(workspace, ps) if group["foreach"] is not False and _decays(group) else None,
-            **sgd_options(group),
+        optimizer, params, stepped,
+        lambda ps, grads, buffers, group, neg_rates, workspace: momentum_sgd_(
+            ps, grads, buffers, neg_rates, workspace=workspace, **sgd_options(group),
         ),
+        -rates, decays=_decays,
     )
 
 
@@ -414,15 +458,6 @@ def local_workspace(workspace: Workspace, params: list[Tensor]) -> list[Tensor] 
 def _decays(group: dict) -> bool:
     """Whether the update forms d = g + wd * w (coupled weight decay) for this group."""
     return group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False)
-
-
-def _slices(views: list[Tensor], stepped: list[list[int]]) -> list[list[Tensor]]:
-    out, start = [], 0
-    for indices in stepped:
-        if indices:
-            out.append(views[start : start + len(indices)])
-            start += len(indices)
-    return out
 
 
 def _workspace(optimizer) -> Workspace:

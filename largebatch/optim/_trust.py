@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from ._sharded import is_sharded, layer_sq_norms, local
+from ._stacked import StackedSteps
 
 __all__ = [
     "ShardedNorms",
@@ -383,7 +384,8 @@ class TrustRatioOptimizer(Optimizer):
       the stacked tensors the step computed anyway, so keeping them costs
       nothing. They are attributes, not state: never in ``state_dict()``.
     * :meth:`effective_lrs` (rate times ratio) and :meth:`trust_ratios_by_name`;
-    * a :class:`Workspace` (scratch reused across steps, not state).
+    * a :class:`Workspace` (scratch reused across steps, not state), and the
+      :class:`~._stacked.StackedSteps` of lists of many small tensors.
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
@@ -391,12 +393,14 @@ class TrustRatioOptimizer(Optimizer):
         self.last_trust_ratios: list[Tensor | None] = [None] * len(self.param_groups)
         self._last_stepped: list[list[int]] = [[] for _ in self.param_groups]
         self._workspace = Workspace()
+        self._stacked = StackedSteps()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.last_trust_ratios = [None] * len(self.param_groups)
         self._last_stepped = [[] for _ in self.param_groups]
         self._workspace = Workspace()
+        self._stacked = StackedSteps()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

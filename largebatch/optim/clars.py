@@ -60,7 +60,6 @@ from torch import Tensor
 
 from ._methods import (
     StatisticsConsumer,
-    _slices,
     _update_buffers,
     apply_by_group,
     check_sgd_group,
@@ -69,9 +68,7 @@ from ._methods import (
     grad_scale,
     group_vector,
     local_list,
-    local_workspace,
     loss_scale_sq,
-    scale_views,
     sq_norms,
     scalar_dtype,
     stepped_parameters,
@@ -350,23 +347,15 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
             eps=group_vector(groups_of, "eps", device, dtype), adapt=group_vector(groups_of, "adapt", device, torch.bool),
         )
         rates = ratio * group_vector(groups_of, "lr", device, dtype)
-        # per-tensor scales as 0-d views of vectors kept across steps (no unbind per step)
-        slices = iter(_slices(scale_views(self, "rates", rates), stepped))
-        neg_slices = None
-        if any(g["momentum"] == 0 or g["nesterov"] for g in self.param_groups):
-            neg_slices = iter(_slices(scale_views(self, "neg_rates", -rates), stepped))
         apply_by_group(
-            self, params, stepped, rates,
-            lambda ps, grads, buffers, _, group: _clars(
-                ps, grads, buffers, next(slices), None if neg_slices is None else next(neg_slices),
+            self, params, stepped,
+            lambda ps, grads, buffers, group, scales, neg_scales, workspace: _clars(
+                ps, grads, buffers, scales, neg_scales,
                 momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                foreach=group["foreach"] is not False,
-                workspace=(
-                    local_workspace(self._workspace, ps)
-                    if group["foreach"] is not False and group["weight_decay"] != 0 else None
-                ),
+                foreach=group["foreach"] is not False, workspace=workspace,
             ),
+            rates, -rates, decays=lambda group: group["weight_decay"] != 0,
         )
         start = 0
         for index, indices in enumerate(stepped):

@@ -22,12 +22,14 @@ all-reduce per step (:func:`_sharded_lamb`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._sharded import check_not_flat, local
+from ._stacked import LayersFn, StackedLayout, unbind_layers
 from ._trust import (
     NormsFn,
     ShardedNorms,
@@ -93,7 +95,9 @@ class LAMB(TrustRatioOptimizer):
             before the moments (L2 regularisation, as in Adam).
         adapt: use the trust ratio in this group (default: True).
         maximize: ascend instead of descend (default: False).
-        foreach: multi-tensor path (``None``, the default, means True).
+        foreach: multi-tensor path (``None``, the default, means True); on it
+            a list of many small tensors of few shapes is stepped as one stack
+            per shape (:mod:`largebatch.optim._stacked`), with the same results.
         fused: run the multi-tensor core compiled with ``torch.compile``
             (cached per configuration; eager with a warning where it cannot
             compile) (default: False).
@@ -143,6 +147,11 @@ class LAMB(TrustRatioOptimizer):
     def _step_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> Tensor | None:
+        layout = self._stacked.layout(params) if group["foreach"] is not False and not group["fused"] else None
+        if layout is not None:
+            stepped, ratios = self._step_stacked(group, params, grads, layout)
+            if stepped:
+                return ratios
         exp_avgs: list[Tensor] = []
         exp_avg_sqs: list[Tensor] = []
         steps: list[Tensor] = []
@@ -164,9 +173,43 @@ class LAMB(TrustRatioOptimizer):
             **{k: group[k] for k in _HYPERPARAMETERS},
             foreach=group["foreach"],
             fused=group["fused"],
-            workspace=None if group["fused"] else self._workspace.like(params),
+            workspace=self._workspace.like(params),
         )
 
+    def _step_stacked(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], layout: StackedLayout
+    ) -> tuple[bool, Tensor | None]:
+        """The multi-tensor core on per-shape stacks (:mod:`._stacked`): many small tensors."""
+        hyper = {k: group[k] for k in _HYPERPARAMETERS}
+        validate_lamb_hyperparameters(**hyper)
+        steps = self._stacked
+        state = {name: steps.state(self.state, params, layout, name) for name in _STATE}
+        if any(s is False for s in state.values()):  # partly new state: the per-tensor lists handle it
+            return False, None
+        if any(s is None for s in state.values()):
+            if not all(s is None for s in state.values()):
+                return False, None
+            zeros = layout.empty_stacks(params[0])
+            state = {"exp_avg": [z.zero_() for z in zeros],
+                     "exp_avg_sq": [torch.zeros_like(z) for z in zeros],
+                     "step": [torch.zeros(k, dtype=torch.float32) for k in layout.sizes]}
+            for name, stacks in state.items():
+                steps.adopt(self.state, params, layout, name, stacks)
+        weights, weight_rows = steps.scratch(params, layout, "weights")
+        layout.stack(params, weights)
+        grad_stacks = layout.stack(grads, steps.scratch(params, layout, "grads")[0])
+        lr = hyper.pop("lr")
+        ratios = _lamb_device_step(
+            weights, grad_stacks, state["exp_avg"], state["exp_avg_sq"], state["step"], lr,
+            workspace=steps.scratch(params, layout, "updates")[0],
+            norms=layout.norms, per_layer=layout.per_layer, layer_vector=torch.cat,
+            **_core_options(**hyper),
+        )
+        torch._foreach_copy_(params, weight_rows)
+        return True, layout.to_param_order(ratios)
+
+
+_STATE = ("exp_avg", "exp_avg_sq", "step")
 
 _HYPERPARAMETERS = (
     "lr",
@@ -253,11 +296,9 @@ def lamb(
     )
     if not params:
         return None
-    options = dict(
-        beta1=float(betas[0]), beta2=float(betas[1]), eps=eps, weight_decay=weight_decay,
-        bias_correction=bias_correction,
-        phi_clamp=None if phi_clamp is None else (float(phi_clamp[0]), float(phi_clamp[1])),
-        decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
+    options = _core_options(
+        betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+        phi_clamp=phi_clamp, decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
     )
     state = (params, grads, exp_avgs, exp_avg_sqs, steps)
     if any_sharded(params):
@@ -265,10 +306,23 @@ def lamb(
     if foreach is None:
         foreach = not torch.jit.is_scripting()
     if fused:
-        return _multi_tensor_lamb(*state, lr=lr, compile=True, **options)
+        return _multi_tensor_lamb(*state, lr=lr, compile=True, workspace=workspace, **options)
     if foreach:
         return _multi_tensor_lamb(*state, lr=lr, workspace=workspace, **options)
     return _single_tensor_lamb(*state, lr=lr, **options)
+
+
+def _core_options(
+    *, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
+    phi_clamp: tuple[float, float] | None, decoupled_weight_decay: bool, adapt: bool, maximize: bool,
+) -> dict[str, Any]:
+    """The hyperparameters as the device step takes them (static Python values)."""
+    return dict(
+        beta1=float(betas[0]), beta2=float(betas[1]), eps=eps, weight_decay=weight_decay,
+        bias_correction=bias_correction,
+        phi_clamp=None if phi_clamp is None else (float(phi_clamp[0]), float(phi_clamp[1])),
+        decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
+    )
 
 
 def _phi(weight_norm: Tensor, phi_clamp: tuple[float, float] | None) -> Tensor:
@@ -351,7 +405,7 @@ def _multi_tensor_lamb(
             # so a schedule never triggers recompilation.
             step_fn = compiled(_lamb_device_step, tuple(sorted(options.items())))
             rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
-            ratios = step_fn(*lists, rate.to(lists[0][0].device), **options)
+            ratios = step_fn(*lists, rate.to(lists[0][0].device), workspace=device_scratch, **options)
         else:
             ratios = _lamb_device_step(*lists, lr, workspace=device_scratch, **options)
         if ratios is not None:
@@ -401,12 +455,16 @@ def _lamb_device_step(
     maximize: bool,
     workspace: list[Tensor] | None = None,
     norms: NormsFn = plain_norms,
+    per_layer: LayersFn = unbind_layers,
+    layer_vector: Callable[[list[Tensor]], Tensor] = torch.stack,
 ) -> Tensor | None:
     """One LAMB step for tensors on one device with one dtype.
 
     The update is built in one list: the denominators first, then, in place,
     the Adam ratio (in ``workspace`` when given, so nothing parameter-sized is
-    allocated). ``norms`` gives the per-layer norms of several lists at once."""
+    allocated). ``norms`` gives the per-layer norms of several lists at once;
+    ``per_layer`` splits a per-layer vector to match the list entries and
+    ``layer_vector`` joins the step counters into one (:mod:`._stacked`)."""
     device = params[0].device
     if maximize:
         grads = torch._foreach_neg(grads)
@@ -428,10 +486,10 @@ def _lamb_device_step(
     # instead of two extra passes over v.
     denominators = into(workspace, torch.sqrt, exp_avg_sqs)
     if bias_correction:
-        step = torch.stack(steps).to(device=device, dtype=params[0].dtype, non_blocking=True)
+        step = layer_vector(steps).to(device=device, dtype=params[0].dtype, non_blocking=True)
         sqrt_b2 = (1 - beta2**step).sqrt()
         c = sqrt_b2 / (1 - beta1**step)
-        torch._foreach_add_(denominators, list((eps * sqrt_b2).unbind()))
+        torch._foreach_add_(denominators, per_layer(eps * sqrt_b2))
     else:
         c = None
         torch._foreach_add_(denominators, eps)
@@ -443,7 +501,7 @@ def _lamb_device_step(
         if c is None:
             torch._foreach_add_(updates, params, alpha=weight_decay)
         else:
-            torch._foreach_addcmul_(updates, params, list((weight_decay / c).unbind()))
+            torch._foreach_addcmul_(updates, params, per_layer(weight_decay / c))
 
     if adapt:
         # ||u|| = c * ||updates||, as one vectorised op on the stacked norms.
@@ -452,11 +510,11 @@ def _lamb_device_step(
             update_norms = update_norms * c
         ratios = trust_ratios(_phi(weight_norms, phi_clamp), update_norms)
         scale = ratios * lr if c is None else ratios * c * lr
-        add_scaled_(params, updates, list((-scale).unbind()))
+        add_scaled_(params, updates, per_layer(-scale))
         return ratios
 
     if c is None:
         add_scaled_(params, updates, -lr)
     else:
-        add_scaled_(params, updates, list((-(c * lr)).unbind()))
+        add_scaled_(params, updates, per_layer(-(c * lr)))
     return None

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._sharded import check_not_flat, local
+from ._stacked import LayersFn, StackedLayout, unbind_layers
 from ._trust import (
     NormsFn,
     ShardedNorms,
@@ -112,7 +113,9 @@ class LARS(TrustRatioOptimizer):
             :math:`\min(\text{local}\,\eta_t, \eta_t)` form (default: False).
         adapt: use the trust ratio in this group (default: True).
         maximize: ascend instead of descend (default: False).
-        foreach: multi-tensor path (``None``, the default, means True).
+        foreach: multi-tensor path (``None``, the default, means True); on it
+            a list of many small tensors of few shapes is stepped as one stack
+            per shape (:mod:`largebatch.optim._stacked`), with the same results.
         fused: run the multi-tensor core compiled with ``torch.compile``
             (cached per configuration; eager with a warning where it cannot
             compile) (default: False).
@@ -167,6 +170,11 @@ class LARS(TrustRatioOptimizer):
     def _step_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> Tensor | None:
+        layout = self._stacked.layout(params) if group["foreach"] is not False and not group["fused"] else None
+        if layout is not None:
+            stepped, ratios = self._step_stacked(group, params, grads, layout)
+            if stepped:
+                return ratios
         buffers = [self.state[p].get("momentum_buffer") for p in params]
         new_buffers = group["momentum"] != 0 and any(b is None for b in buffers)
         ratios = lars(
@@ -182,6 +190,32 @@ class LARS(TrustRatioOptimizer):
             for p, buffer in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buffer
         return ratios
+
+    def _step_stacked(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], layout: StackedLayout
+    ) -> tuple[bool, Tensor | None]:
+        """The multi-tensor core on per-shape stacks (:mod:`._stacked`): many small tensors."""
+        validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
+        steps = self._stacked
+        buffers: list[Tensor] | None | bool = None
+        if group["momentum"] != 0:
+            buffers = steps.state(self.state, params, layout, "momentum_buffer")
+            if buffers is False:  # some buffers new, some not: the per-tensor lists handle it
+                return False, None
+        weights, weight_rows = steps.scratch(params, layout, "weights")
+        layout.stack(params, weights)
+        grad_stacks = layout.stack(grads, steps.scratch(params, layout, "grads")[0])
+        stacks = buffers if isinstance(buffers, list) else [None] * len(weights)
+        options = {k: group[k] for k in _HYPERPARAMETERS if k != "lr"}
+        ratios = _lars_device_step(
+            weights, grad_stacks, stacks, group["lr"],
+            workspace=steps.scratch(params, layout, "updates")[0],
+            norms=layout.norms, per_layer=layout.per_layer, **options,
+        )
+        torch._foreach_copy_(params, weight_rows)
+        if buffers is None and group["momentum"] != 0:
+            steps.adopt(self.state, params, layout, "momentum_buffer", stacks)
+        return True, layout.to_param_order(ratios)
 
 
 _HYPERPARAMETERS = (
@@ -428,11 +462,14 @@ def _lars_device_step(
     maximize: bool,
     workspace: list[Tensor] | None = None,
     norms: NormsFn = plain_norms,
+    per_layer: LayersFn = unbind_layers,
 ) -> Tensor | None:
     """One LARS step for tensors on one device with one dtype (``buffers`` filled in place).
 
     ``norms`` gives the per-layer norms of several lists at once (plain foreach
-    norms, or whole-layer norms of FSDP2 shards with one all-reduce)."""
+    norms, whole-layer norms of FSDP2 shards with one all-reduce, or row norms
+    of stacks) and ``per_layer`` splits a per-layer vector to match the list
+    entries (:mod:`._stacked`)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     # d = g + wd*w is materialised once (into the workspace when there is one):
@@ -461,39 +498,39 @@ def _lars_device_step(
     outer = 1.0 if lr_in_momentum else lr
 
     if momentum == 0:
-        add_scaled_(params, updates, _per_tensor(-(scale * outer), len(params)))
+        add_scaled_(params, updates, _per_tensor(-(scale * outer), per_layer))
         return ratios
 
     if all(b is not None for b in buffers):
         torch._foreach_mul_(buffers, momentum)
-        add_scaled_(buffers, updates, _per_tensor(scale * (1 - dampening), len(params)))
+        add_scaled_(buffers, updates, _per_tensor(scale * (1 - dampening), per_layer))
     else:
-        _seed_or_accumulate(buffers, updates, scale, momentum, dampening)
+        _seed_or_accumulate(buffers, updates, _per_tensor(scale, per_layer), momentum, dampening)
 
     if nesterov:
-        add_scaled_(params, updates, _per_tensor(-(scale * outer), len(params)))
+        add_scaled_(params, updates, _per_tensor(-(scale * outer), per_layer))
         add_scaled_(params, buffers, -momentum * outer)
     else:
         add_scaled_(params, buffers, -outer)
     return ratios
 
 
-def _per_tensor(scale: float | Tensor, n: int) -> float | Tensor | list[Tensor]:
-    """A vector of per-tensor scales becomes a list of 0-d tensors; scalars stay."""
+def _per_tensor(scale: float | Tensor, per_layer: LayersFn) -> float | Tensor | list[Tensor]:
+    """A vector of per-layer scales becomes one broadcastable tensor per list entry
+    (``per_layer``: 0-d tensors, or ``[k, 1, ...]`` views for stacks); scalars stay."""
     if isinstance(scale, Tensor) and scale.dim() == 1:
-        return list(scale.unbind())
+        return per_layer(scale)
     return scale
 
 
 def _seed_or_accumulate(
     buffers: list[Tensor | None],
     updates: list[Tensor],
-    scale: float | Tensor,
+    scales: float | Tensor | list[Tensor],
     momentum: float,
     dampening: float,
 ) -> None:
     """Steps where some buffers are new: seed those with ``scale * d``, update the rest."""
-    scales = _per_tensor(scale, len(updates))
     for i, update in enumerate(updates):
         s = scales[i] if isinstance(scales, list) else scales
         if buffers[i] is None:
