@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -94,6 +95,38 @@ def test_matches_reference(options, foreach):
     expected = reference_lamb(make_params(), grad_steps, LRS, **options)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+
+
+def _fused_cases():
+    wanted = [
+        dict(bias_correction=True, decoupled_weight_decay=True, weight_decay=0.1, adapt=True, maximize=False),
+        dict(bias_correction=False, decoupled_weight_decay=False, weight_decay=0.1, adapt=True),
+        dict(phi_clamp=(0.5, 2.0), adapt=True),
+        dict(maximize=True, weight_decay=0.1),
+        dict(adapt=False, weight_decay=0.1),
+    ]
+    return [next(o for o in GRID if all(o[k] == v for k, v in w.items())) for w in wanted]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", _fused_cases(), ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_fused_matches_reference(options):
+    """fused=True (the per-tensor update compiled with dynamic shapes) against the reference,
+    with a schedule given as a tensor rate."""
+    grad_steps = make_grads(len(LRS))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params = make_params()
+        opt = LAMB(params, lr=torch.tensor(LRS[0]), fused=True, **options)
+        for grads, lr in zip(grad_steps, LRS):
+            opt.param_groups[0]["lr"].fill_(lr)
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert not [w for w in caught if "could not compile" in str(w.message)]  # else the test is vacuous
+    expected = reference_lamb(make_params(), grad_steps, LRS, **options)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-8)
 
 
 def test_default_options_documented():

@@ -320,8 +320,11 @@ _COMPILED: dict[Hashable, Callable[..., Any]] = {}
 _UNCOMPILABLE: set[Hashable] = set()
 
 
-def compiled(fn: Callable[..., Any], key: Hashable) -> Callable[..., Any]:
+def compiled(fn: Callable[..., Any], key: Hashable, *, dynamic: bool = False) -> Callable[..., Any]:
     """``fn`` compiled with ``torch.compile`` once per ``key``, or ``fn`` itself.
+
+    ``dynamic=True`` compiles for symbolic shapes (one graph for tensors of
+    every size: the per-tensor fused updates); else for the shapes met.
 
     ``key`` holds every static option the compiled graph depends on (the
     variant flags), so changing a flag never reuses a graph compiled for
@@ -330,13 +333,13 @@ def compiled(fn: Callable[..., Any], key: Hashable) -> Callable[..., Any]:
     compilation fails (no compiler, unsupported platform), a warning is issued
     once for the key and the eager function is used from then on.
     """
-    full_key = (fn.__module__, fn.__qualname__, key)
+    full_key = (fn.__module__, fn.__qualname__, key, dynamic)
     if full_key in _UNCOMPILABLE:
         return fn
     compiled_fn = _COMPILED.get(full_key)
     if compiled_fn is None:
         try:
-            compiled_fn = torch.compile(fn, dynamic=False)
+            compiled_fn = torch.compile(fn, dynamic=dynamic)
         except Exception as error:  # noqa: BLE001 - any failure means "run eager"
             _mark_uncompilable(full_key, fn, error)
             return fn

@@ -13,9 +13,10 @@ tensor) :math:`w` with gradient :math:`g`:
     w \leftarrow w - \eta_t \frac{\phi(\lVert w\rVert)}{\lVert u\rVert} u.
 
 The functional core is :func:`lamb` with a per-tensor path
-(:func:`_single_tensor_lamb`) and a multi-tensor path
-(:func:`_multi_tensor_lamb`, the default); :class:`LAMB` gathers the state and
-calls it. FSDP2 (``fully_shard``, DTensor) parameters take the multi-tensor
+(:func:`_single_tensor_lamb`, a loop over :func:`_lamb_tensor_`), a
+multi-tensor path (:func:`_multi_tensor_lamb`, the default) and a fused path
+(:func:`_fused_lamb`: :func:`_lamb_tensor_` compiled once, run per tensor);
+:class:`LAMB` gathers the state and calls it. FSDP2 (``fully_shard``, DTensor) parameters take the multi-tensor
 path on their local shards, with the norms of whole layers from one
 all-reduce per step (:func:`_sharded_lamb`).
 """
@@ -98,9 +99,12 @@ class LAMB(TrustRatioOptimizer):
         foreach: multi-tensor path (``None``, the default, means True); on it
             a list of many small tensors of few shapes is stepped as one stack
             per shape (:mod:`largebatch.optim._stacked`), with the same results.
-        fused: run the multi-tensor core compiled with ``torch.compile``
-            (cached per configuration; eager with a warning where it cannot
-            compile) (default: False).
+        fused: run the per-tensor update compiled with ``torch.compile``
+            (dynamic shapes, so one compilation serves every tensor; cached
+            per configuration; eager with a warning where it cannot compile).
+            Each tensor then costs two kernels, the moments with both norms
+            and the weight update: it pays on lists of large tensors; on many
+            small ones the default path is faster (default: False).
 
     After each step ``last_trust_ratios`` holds, per group, the 1-D tensor of
     :math:`\rho` for the parameters that had gradients; it is never part of
@@ -173,7 +177,7 @@ class LAMB(TrustRatioOptimizer):
             **{k: group[k] for k in _HYPERPARAMETERS},
             foreach=group["foreach"],
             fused=group["fused"],
-            workspace=self._workspace.like(params),
+            workspace=None if group["fused"] else self._workspace.like(params),
         )
 
     def _step_stacked(
@@ -306,7 +310,7 @@ def lamb(
     if foreach is None:
         foreach = not torch.jit.is_scripting()
     if fused:
-        return _multi_tensor_lamb(*state, lr=lr, compile=True, workspace=workspace, **options)
+        return _fused_lamb(*state, lr=lr, **options)
     if foreach:
         return _multi_tensor_lamb(*state, lr=lr, workspace=workspace, **options)
     return _single_tensor_lamb(*state, lr=lr, **options)
@@ -337,6 +341,86 @@ def _single_tensor_lamb(
     steps: list[Tensor],
     *,
     lr: float | Tensor,
+    **options: Any,
+) -> Tensor | None:
+    """Per-tensor loop: the path for foreach=False."""
+    corrections = _advance_steps(steps, params, options["beta1"], options["beta2"], options["bias_correction"])
+    ratios = [
+        _lamb_tensor_(*state, lr, **options)
+        for state in zip(params, grads, exp_avgs, exp_avg_sqs, corrections)
+    ]
+    return torch.stack(ratios) if options["adapt"] else None
+
+
+def _advance_steps(
+    steps: list[Tensor], params: list[Tensor], beta1: float, beta2: float, bias_correction: bool
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Add 1 to each step counter; per tensor, the bias corrections ``(1 - beta1^t, 1 - beta2^t)``
+    as 0-d tensors in the parameter's precision (tensor arithmetic: no host read), or None.
+
+    Computed outside :func:`_lamb_tensor_` so that its compiled form reads them
+    as scalars: computed inside, Inductor evaluated the powers once per element
+    (1.9x slower on a ResNet-50 list)."""
+    for step in steps:
+        step += 1
+    if not bias_correction:
+        return [None] * len(steps)
+    out = []
+    for step, param in zip(steps, params):
+        t = step.to(device=param.device, dtype=param.dtype, non_blocking=True)
+        out.append((1 - beta1**t, 1 - beta2**t))
+    return out
+
+
+def _fused_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    **options: Any,
+) -> Tensor | None:
+    """fused=True: :func:`_lamb_tensor_` compiled once per configuration with
+    dynamic shapes, called per tensor on flat views.
+
+    Inductor makes the per-tensor update two kernels, one for the moments and
+    both norms, one for the weight update: about 10 passes over memory against
+    about 20 for AdamW's foreach step. A whole-list compilation of the
+    multi-tensor core measured 0.86x AdamW on a ResNet-50 list, after a 67 s
+    cold compile; this form 0.6x, after about 12 s (one thread)."""
+    step_fn = compiled(_lamb_tensor_, tuple(sorted(options.items())), dynamic=True)
+    # The rate as a tensor: a schedule never triggers recompilation.
+    rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
+    results = []
+    for (ps, gs, ms, vs, ss), indices in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps]):
+        device_rate = rate.to(ps[0].device)
+        corrections = _advance_steps(ss, ps, options["beta1"], options["beta2"], options["bias_correction"])
+        ratios = [
+            step_fn(*_flat_views(p, g, m, v), c, device_rate, **options)
+            for p, g, m, v, c in zip(ps, gs, ms, vs, corrections)
+        ]
+        if options["adapt"]:
+            results.append((torch.stack(ratios), indices))
+    return scatter_by_indices(results, len(params))
+
+
+def _flat_views(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """1-D views when every tensor is contiguous (one compiled graph for all shapes), else as given."""
+    if all(t.is_contiguous() for t in tensors):
+        return tuple(t.detach().view(-1) for t in tensors)
+    return tuple(t.detach() for t in tensors)
+
+
+def _lamb_tensor_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    bias_corrections: tuple[Tensor, Tensor] | None,
+    lr: float | Tensor,
+    *,
     beta1: float,
     beta2: float,
     eps: float,
@@ -347,37 +431,29 @@ def _single_tensor_lamb(
     adapt: bool,
     maximize: bool,
 ) -> Tensor | None:
-    """Per-tensor loop: the readable form of the update, and the path for foreach=False."""
-    ratios = []
-    for i, param in enumerate(params):
-        grad = -grads[i] if maximize else grads[i]
-        if weight_decay != 0 and not decoupled_weight_decay:
-            grad = grad.add(param, alpha=weight_decay)
-        exp_avg, exp_avg_sq, step = exp_avgs[i], exp_avg_sqs[i], steps[i]
+    """One tensor's LAMB step, in place (Algorithm 2, the readable form); returns its trust ratio.
 
-        step += 1
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if bias_correction:
-            # Tensor arithmetic on the step (no host read), in the parameter's precision.
-            t = step.to(device=param.device, dtype=param.dtype, non_blocking=True)
-            m_hat = exp_avg / (1 - beta1**t)
-            v_hat = exp_avg_sq / (1 - beta2**t)
-        else:
-            m_hat, v_hat = exp_avg, exp_avg_sq
-        update = m_hat / (v_hat.sqrt() + eps)
-        if weight_decay != 0 and decoupled_weight_decay:
-            update.add_(param, alpha=weight_decay)
-
-        if adapt:
-            ratio = trust_ratios(
-                _phi(torch.linalg.vector_norm(param), phi_clamp), torch.linalg.vector_norm(update)
-            )
-            ratios.append(ratio)
-            param.sub_(update * (ratio * lr))
-        else:
-            param.sub_(update * lr)
-    return torch.stack(ratios) if adapt else None
+    ``bias_corrections`` are ``(1 - beta1^t, 1 - beta2^t)`` for this step (:func:`_advance_steps`)."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0 and not decoupled_weight_decay:
+        grad = grad.add(param, alpha=weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if bias_correction:
+        m_hat = exp_avg / bias_corrections[0]
+        v_hat = exp_avg_sq / bias_corrections[1]
+    else:
+        m_hat, v_hat = exp_avg, exp_avg_sq
+    update = m_hat / (v_hat.sqrt() + eps)
+    if weight_decay != 0 and decoupled_weight_decay:
+        update.add_(param, alpha=weight_decay)
+    if not adapt:
+        param.sub_(update * lr)
+        return None
+    ratio = trust_ratios(_phi(torch.linalg.vector_norm(param), phi_clamp), torch.linalg.vector_norm(update))
+    param.sub_(update * (ratio * lr))
+    return ratio
 
 
 def _multi_tensor_lamb(
@@ -388,7 +464,6 @@ def _multi_tensor_lamb(
     steps: list[Tensor],
     *,
     lr: float | Tensor,
-    compile: bool = False,
     workspace: list[Tensor] | None = None,
     **options: Any,
 ) -> Tensor | None:
@@ -400,14 +475,7 @@ def _multi_tensor_lamb(
         [params, grads, exp_avgs, exp_avg_sqs, steps, *scratch]
     ):
         lists, device_scratch = grouped[:5], (grouped[5] if scratch else None)
-        if compile:
-            # Static options form the cache key; the rate goes in as a tensor
-            # so a schedule never triggers recompilation.
-            step_fn = compiled(_lamb_device_step, tuple(sorted(options.items())))
-            rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
-            ratios = step_fn(*lists, rate.to(lists[0][0].device), workspace=device_scratch, **options)
-        else:
-            ratios = _lamb_device_step(*lists, lr, workspace=device_scratch, **options)
+        ratios = _lamb_device_step(*lists, lr, workspace=device_scratch, **options)
         if ratios is not None:
             results.append((ratios, indices))
     return scatter_by_indices(results, len(params))
@@ -471,7 +539,7 @@ def _lamb_device_step(
     if weight_decay != 0 and not decoupled_weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
 
-    if steps[0].is_cpu and not torch.compiler.is_compiling():
+    if steps[0].is_cpu:
         # A wrapped CPU tensor avoids re-wrapping 1 per step tensor (as torch.optim.Adam).
         torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
     else:
