@@ -241,3 +241,18 @@ def test_time_per_update_claim_is_judged_only_on_undisturbed_times():
     lines = busy.throughput_section("mlp")
     assert any("busy with other work" in line and "1.30" in line for line in lines)
     assert busy.verdicts[0].endswith("not judged: the run times were disturbed.")
+
+
+def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
+    from largebatch.train.study import StudySpec
+
+    spec = dict(StudySpec.load(preset="paper-small").to_dict(), models=[{"name": "mlp", "epochs": 1}])
+    tuning = {"mlp": {"sgd": {"lr": 1.0, "grid": {"0.1": 0.8, "1": 0.9, "10": 0.1}},
+                      "lars": {"lr": 10.0, "grid": {"0.1": 0.5, "1": 0.7, "10": 0.9}}}}
+    from largebatch.report.study import Study
+
+    study = Study({"spec": spec, "tuning": tuning, "runs": []}, Path("."), Path("."))
+    lines = study.protocol()
+    flagged = [line for line in lines if "Caveat" in line]
+    assert len(flagged) == 1 and "lars family" in flagged[0] and "largest" in flagged[0]
+    assert study.verdicts == [flagged[0].replace("  **Caveat:** ", "Protocol caveat: ")]

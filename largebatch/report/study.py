@@ -58,6 +58,14 @@ def _mean_sd(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))}"
 
 
+def _grid_edge(entry: dict) -> str | None:
+    """"largest"/"smallest" when the chosen rate is an end of its tuning grid, else None."""
+    rates = sorted(float(lr) for lr in entry.get("grid", {}))
+    if len(rates) < 2:
+        return None
+    return "largest" if entry["lr"] == rates[-1] else "smallest" if entry["lr"] == rates[0] else None
+
+
 def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -147,6 +155,12 @@ class Study:
             for family, entry in sorted(self.tuning.get(model, {}).items()):
                 grid = ", ".join(f"{lr}: {100 * acc:.2f}%" for lr, acc in entry["grid"].items())
                 lines.append(f"- {model}, {family} family: base rate {entry['lr']:g} (validation accuracy {grid}).")
+                edge = _grid_edge(entry)
+                if edge:
+                    note = (f"{model}, {family} family: the best base rate is the {edge} of the tuning grid, so the "
+                            f"optimum may lie beyond it and the family's methods may be under-tuned here")
+                    lines.append(f"  **Caveat:** {note}.")
+                    self.verdicts.append(f"Protocol caveat: {note}.")
         return lines + [""]
 
     # -- Table 1 ------------------------------------------------------------------------------
