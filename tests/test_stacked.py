@@ -204,3 +204,25 @@ def test_layout_only_for_many_small_tensors_of_few_shapes():
     set_grads(params, 0)
     opt.step()
     assert not opt._stacked._layouts
+
+
+def test_clars_with_a_stacked_group_and_a_plain_one():
+    """Norms from the stacks for one group, from the tensors for the other (and the stacks the
+    norms filled are the ones stepped): equal to the per-tensor path."""
+    results = []
+    for foreach in (None, False):
+        params = make_params()
+        extra = [torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(k)))
+                 for k in range(3)]
+        every = params + extra
+        groups = [{"params": params}, {"params": extra, "lr": 0.2, "weight_decay": 0.0}]
+        opt = CLARS(groups, lr=0.5, momentum=0.9, weight_decay=1e-2, foreach=foreach,
+                    stats=FakeStats(every, n=4, seed=0))
+        for t in range(STEPS):
+            set_grads(params, t)
+            for k, p in enumerate(extra):
+                p.grad = torch.full_like(p, 0.1 * (t + k + 1))
+            opt.step()
+        assert bool(opt._stacked._layouts) == (foreach is None)
+        results.append(every)
+    assert_same(*results)

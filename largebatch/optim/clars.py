@@ -69,8 +69,8 @@ from ._methods import (
     group_vector,
     local_list,
     loss_scale_sq,
-    sq_norms,
     scalar_dtype,
+    stepped_sq_norms,
     stepped_parameters,
 )
 from ._trust import TrustRatioOptimizer, check_bool, check_choice, check_range
@@ -337,8 +337,10 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         if not params:
             return loss
         device, dtype = params[0].device, scalar_dtype(params)
-        # weights and gradients in one call: one all-reduce for sharded (FSDP2) parameters
-        norms = sq_norms(params + [p.grad for p in params]).to(dtype)
+        # weights and gradients in one call (one all-reduce for FSDP2), or from the stacks of
+        # many small tensors, which the update then steps
+        norms, stacked = stepped_sq_norms(self, params, stepped)
+        norms = norms.to(dtype)
         weight_norms = norms[: len(params)].sqrt()
         measure, fallback = self._gradient_measure(summary, params, groups_of, norms[len(params) :])
         ratio = clars_trust_ratios(
@@ -355,7 +357,7 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
                 nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                 foreach=group["foreach"] is not False, workspace=workspace,
             ),
-            rates, -rates, decays=lambda group: group["weight_decay"] != 0,
+            rates, -rates, decays=lambda group: group["weight_decay"] != 0, stacked=stacked,
         )
         start = 0
         for index, indices in enumerate(stepped):
