@@ -369,17 +369,19 @@ def stepped_parameters(param_groups: Sequence[dict], method: str) -> tuple[list[
     return params, groups_of, stepped
 
 
-def stepped_sq_norms(optimizer, params: list[Tensor], stepped: list[list[int]]) -> tuple[Tensor, set[int]]:
+def stepped_sq_norms(
+    optimizer, params: list[Tensor], stepped: list[list[int]]
+) -> tuple[Tensor, dict[int, StackedLayout]]:
     """Squared norms of the stepped parameters' weights, then of their gradients ([2P]), and the
-    indices of the groups whose tensors were stacked for them this step.
+    layouts of the groups whose tensors were stacked for them this step, by group index.
 
     Groups that are stepped as per-shape stacks (:mod:`._stacked`) take the stacks' row norms,
-    and :func:`apply_by_group` given those indices steps the same stacks without copying them
+    and :func:`apply_by_group` given those layouts steps the same stacks without copying them
     in again: on CPU a norm pass over 2,000 small tensors costs 2,000 kernels, over their 49
     stacks 49. The other groups take one ``sq_norms`` call (one all-reduce under FSDP2).
     """
     steps = _stacked_steps(optimizer)
-    stacked: dict[int, tuple[int, int, StackedLayout]] = {}
+    stacked: dict[int, tuple[int, int, StackedLayout]] = {}  # group index -> (start, end, layout)
     rest: list[tuple[int, int]] = []
     start = 0
     for g, (group, indices) in enumerate(zip(optimizer.param_groups, stepped)):
@@ -391,7 +393,7 @@ def stepped_sq_norms(optimizer, params: list[Tensor], stepped: list[list[int]]) 
             rest.append((start, end))
         start = end
     if not stacked:
-        return sq_norms(params + [p.grad for p in params]), set()
+        return sq_norms(params + [p.grad for p in params]), {}
     count = len(params)
     wide = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     out = torch.empty(2 * count, dtype=wide, device=params[0].device)
@@ -411,11 +413,11 @@ def stepped_sq_norms(optimizer, params: list[Tensor], stepped: list[list[int]]) 
         weight_norms, grad_norms = layout.norms([weights, grads])
         out[a:b] = layout.to_param_order(weight_norms).to(wide).square()
         out[count + a : count + b] = layout.to_param_order(grad_norms).to(wide).square()
-    return out, set(stacked)
+    return out, {g: layout for g, (_, _, layout) in stacked.items()}
 
 
 def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], update, *vectors: Tensor,
-                   decays=None, stacked: set[int] = frozenset()) -> None:
+                   decays=None, stacked: dict[int, StackedLayout] | None = None) -> None:
     """Run ``update(ps, grads, momentum_buffers, group, *scales, workspace=...) -> momentum_buffers``
     on each group's slice of the stepped parameters and keep the buffers in the optimiser state.
 
@@ -424,11 +426,12 @@ def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], up
     update forms d = g + wd * w, which then goes into parameter-shaped scratch. Lists of many
     small tensors are stepped as per-shape stacks (:mod:`._stacked`): ``update`` then gets the
     stacks and ``[k, 1, ...]`` scales; otherwise the tensors and 0-d views of ``vectors``
-    (refreshed with one copy per step, see :func:`scale_views`). ``stacked``: the groups whose
-    stacks :func:`stepped_sq_norms` filled in this step (not copied in again).
+    (refreshed with one copy per step, see :func:`scale_views`). ``stacked``: the layouts of the
+    groups whose stacks :func:`stepped_sq_norms` filled in this step (not copied in again).
     """
     views = [scale_views(optimizer, f"apply{i}", v) for i, v in enumerate(vectors)]
     workspace = _workspace(optimizer)
+    stacked = stacked or {}
     start = 0
     for g, (group, indices) in enumerate(zip(optimizer.param_groups, stepped)):
         count = len(indices)
@@ -438,7 +441,7 @@ def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], up
         ps = params[start:end]
         foreach = group["foreach"] is not False
         scratch = foreach and (decays is None or decays(group))
-        layout = _stacked_steps(optimizer).layout(ps) if foreach else None
+        layout = stacked.get(g) or (_stacked_steps(optimizer).layout(ps) if foreach else None)
         if layout is None or not _apply_stacked(
             optimizer, ps, layout, group, update, [v[start:end] for v in vectors], scratch, g in stacked
         ):

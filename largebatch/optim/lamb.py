@@ -389,7 +389,8 @@ def _fused_lamb(
     both norms, one for the weight update: about 10 passes over memory against
     about 20 for AdamW's foreach step. A whole-list compilation of the
     multi-tensor core measured 0.86x AdamW on a ResNet-50 list, after a 67 s
-    cold compile; this form 0.6x, after about 12 s (one thread)."""
+    cold compile; this form 0.64-0.83x (three runs), after 4-6 s
+    (benchmarks/optimizer_step.py, 2 threads)."""
     step_fn = compiled(_lamb_tensor_, tuple(sorted(options.items())), dynamic=True)
     # The rate as a tensor: a schedule never triggers recompilation.
     rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
