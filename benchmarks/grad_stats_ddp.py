@@ -42,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch.stats import GradientStatistics
 
+from _allocator import steady_malloc
+
 RESULTS = Path(__file__).parent / "results" / "grad_stats_ddp.json"
 
 
@@ -126,9 +128,11 @@ def single_process(name: str, steps: int, micro: int = 4) -> dict:
     return out
 
 
-def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str, steady: bool) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
+    if steady:
+        steady_malloc()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     for name in MODELS:
@@ -150,29 +154,32 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def ddp(steps: int, world: int = 2) -> dict:
+def ddp(steps: int, world: int = 2, steady: bool = True) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.json")
-        mp.start_processes(_ddp_worker, args=(world, port, steps, out), nprocs=world, start_method="spawn")
+        mp.start_processes(_ddp_worker, args=(world, port, steps, out, steady), nprocs=world, start_method="spawn")
         return json.loads(Path(out).read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--glibc-default", action="store_true", help="keep glibc's malloc thresholds (see _allocator.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    steady = not args.glibc_default and steady_malloc()
     report = {
         "what": "step time with the statistics engine / without, medians of interleaved pairs",
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads_per_process": args.threads,
+        "malloc": "steady (glibc mmap/trim thresholds raised, _allocator.py)" if steady else "glibc default",
         "single_process_accumulation": {k: v for name in MODELS for k, v in single_process(name, args.steps).items()},
-        "ddp_gloo_2_processes": ddp(args.steps),
+        "ddp_gloo_2_processes": ddp(args.steps, steady=steady),
     }
     for section in ("single_process_accumulation", "ddp_gloo_2_processes"):
         for key, r in report[section].items():

@@ -202,6 +202,60 @@ def test_gradients_changed_after_backward_do_not_skew_statistics():
     np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
 
 
+def _scaled_steps(model, plan, **options):
+    """Steps of (micro-batch count, p.grad rescaled in place before summary()).
+
+    Yields (summary, A_ref, B_ref) per step; the references are computed first,
+    before the statistics are attached (their backwards would count).
+    """
+    steps = []
+    for step, (count, scaled) in enumerate(plan):
+        batches = _micro_batches(count, seed=10 + step)
+        steps.append((batches, scaled, *_reference_AB(_saved_sample_grads(model, batches))))
+    stats = GradientStatistics(model, **options)
+    for batches, scaled, A_ref, B_ref in steps:
+        _accumulate(model, batches)
+        if scaled:
+            torch._foreach_mul_([p.grad for p in model.parameters()], 1 / 1024)
+        yield stats.summary, A_ref, B_ref
+        model.zero_grad(set_to_none=True)
+        stats.reset()
+
+
+@pytest.mark.parametrize("applied_norm", ["backward", "every_backward"])
+def test_applied_norm_backward_follows_the_micro_batch_count(applied_norm):
+    # "backward" reads ||p.grad||^2 after the backward expected to be the
+    # step's last (the previous step's count): more backwards than expected,
+    # fewer with p.grad untouched, and equal with it rescaled are all exact.
+    plan = [(3, True), (3, True), (4, True), (2, False), (2, True)]
+    for summary, A_ref, B_ref in _scaled_steps(_mlp(), plan, applied_norm=applied_norm):
+        s = summary()
+        np.testing.assert_allclose(s.sample_sq_norm_mean.numpy(), A_ref, rtol=1e-10)
+        np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
+
+
+def test_applied_norm_backward_reads_gradients_once_per_step(monkeypatch):
+    from largebatch.stats import engine
+
+    reads = []
+    counted = engine.sq_norms
+    monkeypatch.setattr(engine, "sq_norms", lambda *a: reads.append(1) or counted(*a))
+    per_step = []
+    for summary, *_ in _scaled_steps(_mlp(), [(4, False), (4, False), (4, True)]):
+        summary()
+        per_step.append(len(reads))
+        reads.clear()
+    assert per_step == [4, 1, 1]  # the first step cannot know which backward is its last
+
+
+def test_applied_norm_backward_refuses_a_short_step_with_changed_gradients():
+    steps = _scaled_steps(_mlp(), [(3, False), (2, True)])
+    next(steps)[0]()
+    summary, *_ = next(steps)
+    with pytest.raises(RuntimeError, match="every_backward"):
+        summary()
+
+
 @pytest.mark.parametrize("accumulation", ["mean", "sum"])
 def test_applied_norm_read_in_summary_matches(accumulation):
     model, batches = _mlp(), _micro_batches(3)

@@ -32,12 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
 from . import estimators
-from .ddp import bucket_norms, launch_stats_all_reduce, statistics_comm_hook
+from ._norms import sq_norm_into, sq_norms, sq_norms_into
+from .ddp import mean_allreduce_with_statistics, statistics_comm_hook
 
 __all__ = ["GradientStatistics", "GradientSummary"]
 
 _SAMPLES = ("micro_batch", "worker")
-_APPLIED_NORM = ("backward", "summary")
+_APPLIED_NORM = ("backward", "every_backward", "summary")
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -121,18 +122,6 @@ def first_batch_size(args: tuple, kwargs: dict) -> int:
     return 0
 
 
-def sq_norms(tensors: list[Tensor | None], dtype: torch.dtype, like: Tensor) -> Tensor:
-    """Squared 2-norms of a list of tensors in one ``_foreach_norm``; None gives 0."""
-    present = [i for i, t in enumerate(tensors) if t is not None]
-    if len(present) == len(tensors):
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
-    out = torch.zeros(len(tensors), dtype=dtype, device=like.device)
-    if present:
-        norms = torch._foreach_norm([tensors[i] for i in present], 2, dtype=dtype)
-        out[present] = torch.stack(norms).square()
-    return out
-
-
 class GradientStatistics:
     """Collect A_k, B_k (and per-example norms) for each optimiser step.
 
@@ -155,11 +144,15 @@ class GradientStatistics:
         per_example_fallback: allow the per-module torch.func fallback for
             layers without a ghost-norm rule (per_example only).
         applied_norm: when B = ||p.grad||^2 is read. "backward" (default): as
-            each synchronised backward leaves p.grad, so GradScaler.unscale_
-            or clipping before summary() cannot skew A/B; with accumulation in
-            one process this is one extra gradient read per micro-batch.
-            "summary": once, in summary(), which refuses (RuntimeError) if
-            p.grad was changed in place after the last backward.
+            the step's last backward leaves p.grad, so GradScaler.unscale_ or
+            clipping before summary() cannot skew A/B. Under DDP that is the
+            synchronised backward. In one process the last backward is
+            predicted from the previous step's count; a step with fewer
+            backwards is read in summary() if p.grad is unchanged, and refused
+            (RuntimeError) if it was changed in place. "every_backward": read
+            after every backward, never refused, one extra gradient read per
+            micro-batch. "summary": once, in summary(), refused if p.grad was
+            changed in place after the last backward.
         comm_hook, comm_state: the DDP communication hook to wrap, and its state.
         process_group: group for the statistics all-reduce (default: DDP's).
         params: the tracked parameters (default: all trainable ones).
@@ -203,9 +196,17 @@ class GradientStatistics:
         self._index_of = {id(p): k for k, p in enumerate(self.params)}
         anchor = self.params[0]
         self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        self._micro_sq = torch.zeros(len(self.params), dtype=self._dtype, device=anchor.device)
-        self._worker_sq = torch.zeros_like(self._micro_sq)
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._device = anchor.device
+        K = len(self.params)
+        # Everything a step sums over workers, in one vector: the local sample
+        # sums (K), per-example norm and squared-norm sums (2K), examples (1).
+        self._vector = torch.zeros(K + (2 * K if per_example else 0) + 1, dtype=self._dtype, device=self._device)
+        # sum over this worker's samples of ||sample||^2: the micro-batches' h_i, or
+        # (sample="worker", from the comm hook) the accumulated local gradient
+        self._local_sq = self._vector[:K]
+        self._local_slots = list(self._local_sq.unbind())
+        self._backward_sq = torch.zeros(K, dtype=self._dtype, device=self._device)  # this backward's ||h_i||^2
+        self._backward_slots = list(self._backward_sq.unbind())
         self._handles = [p.register_hook(self._grad_hook(k)) for k, p in enumerate(self.params)]
         self._handles.append(self.module.register_forward_pre_hook(self._count_examples, with_kwargs=True))
         self.per_example = None
@@ -222,6 +223,8 @@ class GradientStatistics:
             self._attach_ddp(comm_hook, comm_state, process_group)
         elif comm_hook is not None:
             raise ValueError("comm_hook: only meaningful when model is a DistributedDataParallel")
+        self._backwards = 0
+        self._backwards_last_step = 0  # where applied_norm="backward" expects a step's last backward
         self.reset()
 
     # -- public -----------------------------------------------------------
@@ -233,16 +236,15 @@ class GradientStatistics:
 
     def reset(self) -> None:
         """Start a new step (call after ``optimizer.step()``)."""
+        if self._backwards:
+            self._backwards_last_step = self._backwards
         self._backwards = 0
         self._in_backward = False
         self._examples = 0
-        self._pending_norms: list[Tensor] = []  # per-micro-batch, from tensor hooks
-        self._pending_index: list[int] = []
-        self._pending_worker_norms: list[Tensor] = []  # local accumulated gradient, from the comm hook
-        self._pending_worker_index: list[int] = []
-        self._micro_sq.zero_()  # sum over local micro-batches of ||h_i||^2
-        self._worker_sq.zero_()  # local accumulated gradient, from the comm hook
-        self._reduced: Tensor | None = None
+        self._backward_added = False
+        self._vector.zero_()
+        self._reduced: Tensor | None = None  # the statistics vector, summed over workers once _work is done
+        self._work = None
         self._grad_sq: Tensor | None = None
         self._grad_versions: list | None = None
         self._reductions = 0
@@ -267,22 +269,26 @@ class GradientStatistics:
         """
         if self._backwards == 0:
             raise RuntimeError("GradientStatistics.summary(): no backward since reset()")
-        self._flush()
         m, world = self._backwards, self._world_size()
         sample_scale = self._micro_batch_scale(m)  # h_i = sample_scale * g^(i)
         grad_scale = sample_scale * m  # p.grad = grad_scale * gbar
         if self.ddp is not None:
             self._check_reduced(m)
+            if self._work is not None:
+                self._work.wait()
+                self._work = None  # done; do not hold the collective past the step
             K = len(self.params)
             sums, extra = self._reduced[:K], self._reduced[K:]
             num_examples: int | Tensor = extra[-1]
         else:
             sums, extra = None, None
             num_examples = self._examples
-        B = self._applied_grad_sq() / grad_scale**2
+        B = self._applied_grad_sq()  # a new tensor each step
+        if grad_scale != 1:
+            B = B / grad_scale**2
         if self.sample == "micro_batch":
             n = world * m
-            local = self._micro_sq if sums is None else sums
+            local = self._local_sq if sums is None else sums
             A = local / (sample_scale**2 * n)
         else:
             n = world
@@ -310,23 +316,47 @@ class GradientStatistics:
 
     # -- hooks --------------------------------------------------------------
     def _grad_hook(self, k: int):
+        slot = self._backward_slots[k]
+        per_micro_batch = self.sample == "micro_batch"
+
         def hook(grad: Tensor) -> None:
-            if not self._in_backward:  # first parameter gradient of a backward pass
-                self._in_backward = True
-                self._backwards += 1
-                torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-            if self.sample == "micro_batch":
-                self._pending_norms.append(torch.linalg.vector_norm(grad, dtype=self._dtype))
-                self._pending_index.append(k)
+            if not self._in_backward:
+                self._start_backward()
+            if per_micro_batch:
+                sq_norm_into(grad, slot)
 
         return hook
 
+    def _start_backward(self) -> None:
+        """The first parameter gradient of a backward pass arrived."""
+        self._in_backward = True
+        self._backwards += 1
+        self._backward_added = False
+        if self.sample == "micro_batch":
+            self._backward_sq.zero_()  # parameters this backward does not reach add 0
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
     def _end_backward(self) -> None:
         self._in_backward = False
-        self._flush()
+        self._add_backward()
         # Queued now, this runs after DDP's own end-of-backward callback, which
-        # writes the averaged gradients into p.grad.
-        torch.autograd.Variable._execution_engine.queue_callback(self._snapshot_grad_sq_norms)
+        # waits for the gradient reductions and writes the averaged gradients
+        # into p.grad.
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _add_backward(self) -> None:
+        """Add this backward's per-micro-batch norms to the step's sums (once)."""
+        if self.sample == "micro_batch" and not self._backward_added:
+            self._local_sq.add_(self._backward_sq)
+            self._backward_added = True
+
+    def _after_backward(self) -> None:
+        if self.ddp is not None:
+            if self._backwards_at_reduction != self._backwards:
+                return  # a no_sync backward: p.grad is local, not the applied gradient
+            if not self._fused:
+                self._launch_statistics()
+        self._snapshot_grad_sq_norms()
 
     def _snapshot_grad_sq_norms(self) -> None:
         """||p.grad||^2 as the backward left it, on the same scale as the hook norms.
@@ -335,49 +365,41 @@ class GradientStatistics:
         unscaled p.grad (or clipping rescaled it) while the per-sample norms
         still carry the loss scale; A/B must compare like with like.
         """
-        if self.ddp is not None and self._backwards_at_reduction != self._backwards:
-            return  # a no_sync backward: p.grad is local, not the applied gradient
-        if self.applied_norm == "summary":
-            self._grad_versions = _grad_versions(self.params)
+        # In one process a backward is not known to be the step's last; one
+        # expected to be followed by another (fewer than the previous step's
+        # count) is not read: it would be superseded, and summary() can still
+        # read an unchanged p.grad. Under DDP only the last backward gets here.
+        deferred = self.applied_norm == "summary" or (
+            self.applied_norm == "backward" and self.ddp is None and self._backwards < self._backwards_last_step
+        )
+        if deferred:
+            self._grad_sq, self._grad_versions = None, _grad_versions(self.params)
         else:
-            self._grad_sq = sq_norms([p.grad for p in self.params], self._dtype, self.params[0])
+            self._grad_sq = sq_norms([p.grad for p in self.params], self._dtype, self._device)
+            self._grad_versions = None
 
     def _applied_grad_sq(self) -> Tensor:
-        if self.applied_norm == "backward":
-            if self._grad_sq is None:
-                raise RuntimeError("GradientStatistics.summary(): the last backward did not complete")
+        if self._grad_sq is not None:
             return self._grad_sq
         if self._grad_versions is None:
             raise RuntimeError("GradientStatistics.summary(): the last backward did not complete")
         if _grad_versions(self.params) != self._grad_versions:
+            if self.applied_norm == "summary":
+                raise RuntimeError(
+                    "p.grad was changed in place after the last backward (GradScaler.unscale_, "
+                    "gradient clipping?), so B would not match A; use applied_norm='backward'"
+                )
             raise RuntimeError(
-                "p.grad was changed in place after the last backward (GradScaler.unscale_, "
-                "gradient clipping?), so B would not match A; use applied_norm='backward'"
+                f"p.grad was changed in place after the last backward (GradScaler.unscale_, gradient "
+                f"clipping?) in a step of {self._backwards} backwards, fewer than the previous step's "
+                f"{self._backwards_last_step}, after which applied_norm='backward' reads ||p.grad||^2; "
+                "use applied_norm='every_backward' when the number of micro-batches per step varies"
             )
-        return sq_norms([p.grad for p in self.params], self._dtype, self.params[0])
+        return sq_norms([p.grad for p in self.params], self._dtype, self._device)
 
     def _count_examples(self, module, args, kwargs) -> None:
         if torch.is_grad_enabled():
             self._examples += first_batch_size(args, kwargs)
-
-    def _flush(self) -> None:
-        """Add pending per-parameter norms (finished micro-batches, hooked buckets): one scatter each."""
-        for norms, indices, total in (
-            (self._pending_norms, self._pending_index, self._micro_sq),
-            (self._pending_worker_norms, self._pending_worker_index, self._worker_sq),
-        ):
-            if norms:
-                total.index_add_(0, self._cached_index(indices), torch.stack(norms).square())
-                norms.clear()
-                indices.clear()
-
-    def _cached_index(self, indices: list[int]) -> Tensor:
-        key = tuple(indices)
-        index = self._index_cache.get(key)
-        if index is None:
-            index = torch.tensor(key, dtype=torch.long, device=self._micro_sq.device)
-            self._index_cache[key] = index
-        return index
 
     def _micro_batch_scale(self, m: int) -> float:
         scale = 1.0 / m if self.accumulation == "mean" else 1.0
@@ -399,17 +421,31 @@ class GradientStatistics:
                 "GradientStatistics(comm_hook=..., comm_state=...) so it can be wrapped"
             )
         self._group = process_group if process_group is not None else ddp.process_group
-        if comm_hook is None:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        # The default reduction carries the statistics in its last bucket (see
+        # ddp.py); a user's hook, or a separate statistics group, gets one
+        # extra all-reduce after DDP's backward.
+        self._fused = comm_hook is None and self._group is ddp.process_group
+        if self._fused:
+            comm_state = ddp.process_group
+            hook = mean_allreduce_with_statistics(
+                comm_state,
+                before_reduce=self._on_bucket,
+                last_bucket_statistics=self._last_bucket_statistics,
+                deliver=self._deliver,
+                is_active=lambda: self._active,
+            )
+        else:
+            if comm_hook is None:
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-            comm_hook, comm_state = allreduce_hook, (comm_state if comm_state is not None else ddp.process_group)
-        hook = statistics_comm_hook(
-            comm_hook,
-            comm_state,
-            before_reduce=self._on_bucket,
-            after_last_bucket=self._reduce_statistics,
-            is_active=lambda: self._active,
-        )
+                comm_hook, comm_state = allreduce_hook, ddp.process_group
+            hook = statistics_comm_hook(
+                comm_hook,
+                comm_state,
+                before_reduce=self._on_bucket,
+                after_last_bucket=self._mark_synchronised,
+                is_active=lambda: self._active,
+            )
         ddp.register_comm_hook(comm_state, hook)
         self._synced_once = False
         self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
@@ -422,33 +458,60 @@ class GradientStatistics:
         return self._world
 
     def _on_bucket(self, bucket: dist.GradBucket) -> None:
+        """Squared norms of this worker's gradients in the bucket, before it is reduced."""
         if self.sample != "worker":
             return
-        indices, norms = bucket_norms(bucket.gradients(), bucket.parameters(), self._index_of, self._dtype)
-        self._pending_worker_index += indices
-        self._pending_worker_norms += norms
+        grads, slots = [], []
+        for grad, param in zip(bucket.gradients(), bucket.parameters()):
+            k = self._index_of.get(id(param))
+            if k is not None:  # parameters outside params= are not tracked
+                grads.append(grad)
+                slots.append(self._local_slots[k])
+        if grads:
+            sq_norms_into(grads, slots)
 
-    def _reduce_statistics(self) -> torch.futures.Future:
-        """Pack every statistic of the step into one vector and all-reduce it once."""
-        self._flush()
-        parts = [self._micro_sq if self.sample == "micro_batch" else self._worker_sq]
-        examples = torch.tensor([float(self._examples)], dtype=self._dtype, device=parts[0].device)
-        if self.per_example is not None:
-            norm_sum, sq_sum, count = self._per_example_now()
-            parts += [norm_sum.to(self._dtype), sq_sum.to(self._dtype)]
-            examples = count.reshape(1).to(self._dtype)
-        self._reduced = torch.cat(parts + [examples])
+    def _mark_synchronised(self) -> None:
+        """The last bucket's reduction was launched: this backward averages the gradients."""
         self._reductions += 1
         self._backwards_at_reduction = self._backwards
         self._synced_once = True
-        return launch_stats_all_reduce(self._reduced, self._group)
+
+    def _last_bucket_statistics(self) -> Tensor:
+        """The default hook's last bucket: this backward synchronises; the vector it will carry."""
+        self._mark_synchronised()
+        return self._statistics_vector()
+
+    def _deliver(self, reduced: Tensor, future: torch.futures.Future) -> None:
+        self._reduced, self._work = reduced, future
+
+    def _launch_statistics(self) -> None:
+        """All-reduce the step's statistics vector once DDP finished the synchronised backward.
+
+        With a user's comm hook: every rank has issued the same gradient
+        collectives by then. summary() waits.
+        """
+        self._reduced = self._statistics_vector().clone()  # reduced in place; the local sums stay local
+        self._work = dist.all_reduce(self._reduced, group=self._group, async_op=True)
+
+    def _statistics_vector(self) -> Tensor:
+        """Every statistic of the step in one vector: sample sums, per-example sums, examples."""
+        self._add_backward()  # from the last bucket: this backward's norms are not added yet
+        K = len(self.params)
+        if self.per_example is not None:
+            norm_sum, sq_sum, count = self._per_example_now()
+            self._vector[K : 2 * K].copy_(norm_sum)
+            self._vector[2 * K : 3 * K].copy_(sq_sum)
+            self._vector[-1:].copy_(count.reshape(1))
+        else:
+            self._vector[-1].fill_(float(self._examples))
+        return self._vector
 
     def _per_example_now(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per-example sums including the backward still running.
 
-        PerExampleNorms combines a backward's layer uses in an end-of-backward
-        callback, which runs after DDP's last bucket; every output gradient is
-        already there when the last bucket is ready, so flush them now.
+        PerExampleNorms combines a backward's layer uses in its own
+        end-of-backward callback, whose order relative to this one is not
+        guaranteed; every output gradient is there by now, so flush them.
         """
         self.per_example.flush()
         return self.per_example.accumulators()

@@ -1,0 +1,52 @@
+"""Squared 2-norms of gradient tensors, written where the engine keeps them.
+
+After a backward pass the CPU caches hold the backward's kernels and data, so
+each small op the engine adds costs several times its warm price (10-20 us
+measured on a 2-core CPU, against 2-5 us in a loop). These helpers therefore
+spend as few ops as they can: one BLAS dot per tensor, written straight into
+a 0-d view ("slot") of the vector that holds it, for short lists; one
+``_foreach_norm`` for long ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sq_norm_into", "sq_norms", "sq_norms_into"]
+
+_LOOP_MAX = 32  # up to this many tensors, a dot each beats _foreach_norm + stack + square
+
+
+def sq_norm_into(t: Tensor, out: Tensor) -> None:
+    """``out`` (a 0-d tensor) = ||t||^2: one BLAS dot for a dense tensor of out's dtype."""
+    if t.dtype == out.dtype and t.layout == torch.strided and t.is_contiguous():
+        flat = t.view(-1)
+        torch.dot(flat, flat, out=out)
+    else:  # half precision (accumulated in out's dtype), sparse, or a strided view
+        torch.linalg.vector_norm(t, dtype=out.dtype, out=out)
+        out.square_()
+
+
+def sq_norms_into(tensors: list[Tensor], slots: list[Tensor]) -> None:
+    """``slots[i]`` = ||tensors[i]||^2, for 0-d views into one vector."""
+    if len(tensors) <= _LOOP_MAX:
+        for t, slot in zip(tensors, slots):
+            sq_norm_into(t, slot)
+        return
+    norms = torch._foreach_norm(tensors, 2, dtype=slots[0].dtype)
+    torch._foreach_mul_(norms, norms)
+    torch._foreach_copy_(slots, norms)
+
+
+def sq_norms(tensors: list[Tensor | None], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A new vector of the squared 2-norms of ``tensors``; None gives 0."""
+    out = torch.zeros(len(tensors), dtype=dtype, device=device)
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    if len(tensors) <= _LOOP_MAX:
+        for i in present:
+            sq_norm_into(tensors[i], out[i])
+    elif present:
+        norms = torch._foreach_norm([tensors[i] for i in present], 2, dtype=dtype)
+        out[present] = torch.stack(norms).square()
+    return out
