@@ -51,6 +51,8 @@ from torch.func import functional_call, grad, vmap
 
 from largebatch.stats.per_example import PerExampleNorms
 
+from _allocator import steady_malloc
+
 RESULTS = Path(__file__).parent / "results" / "grad_stats.json"
 TARGETS = {"mlp": 1.10, "cnn": 1.8, "transformer": 1.25}
 
@@ -273,9 +275,11 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated benchmark names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (machine is shared)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--glibc-default", action="store_true", help="keep glibc's malloc thresholds (see _allocator.py)")
     args = parser.parse_args()
     args.repeats = args.repeats or (5 if args.quick else 30)
     torch.set_num_threads(args.threads)
+    steady = not args.glibc_default and steady_malloc()
 
     load_before = os.getloadavg()  # the machine is shared: record how busy it was
     rows = []
@@ -290,6 +294,7 @@ def main() -> None:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "malloc": "steady (glibc mmap/trim thresholds raised, _allocator.py)" if steady else "glibc default",
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "rows": rows,
     }

@@ -429,7 +429,7 @@ class GradientStatistics:
             comm_state = ddp.process_group
             hook = mean_allreduce_with_statistics(
                 comm_state,
-                before_reduce=self._on_bucket,
+                before_reduce=self._on_bucket if self.sample == "worker" else None,
                 last_bucket_statistics=self._last_bucket_statistics,
                 deliver=self._deliver,
                 is_active=lambda: self._active,
