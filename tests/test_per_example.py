@@ -82,11 +82,14 @@ def test_linear_2d():
     }
 
 
-@pytest.mark.parametrize("length", [7, 40])  # 40: the Gram form splits positions in halves
+# 40, 41: the Gram form splits positions in halves (41: unequal halves);
+# "transposed": a non-contiguous activation, which cannot be viewed as pairs of halves
+@pytest.mark.parametrize("length", [7, 40, 41, "transposed"])
 @pytest.mark.parametrize("method", ["gram", "direct", "auto"])
 def test_linear_sequence_input(method, length):
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
-    norms = check(model, torch.randn(3, length, 6), method=method)
+    x = torch.randn(3, 6, 40).transpose(1, 2) if length == "transposed" else torch.randn(3, length, 6)
+    norms = check(model, x, method=method)
     if method != "auto":
         assert norms.methods()["0.weight"] == method
 
