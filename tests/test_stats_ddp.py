@@ -267,6 +267,58 @@ def test_exactly_one_extra_all_reduce_per_step(group):
         assert a["all_reduces"] == b["all_reduces"] + 1
 
 
+def _collectives(rank: int, world: int, opts: dict) -> int:
+    """Collectives the group ran during training (its sequence number counts every one, C++ ones too)."""
+    group_ = dist.group.WORLD
+    before = group_._get_sequence_number_for_group()
+    _train_ddp(rank, world, opts)
+    return group_._get_sequence_number_for_group() - before
+
+
+def test_default_reduction_carries_the_statistics_without_a_collective_of_its_own(group):
+    # With DDP's default reduction the statistics vector rides on the last
+    # bucket: as many collectives as plain DDP (its C++ reduction).
+    opts = {"sample": "worker", "micro": 2, "steps": 3}
+    ranks = group.run(_collectives, opts)
+    plain = group.run(_collectives, dict(opts, stats=False))
+    assert ranks == plain and plain[0] > opts["steps"]  # several buckets a step, none more
+    _check_against_one_process(opts, group.run(_train_ddp, opts))
+
+
+class _MixedNet(nn.Module):
+    """A float32 first layer and a float64 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(DIM_IN, 8), nn.Linear(8, DIM_OUT).double()
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x.float())).double())
+
+
+def _mixed_dtype_worker(rank: int, world: int) -> dict:
+    """Float64 statistics (a float64 parameter) and a float32 last bucket: the vector gets its own all-reduce."""
+    torch.manual_seed(0)
+    model, copy = _MixedNet(), _MixedNet()
+    copy.load_state_dict(model.state_dict())
+    x, y = _step_data(0, {"micro": 1})[rank]
+    ddp = DDP(model, bucket_cap_mb=0.0005)
+    stats = GradientStatistics(ddp, sample="worker")
+    nn.functional.mse_loss(ddp(x), y).backward()
+    summary = stats.summary()
+    # This worker's own gradient, without DDP, on a copy of the model.
+    nn.functional.mse_loss(copy(x), y).backward()
+    mine = torch.stack([p.grad.double().square().sum() for p in copy.parameters()])
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    return {"A": summary.sample_sq_norm_mean, "expected": torch.stack(everyone).mean(0)}
+
+
+def test_statistics_of_another_dtype_than_the_last_bucket(group):
+    for rank in group.run(_mixed_dtype_worker):
+        torch.testing.assert_close(rank["A"], rank["expected"], rtol=1e-5, atol=0)
+
+
 @pytest.mark.skipif(not HAVE_PER_EXAMPLE, reason="largebatch/stats/per_example.py (PerExampleNorms) is not there yet")
 def test_per_example_sums_travel_in_the_same_all_reduce(group):
     opts = {"sample": "micro_batch", "micro": 2, "steps": 2, "per_example": True, "hook": "allreduce"}
