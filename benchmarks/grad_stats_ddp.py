@@ -44,6 +44,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch.stats import GradientStatistics
+from largebatch.train.distributed import retire_collectives
 
 from _allocator import steady_malloc
 
@@ -154,6 +155,7 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str, steady: 
                 results[f"{name}/{sample}{reference_name}"] = dict(r, micro_batches_per_worker=micro, batch=MODELS[name][2])
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    retire_collectives()
     dist.destroy_process_group()
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from largebatch.train.distributed import retire_collectives
+
 __all__ = ["WorkerGroup", "free_port", "run_in_group"]
 
 
@@ -61,6 +63,7 @@ def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
             except BaseException:
                 results.put((rank, False, traceback.format_exc()))
     finally:
+        retire_collectives()
         dist.destroy_process_group()
 
 

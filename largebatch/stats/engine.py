@@ -154,7 +154,11 @@ class GradientStatistics:
             micro-batch. "summary": once, in summary(), refused if p.grad was
             changed in place after the last backward.
         comm_hook, comm_state: the DDP communication hook to wrap, and its state.
-        process_group: group for the statistics all-reduce (default: DDP's).
+            Without one the statistics ride on the last bucket of DDP's
+            default reduction (no collective of their own); with one they
+            get one small all-reduce after DDP's backward (see ddp.py).
+        process_group: group for the statistics (default: DDP's; another
+            group also means one small all-reduce after DDP's backward).
         params: the tracked parameters (default: all trainable ones).
 
     Mechanics and limits: a tensor hook on each parameter sees every

@@ -162,8 +162,27 @@ def _fresh_namespace(store: dist.Store, rank: int, world: int, timeout: timedelt
     return namespace
 
 
+# How long teardown gives the communication threads (see retire_collectives).
+RETIRE_SECONDS = 0.05
+
+
+def retire_collectives() -> None:
+    """Let gloo's threads release the collectives that a Python comm hook issued.
+
+    Such a collective holds a Python object in its thread-local state, which
+    the communication thread drops, under the GIL, after the collective
+    completed. If the interpreter is already shutting down by then, that
+    thread is made to exit inside a destructor and the process aborts
+    ("terminate called without an active exception"): 3 of 8 runs of plain
+    DDP with torch's own ``allreduce_hook`` on a 2-core CPU, 0 of 8 after a
+    50 ms pause (a pause releases the GIL). Call before the process ends.
+    """
+    time.sleep(RETIRE_SECONDS)
+
+
 def teardown(context: Context) -> None:
     if context.owns_group and dist.is_initialized():
+        retire_collectives()
         dist.destroy_process_group()
 
 
