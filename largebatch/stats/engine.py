@@ -287,9 +287,7 @@ class GradientStatistics:
         else:
             sums, extra = None, None
             num_examples = self._examples
-        B = self._applied_grad_sq()  # a new tensor each step
-        if grad_scale != 1:
-            B = B / grad_scale**2
+        B = self._applied_grad_sq() / grad_scale**2  # a new tensor: callers may keep or edit it
         if self.sample == "micro_batch":
             n = world * m
             local = self._local_sq if sums is None else sums
