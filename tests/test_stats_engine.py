@@ -276,6 +276,23 @@ def test_applied_norm_read_in_summary_refuses_modified_gradients():
         stats.summary()
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_backward_with_create_graph():
+    # Gradients that require grad (a gradient penalty's backward) are measured,
+    # not differentiated: the statistics equal those of a plain backward.
+    model, batches = _mlp(), _micro_batches(2)
+    A_ref, B_ref = _reference_AB(_saved_sample_grads(model, batches))
+    stats = GradientStatistics(model)
+    for x, y in batches:
+        (_loss(model, x, y) / len(batches)).backward(create_graph=True)
+    s = stats.summary()
+    assert not s.sample_sq_norm_mean.requires_grad and not s.mean_grad_sq_norm.requires_grad
+    np.testing.assert_allclose(s.sample_sq_norm_mean.numpy(), A_ref, rtol=1e-10)
+    np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
+    for p in model.parameters():
+        p.grad = None  # the graph of p.grad holds p (a reference cycle)
+
+
 def test_worker_sample_in_one_process_is_one_sample():
     model, batches = _mlp(), _micro_batches(2)
     stats = GradientStatistics(model, sample="worker")

@@ -19,7 +19,12 @@ _LOOP_MAX = 32  # up to this many tensors, a dot each beats _foreach_norm + stac
 
 
 def sq_norm_into(t: Tensor, out: Tensor) -> None:
-    """``out`` (a 0-d tensor) = ||t||^2: one BLAS dot for a dense tensor of out's dtype."""
+    """``out`` (a 0-d tensor) = ||t||^2: one BLAS dot for a dense tensor of out's dtype.
+
+    ``t`` is detached: under ``backward(create_graph=True)`` gradients require
+    grad, and the statistics are not part of any graph (``out=`` refuses them).
+    """
+    t = t.detach()
     if t.dtype == out.dtype and t.layout == torch.strided and t.is_contiguous():
         flat = t.view(-1)
         torch.dot(flat, flat, out=out)
@@ -34,7 +39,7 @@ def sq_norms_into(tensors: list[Tensor], slots: list[Tensor]) -> None:
         for t, slot in zip(tensors, slots):
             sq_norm_into(t, slot)
         return
-    norms = torch._foreach_norm(tensors, 2, dtype=slots[0].dtype)
+    norms = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=slots[0].dtype)
     torch._foreach_mul_(norms, norms)
     torch._foreach_copy_(slots, norms)
 
@@ -47,6 +52,6 @@ def sq_norms(tensors: list[Tensor | None], dtype: torch.dtype, device: torch.dev
         for i in present:
             sq_norm_into(tensors[i], out[i])
     elif present:
-        norms = torch._foreach_norm([tensors[i] for i in present], 2, dtype=dtype)
+        norms = torch._foreach_norm([tensors[i].detach() for i in present], 2, dtype=dtype)
         out[present] = torch.stack(norms).square()
     return out
