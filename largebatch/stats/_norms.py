@@ -1,11 +1,10 @@
 """Squared 2-norms of gradient tensors, written where the engine keeps them.
 
-After a backward pass the CPU caches hold the backward's kernels and data, so
-each small op the engine adds costs several times its warm price (10-20 us
-measured on a 2-core CPU, against 2-5 us in a loop). These helpers therefore
-spend as few ops as they can: one BLAS dot per tensor, written straight into
-a 0-d view ("slot") of the vector that holds it, for short lists; one
-``_foreach_norm`` for long ones.
+Measured on a 2-core CPU, each small op the engine adds after a backward
+costs 10-20 us, several times its price in a tight loop (2-5 us). These
+helpers therefore spend as few ops as they can: one BLAS dot per tensor,
+written straight into a 0-d view ("slot") of the vector that holds it, for
+short lists; one ``_foreach_norm`` for long ones.
 """
 
 from __future__ import annotations
