@@ -41,14 +41,14 @@ def statistics_comm_hook(
     inner_hook: CommHook,
     inner_state: Any,
     *,
-    before_reduce: Callable[[dist.GradBucket], None],
+    before_reduce: Callable[[dist.GradBucket], None] | None,
     after_last_bucket: Callable[[], None],
     is_active: Callable[[], bool],
 ) -> CommHook:
     """Wrap ``inner_hook`` so that statistics are taken alongside it.
 
-    ``before_reduce(bucket)`` runs before the wrapped hook may modify the
-    bucket in place; ``after_last_bucket()`` runs after the last bucket's
+    ``before_reduce(bucket)``, if given, runs before the wrapped hook may
+    modify the bucket in place; ``after_last_bucket()`` runs after the last bucket's
     reduction was launched. When ``is_active()`` is false the hook only
     forwards to ``inner_hook`` (DDP has no way to unregister a comm hook).
     """
@@ -56,7 +56,8 @@ def statistics_comm_hook(
     def largebatch_statistics_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         if not is_active():
             return inner_hook(inner_state, bucket)
-        before_reduce(bucket)
+        if before_reduce is not None:
+            before_reduce(bucket)
         reduced = inner_hook(inner_state, bucket)
         if bucket.is_last():
             after_last_bucket()
@@ -96,23 +97,21 @@ def mean_allreduce_with_statistics(
         active = is_active()
         if active and before_reduce is not None:
             before_reduce(bucket)
-        if not (active and bucket.is_last()):
-            buffer.div_(world)
-            return all_reduce(buffer).then(_first)
-        statistics = last_bucket_statistics()
-        if statistics.dtype != buffer.dtype:
+        if active and bucket.is_last():
+            statistics = last_bucket_statistics()
+            if statistics.dtype == buffer.dtype:
+                n = buffer.numel()
+                combined = buffer.new_empty(n + statistics.numel())
+                torch.div(buffer, world, out=combined[:n])
+                combined[n:].copy_(statistics)
+                reduced = all_reduce(combined)
+                deliver(combined[n:], reduced)
+                # DDP copies a result that is not the bucket's buffer into the gradients.
+                return reduced.then(lambda fut: fut.value()[0][:n])
             statistics = statistics.clone()  # reduced in place; the caller's vector stays local
             deliver(statistics, all_reduce(statistics))
-            buffer.div_(world)
-            return all_reduce(buffer).then(_first)
-        n = buffer.numel()
-        combined = buffer.new_empty(n + statistics.numel())
-        torch.div(buffer, world, out=combined[:n])
-        combined[n:].copy_(statistics)
-        reduced = all_reduce(combined)
-        deliver(combined[n:], reduced)
-        # DDP copies a result that is not the bucket's buffer into the gradients.
-        return reduced.then(lambda fut: fut.value()[0][:n])
+        buffer.div_(world)
+        return all_reduce(buffer).then(_first)
 
     return largebatch_mean_allreduce_with_statistics
 

@@ -427,11 +427,12 @@ class GradientStatistics:
         # ddp.py); a user's hook, or a separate statistics group, gets one
         # extra all-reduce after DDP's backward.
         self._fused = comm_hook is None and self._group is ddp.process_group
+        before_reduce = self._on_bucket if self.sample == "worker" else None  # micro-batch norms: tensor hooks
         if self._fused:
             comm_state = ddp.process_group
             hook = mean_allreduce_with_statistics(
                 comm_state,
-                before_reduce=self._on_bucket if self.sample == "worker" else None,
+                before_reduce=before_reduce,
                 last_bucket_statistics=self._last_bucket_statistics,
                 deliver=self._deliver,
                 is_active=lambda: self._active,
@@ -444,7 +445,7 @@ class GradientStatistics:
             hook = statistics_comm_hook(
                 comm_hook,
                 comm_state,
-                before_reduce=self._on_bucket,
+                before_reduce=before_reduce,
                 after_last_bucket=self._mark_synchronised,
                 is_active=lambda: self._active,
             )
@@ -460,9 +461,7 @@ class GradientStatistics:
         return self._world
 
     def _on_bucket(self, bucket: dist.GradBucket) -> None:
-        """Squared norms of this worker's gradients in the bucket, before it is reduced."""
-        if self.sample != "worker":
-            return
+        """Squared norms of this worker's gradients in the bucket, before it is reduced (sample="worker")."""
         grads, slots = [], []
         for grad, param in zip(bucket.gradients(), bucket.parameters()):
             k = self._index_of.get(id(param))
