@@ -185,6 +185,28 @@ def test_norm_affine(norm, shape):
     assert set(norms.methods().values()) == {"norm-affine"}
 
 
+@pytest.mark.parametrize("saved", [True, False], ids=["saved-moments", "recomputed"])
+def test_layer_norm_from_saved_moments_or_recomputed(saved, monkeypatch):
+    """LayerNorm normalises with the (mean, rstd) its forward saved, or recomputes them."""
+    import largebatch.stats.per_example as per_example
+
+    found = []
+    original = per_example._layer_norm_moments
+
+    def spy(output, x):
+        moments = original(output, x) if saved else None
+        found.append(moments is not None)
+        return moments
+
+    monkeypatch.setattr(per_example, "_layer_norm_moments", spy)
+    layer = nn.LayerNorm((3, 6), eps=1e-3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    check(nn.Sequential(nn.Linear(6, 6), layer, nn.Tanh()), torch.randn(4, 2, 3, 6))
+    assert found == [saved]
+
+
 def test_batchnorm_eval_is_exact():
     bn = nn.BatchNorm2d(3)
     bn.running_mean.normal_()

@@ -70,18 +70,12 @@ def _summary_dict(s):
 
 
 @contextlib.contextmanager
-def _counting_all_reduce(counter: list[int]):
-    original = dist.all_reduce
-
-    def counted(*args, **kwargs):
-        counter[0] += 1
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counted
-    try:
-        yield
-    finally:
-        dist.all_reduce = original
+def _counting_collectives(counter: list[int]):
+    """Collectives the default group runs inside the block (its sequence number counts C++ ones too)."""
+    group_ = dist.group.WORLD
+    before = group_._get_sequence_number_for_group()
+    yield
+    counter[0] += group_._get_sequence_number_for_group() - before
 
 
 def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
@@ -116,7 +110,7 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
         mine = _step_data(step, opts)[rank * micro : (rank + 1) * micro]
         synced_every = step in opts.get("sync_every_micro_batch_at", ())
         counter = [0]
-        with _counting_all_reduce(counter):
+        with _counting_collectives(counter):
             for j, (x, y) in enumerate(mine):
                 quiet = j < micro - 1 and not synced_every
                 with ddp.no_sync() if quiet else contextlib.nullcontext():
@@ -399,8 +393,9 @@ def _after_remove(rank: int, world: int) -> dict:
     stats.remove()
     ddp.zero_grad()
     counter = [0]
-    with _counting_all_reduce(counter):
-        _loss(ddp, x, y).backward()
+    loss = _loss(ddp, x, y)  # this forward rebuilds DDP's buckets, with collectives of its own
+    with _counting_collectives(counter):
+        loss.backward()
     return {"all_reduces": counter[0], "grads": [p.grad.clone() for p in ddp.parameters()]}
 
 

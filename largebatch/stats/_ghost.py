@@ -225,8 +225,14 @@ def embedding_uses(module: nn.Embedding, ids: Tensor, g: Tensor) -> Factored:
     return Factored(left=None, right=g, m=module.num_embeddings, ids=ids)
 
 
-def norm_affine_uses(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """LayerNorm, RMSNorm, GroupNorm: per-example gradients formed from the normalised input."""
+def norm_affine_uses(
+    module: nn.Module, x: Tensor, g: Tensor, moments: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """LayerNorm, RMSNorm, GroupNorm: per-example gradients formed from the normalised input.
+
+    ``moments``: a LayerNorm's (mean, rstd) from its forward, broadcastable to
+    ``x``; without them the normalisation is recomputed.
+    """
     weight = getattr(module, "weight", None) is not None
     bias = getattr(module, "bias", None) is not None
     batch = x.shape[0]
@@ -242,7 +248,11 @@ def norm_affine_uses(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor | 
         )
     shape = tuple(module.normalized_shape)
     if isinstance(module, nn.LayerNorm):
-        xhat = F.layer_norm(x, shape, None, None, module.eps)
+        if moments is not None:
+            mean, rstd = moments
+            xhat = (x - mean.to(dtype)) * rstd.to(dtype)
+        else:
+            xhat = F.layer_norm(x, shape, None, None, module.eps)
     else:
         xhat = F.rms_norm(x, shape, None, module.eps)
     flat = (batch, -1, *shape)

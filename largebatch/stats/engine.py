@@ -492,7 +492,10 @@ class GradientStatistics:
         collectives by then. summary() waits.
         """
         self._reduced = self._statistics_vector().clone()  # reduced in place; the local sums stay local
-        self._work = dist.all_reduce(self._reduced, group=self._group, async_op=True)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.SUM
+        # On the group directly: dist.all_reduce's Python checks cost about 35 us a call.
+        self._work = self._group.allreduce([self._reduced], options)
 
     def _statistics_vector(self) -> Tensor:
         """Every statistic of the step in one vector: sample sums, per-example sums, examples."""

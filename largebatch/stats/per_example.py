@@ -111,6 +111,7 @@ class _Call:
     batch: int
     forward: _Forward
     bn_stats: tuple[Tensor, Tensor] | None = None
+    moments: tuple[Tensor, Tensor] | None = None  # a LayerNorm's saved (mean, rstd)
     grad_shape: torch.Size | None = None  # set when the hook sits on the output's base
 
 
@@ -323,6 +324,7 @@ class PerExampleNorms:
             batch=batch,
             forward=self._forward,
             bn_stats=_eval_batchnorm_stats(module) if kind == "batchnorm" else None,
+            moments=_layer_norm_moments(output, args[0]) if isinstance(module, nn.LayerNorm) else None,
         )
         target, replacement = output, None
         if output._base is not None:
@@ -378,7 +380,7 @@ class PerExampleNorms:
         elif kind == "embedding":
             found = {"weight": (_ghost.embedding_uses(module, x, g), None)}
         elif kind == "norm":
-            weight, bias = _ghost.norm_affine_uses(module, x, g)
+            weight, bias = _ghost.norm_affine_uses(module, x, g, call.moments)
             found = {"weight": (weight, "norm-affine"), "bias": (bias, "norm-affine")}
         elif kind == "batchnorm":
             weight, bias = _ghost.batch_norm_uses(module, x, g, call.bn_stats)
@@ -482,6 +484,25 @@ def _eval_batchnorm_stats(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     if module.training or module.running_mean is None:
         return None
     return module.running_mean.detach().clone(), module.running_var.detach().clone()
+
+
+def _layer_norm_moments(output: Tensor, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The (mean, rstd) autograd saved for a LayerNorm's backward, or None.
+
+    Normalising with them costs a fifth of recomputing the layer norm on this
+    CPU; any other graph (another backend's kernel, a wrapped output) returns
+    None and the norm is recomputed.
+    """
+    node = output.grad_fn
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    try:
+        mean, rstd = node._saved_result1, node._saved_result2
+    except AttributeError:
+        return None
+    if mean is None or rstd is None or mean.dim() != x.dim() or mean.shape != rstd.shape:
+        return None
+    return mean, rstd
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
