@@ -244,6 +244,8 @@ def per_example_norms(repeats: int, models: list[str]) -> list[dict]:
             "target_ghost/plain": TARGETS[name],
             "met": ratios["ghost/plain"] <= TARGETS[name],
             "methods": norms.methods(),
+            # Linear calls whose weight gradient the per-example gradients supplied
+            "tapped_calls": norms.tapped_calls,
             "note": note,
         })
     return rows

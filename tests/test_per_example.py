@@ -515,3 +515,105 @@ def test_autocast_bfloat16_close_to_float32():
     assert norm_sum.dtype == torch.float32
     for k, (name, _) in enumerate(model.named_parameters()):
         assert torch.allclose(norm_sum[k], want[name][0].float(), rtol=0.05), name
+
+
+# ------------------------------------------------------------------ per-example gradients as the weight gradient
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_per_example_gradients_supply_the_weight_gradient(bias, inplace):
+    """Sequence inputs, method="direct": autograd computes no weight gradient; the tap's is the same."""
+    model = nn.Sequential(nn.Linear(6, 5, bias=bias), nn.ReLU(inplace=inplace), nn.Linear(5, 4))
+    x = torch.randn(3, 7, 6)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    reference = copy.deepcopy(model)
+    want_norms = true_norms(model, x, target)
+    norms = PerExampleNorms(model, method="direct")
+    x_engine, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    squared_error(model(x_engine), target, "mean").backward()
+    squared_error(reference(x_plain), target, "mean").backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+        assert p.requires_grad
+    torch.testing.assert_close(x_engine.grad, x_plain.grad, rtol=1e-12, atol=1e-14)
+    norm_sum, sq_sum, _ = norms.accumulators()
+    names = [n for n, _ in model.named_parameters()]
+    assert_close({n: (norm_sum[k], sq_sum[k]) for k, n in enumerate(names)}, want_norms)
+    assert norms.tapped_calls == 2
+    assert set(norms.methods().values()) == {"direct"}
+
+
+def test_auto_taps_only_where_cheaper_than_gram():
+    # T = 16: 24 * 8 * 8 = 1536 <= 256 * 16 -> tap; 24 * 64 * 64 > 256 * 128 -> Gram
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64))
+    norms = check(model, torch.randn(2, 16, 8))
+    assert norms.tapped_calls == 2
+    assert norms.methods()["4.weight"] == "gram"
+
+
+def test_gram_method_never_taps():
+    norms = check(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)), torch.randn(3, 7, 6), method="gram")
+    assert norms.tapped_calls == 0
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(torch.tanh(self.inner(x)))
+
+
+def test_tapped_layer_called_twice_is_combined_exactly():
+    model = CalledTwice()
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 6, 4)
+    norms = check(model, x, method="direct")
+    assert norms.tapped_calls == 2 and "+" in norms.methods()["inner.weight"]
+    model.zero_grad()
+    target = torch.randn(3, 6, 4)
+    squared_error(model(x), target, "mean").backward()
+    squared_error(reference(x), target, "mean").backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_forward_that_raises_leaves_the_weight_trainable():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh())
+    norms = PerExampleNorms(model, method="direct")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        model(torch.randn(3, 7, 4))  # the pre-hook suspends the weight; F.linear then raises
+    assert model[0].weight.requires_grad and not norms._suspended
+    model(torch.randn(3, 7, 6)).sum().backward()  # and the next call is tapped as usual
+    assert norms.tapped_calls == 1 and model[0].weight.grad is not None
+
+
+def test_create_graph_through_a_tapped_layer():
+    """Second-order gradients (a gradient penalty) through the tap match autograd's."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 7, 6)
+    norms = PerExampleNorms(model, method="direct")
+
+    def penalty(net):
+        grads = torch.autograd.grad(net(x).square().sum(), list(net.parameters()), create_graph=True)
+        return sum(g.square().sum() for g in grads)
+
+    penalty(model).backward()
+    penalty(reference).backward()
+    assert norms.tapped_calls > 0
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_does_not_tap():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).float()
+    norms = PerExampleNorms(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(3, 40, 6, dtype=torch.float32))
+    out.float().square().mean().backward()
+    assert norms.tapped_calls == 0
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

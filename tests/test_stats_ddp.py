@@ -48,9 +48,10 @@ def _model(opts) -> nn.Module:
 def _step_data(step: int, opts):
     """The global batch of one step, as WORLD * micro chunks (rank r owns r*micro .. r*micro+micro-1)."""
     chunks, size = WORLD * opts["micro"], opts.get("size", 4)
+    sequence = (opts["length"],) if "length" in opts else ()  # (B, T, d) inputs
     g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(chunks * size, DIM_IN, generator=g, dtype=torch.float64)
-    y = torch.randn(chunks * size, DIM_OUT, generator=g, dtype=torch.float64)
+    x = torch.randn(chunks * size, *sequence, DIM_IN, generator=g, dtype=torch.float64)
+    y = torch.randn(chunks * size, *sequence, DIM_OUT, generator=g, dtype=torch.float64)
     return list(zip(x.split(size), y.split(size)))
 
 
@@ -119,6 +120,8 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
         record = {"grads": [None if p.grad is None else p.grad.clone() for p in ddp.parameters()], "all_reduces": counter[0]}
         if stats is not None:
             record["summary"] = _summary_dict(stats.summary())
+            if stats.per_example is not None:
+                record["tapped_calls"] = stats.per_example.tapped_calls
         records.append(record)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
@@ -320,6 +323,17 @@ def test_per_example_sums_travel_in_the_same_all_reduce(group):
     _check_against_one_process(opts, ranks)
     plain = group.run(_train_ddp, dict(opts, stats=False, per_example=False))
     assert [r["all_reduces"] for r in ranks[0]] == [r["all_reduces"] + 1 for r in plain[0]]
+
+
+@pytest.mark.skipif(not HAVE_PER_EXAMPLE, reason="largebatch/stats/per_example.py (PerExampleNorms) is not there yet")
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_per_example_gradients_as_the_weight_gradient_under_ddp(group, bucket_view):
+    # Sequence inputs (T = 12): every Linear's weight gradient comes from the
+    # per-example gradients, so DDP's reducer hooks must fire on the tap's gradient.
+    opts = {"sample": "micro_batch", "micro": 2, "steps": 2, "per_example": True, "length": 12, "bucket_view": bucket_view}
+    ranks = group.run(_train_ddp, opts)
+    assert [r["tapped_calls"] for records in ranks for r in records] == [3] * 4
+    _check_against_one_process(opts, ranks)
 
 
 def _bad_input(rank: int, world: int) -> dict[str, str]:

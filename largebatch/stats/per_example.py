@@ -27,6 +27,19 @@ parameter that receives a gradient but was used by no hooked module call (e.g.
 ``RuntimeError`` naming it; a parameter used both through a module and
 functionally cannot be detected and gets only the module's share.
 
+Per-example gradients as the weight gradient. For a Linear layer on
+sequences (T > 1 positions) whose per-example gradients are cheaper to form
+than the Gram form (``_ghost.prefers_summed_direct``; always with
+``method="direct"``, never with ``"gram"``), they also supply the layer's
+weight gradient: the layer runs with its weight's ``requires_grad`` off, so
+autograd skips the weight gradient, and an in-place identity on the output
+(``_WeightGradientTap``) returns their sum to the weight's gradient
+accumulator, where DDP's and the engine's hooks see it as usual. The norms
+then cost only the memory traffic of the per-example blocks (a transformer
+block's layers at T = 64: about half the Gram form's time). Not under
+autocast or ``torch.func`` transforms, nor for weights shared with another
+module; ``backward(create_graph=True)`` gets exact second derivatives.
+
 BatchNorm policy. In train mode BatchNorm normalises with batch statistics, so
 an example's loss depends on the other examples and no exact per-example
 gradient exists. ``batchnorm="contribution"`` (the default) reports example
@@ -136,6 +149,8 @@ class PerExampleNorms:
 
     ``accumulators()`` returns ``(norm_sum [K], sq_norm_sum [K], num_examples)``
     on the parameters' device, without a host synchronisation.
+    ``tapped_calls`` counts the Linear calls of the latest backward whose
+    weight gradient came from the per-example gradients (module docstring).
     """
 
     def __init__(
@@ -190,6 +205,9 @@ class PerExampleNorms:
         self._seen: set[int] = set()
         self._queued = False
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._suspended: set[nn.Module] = set()  # Linear layers running with their weight's requires_grad off
+        self._tapped_now = 0
+        self.tapped_calls = 0
         self._plan_modules(model)
         self._register(model)
 
@@ -229,11 +247,22 @@ class PerExampleNorms:
         for k, owners in enumerate(self._owners):
             if owners == 0:
                 raise ValueError(f"parameter {self._names[k]!r} is owned by no module of the model")
+        # Linear layers whose per-example gradients may stand in for the weight
+        # gradient: the weight is tracked and no tracked parameter is shared.
+        self._tappable = [
+            module
+            for module, (kind, tracked) in self._plan.items()
+            if kind == "linear" and "weight" in tracked and all(self._owners[k] == 1 for k in tracked.values())
+        ]
 
     def _register(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward))
+        for module in self._tappable:
+            self._handles.append(module.register_forward_pre_hook(self._before_linear))
         for module in self._plan:
             self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        for module in self._tappable:  # if the forward raised, _on_forward did not run
+            self._handles.append(module.register_forward_hook(self._on_forward_error, always_call=True))
         if self.batchnorm == "error":
             for name, module in model.named_modules():
                 if isinstance(module, _BATCH_NORM):
@@ -293,7 +322,44 @@ class PerExampleNorms:
         if self._active:  # not while the fallback re-runs a module inside backward
             self._forward = _Forward()
 
+    def _before_linear(self, module: nn.Linear, args: tuple) -> None:
+        """Let the per-example gradients stand in for this call's weight gradient, if cheaper.
+
+        Autograd's linear then computes no weight gradient (the weight does
+        not require grad during the call); the tap applied in _on_forward
+        supplies it, summed from the per-example gradients it measures.
+        """
+        if not self._active or not torch.is_grad_enabled() or self.method == "gram":
+            return
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() < 3 or x.numel() == 0 or not module.weight.requires_grad:
+            return
+        if torch.is_autocast_enabled(x.device.type) or torch._C._are_functorch_transforms_active():
+            return  # the weight gradient would be in another dtype, or the tap cannot be transformed
+        length = x.numel() // (x.shape[0] * x.shape[-1])
+        if length < 2:
+            return  # one position: the outer-product form is cheaper still
+        if self.method == "auto" and not _ghost.prefers_summed_direct(
+            length, module.out_features, module.in_features, x.element_size()
+        ):
+            return
+        module.weight.requires_grad_(False)
+        self._suspended.add(module)
+
+    def _resume_weight(self, module: nn.Module) -> bool:
+        """Give the weight back its requires_grad; True if this call was suspended."""
+        if module not in self._suspended:
+            return False
+        self._suspended.discard(module)
+        module.weight.requires_grad_(True)
+        return True
+
+    def _on_forward_error(self, module: nn.Module, args: tuple, output) -> None:
+        self._resume_weight(module)  # a no-op unless the forward raised
+
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        if self._resume_weight(module):
+            return self._tap_weight_gradient(module, args[0], output)
         if not self._active or not torch.is_grad_enabled():
             return None
         kind, _ = self._plan[module]
@@ -336,7 +402,47 @@ class PerExampleNorms:
         target.register_hook(functools.partial(self._on_output_grad, call))
         return replacement
 
+    def _tap_weight_gradient(self, module: nn.Linear, x: Tensor, output: Tensor):
+        """Attach the tap that will supply the weight gradient of this call (see _before_linear)."""
+        if self._forward is None:
+            self._forward = _Forward()
+        self._forward.calls[module] += 1
+        call = _Call(module=module, kind="linear", args=(x.detach(),), kwargs={}, batch=x.shape[0], forward=self._forward)
+        if output._base is None:
+            _WeightGradientTap.apply(output, module.weight, x, self, call)
+            return None
+        if not _is_reshape_of_base(output):
+            return _WeightGradientTap.apply(output.clone(), module.weight, x, self, call)
+        # Tap the base and view it afresh: the old view would be rebased
+        # through as_strided, whose backward copies the whole gradient.
+        call.grad_shape = output.shape
+        return _WeightGradientTap.apply(output._base, module.weight, x, self, call).view(output.shape)
+
     # ------------------------------------------------------------ backward side
+
+    def _weight_gradient(self, call: _Call, g: Tensor, x: Tensor) -> Tensor:
+        """The tapped call's weight gradient ``g^T x``; its per-example norms are recorded on the way.
+
+        ``g`` and ``x`` are attached to the graph under ``create_graph=True``,
+        so the gradient is differentiable.
+        """
+        self._ensure_finalize()
+        self._tapped_now += 1
+        module, batch = call.module, call.batch
+        left = g.reshape(batch, -1, g.shape[-1])
+        right = x.reshape(batch, -1, x.shape[-1])
+        if call.forward.calls[module] > 1:
+            # Called more than once in the forward: the uses are combined
+            # exactly at the end of the backward, from their factors.
+            self._on_output_grad(call, g)
+            return left.flatten(0, 1).t().mm(right.flatten(0, 1))
+        _, tracked = self._plan[module]
+        grad, sq = _ghost.summed_direct(left, right)
+        pending = self._pending.setdefault(call.forward, {})
+        pending[tracked["weight"]] = (sq, "direct", batch)
+        if "bias" in tracked:
+            pending[tracked["bias"]] = (_ghost.row_sq_norms(left.detach().sum(1)), "direct", batch)
+        return grad
 
     def _ensure_finalize(self) -> None:
         if not self._queued:
@@ -454,8 +560,9 @@ class PerExampleNorms:
                 "(used functionally, e.g. F.linear(x, emb.weight) or nn.MultiheadAttention); "
                 "use them through modules so their per-example norms can be formed"
             )
-        if pending:
+        if pending:  # (a flushed backward's own end-of-backward callback finds nothing)
             self._backwards += 1
+            self.tapped_calls, self._tapped_now = self._tapped_now, 0
 
     def _accumulate(self, ks: list[int], sq: Tensor, batch: int) -> None:
         """sq: (len(ks), B) squared norms on the backpropagated scale."""
@@ -468,6 +575,37 @@ class PerExampleNorms:
         self._norm_sum.index_add_(0, index, sq.clamp_min(0).sqrt().sum(1), alpha=scale)
         self._sq_sum.index_add_(0, index, sq.sum(1), alpha=scale * scale)
         self._count.add_(batch)
+
+
+class _WeightGradientTap(torch.autograd.Function):
+    """Identity on a Linear layer's output whose backward supplies the layer's weight gradient.
+
+    Declared in place (``mark_dirty``), so the forward copies nothing and the
+    output's gradient passes through unchanged; the extra input ``weight``
+    gives the graph its edge to the weight's gradient accumulator (and so to
+    DDP's and the engine's hooks on it); the layer input ``x`` is an input
+    for ``create_graph=True`` (below).
+    """
+
+    @staticmethod
+    def forward(ctx, output: Tensor, weight: Tensor, x: Tensor, norms: "PerExampleNorms", call: _Call) -> Tensor:
+        ctx.mark_dirty(output)
+        ctx.save_for_backward(x, weight)
+        ctx.norms, ctx.call = norms, call
+        return output
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_weight = ctx.norms._weight_gradient(ctx.call, g, x)
+        grad_x = None
+        if torch.is_grad_enabled() and ctx.needs_input_grad[2]:
+            # create_graph=True: autograd's linear saw the weight as a constant,
+            # so its input gradient g W lacks the dependence on W. A zero-valued
+            # term carrying exactly that dependence restores the second order.
+            term = (g.detach().reshape(-1, g.shape[-1]) @ weight).reshape(x.shape)
+            grad_x = term - term.detach()
+        return g, grad_weight, grad_x, None, None
 
 
 def _refuse_train_batchnorm(module: nn.Module, name: str = "") -> None:
