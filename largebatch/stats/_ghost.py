@@ -382,14 +382,15 @@ def summed_direct(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     batch, _, m = left.shape
     n = right.shape[2]
     step = max(1, _BLOCK_BYTES // (m * n * left.element_size()))
-    sq = torch.empty(batch, dtype=_compute_dtype(left, right), device=left.device)
+    dtype = _compute_dtype(left, right)  # half precision sums across blocks in float32, rounded once
+    sq = torch.empty(batch, dtype=dtype, device=left.device)
     total = None
     for start in range(0, batch, step):
         block = torch.bmm(left[start : start + step].transpose(1, 2), right[start : start + step])
-        part = block.sum(0)
+        part = block.sum(0, dtype=dtype)
         total = part if total is None else total.add_(part)
-        sq[start : start + step] = torch.linalg.vector_norm(block.detach().flatten(1), dim=1, dtype=sq.dtype)
-    return total, sq.square_()
+        sq[start : start + step] = torch.linalg.vector_norm(block.detach().flatten(1), dim=1, dtype=dtype)
+    return total.to(left.dtype), sq.square_()
 
 
 def prefers_summed_direct(length: int, m: int, n: int, element_size: int) -> bool:
