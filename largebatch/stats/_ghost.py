@@ -21,8 +21,12 @@ Squared norms of factored gradients use, per layer, the cheaper of
   examples as extra groups, not by unfold + bmm),
 
 choosing Gram when ``2 T^2 <= m n`` ("mixed ghost norm", Bu et al. 2022,
-arXiv 2210.00038). Uses of one parameter are combined exactly through the
-inner products ``<L_u^T R_u, L_v^T R_v> = <L_u L_v^T, R_u R_v^T>``.
+arXiv 2210.00038). For Linear layers on sequences the direct form can also
+replace autograd's weight gradient (``summed_direct``: the per-example
+gradients are summed into it), which makes it cheaper than Gram far more
+often (``prefers_summed_direct``). Uses of one parameter are combined
+exactly through the inner products
+``<L_u^T R_u, L_v^T R_v> = <L_u L_v^T, R_u R_v^T>``.
 
 Everything stays on the tensors' device; nothing here synchronises with the host.
 """
@@ -42,6 +46,8 @@ __all__ = [
     "Use",
     "linear_uses",
     "linear_sq_norms",
+    "summed_direct",
+    "prefers_summed_direct",
     "conv_uses",
     "embedding_uses",
     "norm_affine_uses",
