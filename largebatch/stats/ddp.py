@@ -25,6 +25,7 @@ one-collective-per-tensor scheme of the LENA authors' code.
 
 # No "from __future__ import annotations": DDP compares the hook's annotations
 # with dist.GradBucket and Future[Tensor] at registration.
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +33,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["mean_allreduce_with_statistics", "statistics_comm_hook"]
+__all__ = ["all_reduce_sum", "mean_allreduce_with_statistics", "statistics_comm_hook"]
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
+
+
+def all_reduce_sum(process_group: dist.ProcessGroup, tensor: Tensor) -> torch.futures.Future:
+    """Sum ``tensor`` over the group in place, asynchronously.
+
+    Issued on the process group directly: ``dist.all_reduce``'s Python checks
+    cost about 35 us a call, as much as a small model's norms.
+    """
+    return process_group.allreduce([tensor], _sum_options()).get_future()
+
+
+@functools.cache
+def _sum_options() -> dist.AllreduceOptions:
+    options = dist.AllreduceOptions()
+    options.reduceOp = dist.ReduceOp.SUM
+    return options
 
 
 def statistics_comm_hook(
@@ -81,16 +98,9 @@ def mean_allreduce_with_statistics(
     will hold the sums and the collective's future. A vector of another dtype
     than the bucket (float64 statistics, a float32 bucket) gets its own
     all-reduce instead. ``before_reduce`` may be None (nothing to measure per
-    bucket). The collectives are issued on the process group directly:
-    ``dist.all_reduce``'s Python checks cost about 35 us a call, as much as a
-    small model's norms.
+    bucket).
     """
     world = process_group.size()
-    options = dist.AllreduceOptions()
-    options.reduceOp = dist.ReduceOp.SUM
-
-    def all_reduce(tensor: Tensor) -> torch.futures.Future:
-        return process_group.allreduce([tensor], options).get_future()
 
     def largebatch_mean_allreduce_with_statistics(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
@@ -104,14 +114,14 @@ def mean_allreduce_with_statistics(
                 combined = buffer.new_empty(n + statistics.numel())
                 torch.div(buffer, world, out=combined[:n])
                 combined[n:].copy_(statistics)
-                reduced = all_reduce(combined)
+                reduced = all_reduce_sum(process_group, combined)
                 deliver(combined[n:], reduced)
                 # DDP copies a result that is not the bucket's buffer into the gradients.
                 return reduced.then(lambda fut: fut.value()[0][:n])
             statistics = statistics.clone()  # reduced in place; the caller's vector stays local
-            deliver(statistics, all_reduce(statistics))
+            deliver(statistics, all_reduce_sum(process_group, statistics))
         buffer.div_(world)
-        return all_reduce(buffer).then(_first)
+        return all_reduce_sum(process_group, buffer).then(_first)
 
     return largebatch_mean_allreduce_with_statistics
 

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import estimators
 from ._norms import sq_norm_into, sq_norms, sq_norms_into
-from .ddp import mean_allreduce_with_statistics, statistics_comm_hook
+from .ddp import all_reduce_sum, mean_allreduce_with_statistics, statistics_comm_hook
 
 __all__ = ["GradientStatistics", "GradientSummary"]
 
@@ -492,10 +492,7 @@ class GradientStatistics:
         collectives by then. summary() waits.
         """
         self._reduced = self._statistics_vector().clone()  # reduced in place; the local sums stay local
-        options = dist.AllreduceOptions()
-        options.reduceOp = dist.ReduceOp.SUM
-        # On the group directly: dist.all_reduce's Python checks cost about 35 us a call.
-        self._work = self._group.allreduce([self._reduced], options)
+        self._work = all_reduce_sum(self._group, self._reduced)
 
     def _statistics_vector(self) -> Tensor:
         """Every statistic of the step in one vector: sample sums, per-example sums, examples."""

@@ -358,9 +358,8 @@ class PerExampleNorms:
         self._resume_weight(module)  # a no-op unless the forward raised
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        if self._resume_weight(module):
-            return self._tap_weight_gradient(module, args[0], output)
-        if not self._active or not torch.is_grad_enabled():
+        tapped = self._resume_weight(module)  # _before_linear's checks passed: record this call
+        if not tapped and (not self._active or not torch.is_grad_enabled()):
             return None
         kind, _ = self._plan[module]
         if not isinstance(output, Tensor):
@@ -370,8 +369,9 @@ class PerExampleNorms:
                     "need modules with parameters to return a single tensor"
                 )
             return None
-        if not output.requires_grad:
+        if not output.requires_grad and not tapped:  # (a tapped output requires grad once tapped)
             return None
+        layer_input = args[0] if args else None
         if kind == "fallback":
             args, kwargs = tree_map(_detach, args), tree_map(_detach, kwargs)
         else:  # the formulas read only the first input
@@ -392,6 +392,8 @@ class PerExampleNorms:
             bn_stats=_eval_batchnorm_stats(module) if kind == "batchnorm" else None,
             moments=_layer_norm_moments(output, args[0]) if isinstance(module, nn.LayerNorm) else None,
         )
+        if tapped:
+            return self._tap_weight_gradient(call, layer_input, output)
         target, replacement = output, None
         if output._base is not None:
             # A hook on a view is dropped if the view is later modified in place.
@@ -402,21 +404,22 @@ class PerExampleNorms:
         target.register_hook(functools.partial(self._on_output_grad, call))
         return replacement
 
-    def _tap_weight_gradient(self, module: nn.Linear, x: Tensor, output: Tensor):
-        """Attach the tap that will supply the weight gradient of this call (see _before_linear)."""
-        if self._forward is None:
-            self._forward = _Forward()
-        self._forward.calls[module] += 1
-        call = _Call(module=module, kind="linear", args=(x.detach(),), kwargs={}, batch=x.shape[0], forward=self._forward)
+    def _tap_weight_gradient(self, call: _Call, x: Tensor, output: Tensor):
+        """Attach the tap that will supply the weight gradient of this call (see _before_linear).
+
+        ``x`` is the layer input as the graph has it (not detached), for
+        ``create_graph=True``.
+        """
+        weight = call.module.weight
         if output._base is None:
-            _WeightGradientTap.apply(output, module.weight, x, self, call)
+            _WeightGradientTap.apply(output, weight, x, self, call)
             return None
         if not _is_reshape_of_base(output):
-            return _WeightGradientTap.apply(output.clone(), module.weight, x, self, call)
+            return _WeightGradientTap.apply(output.clone(), weight, x, self, call)
         # Tap the base and view it afresh: the old view would be rebased
         # through as_strided, whose backward copies the whole gradient.
         call.grad_shape = output.shape
-        return _WeightGradientTap.apply(output._base, module.weight, x, self, call).view(output.shape)
+        return _WeightGradientTap.apply(output._base, weight, x, self, call).view(output.shape)
 
     # ------------------------------------------------------------ backward side
 
