@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -25,6 +26,16 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 DIM_IN, DIM_OUT = 6, 3
 HAVE_PER_EXAMPLE = importlib.util.find_spec("largebatch.stats.per_example") is not None
+
+# DDP's default reduction through the Python hook (ddp.py) and the compiled one (_ddp_hook.cpp).
+HOOKS = [
+    pytest.param(False, id="python_hook"),
+    pytest.param(
+        True,
+        id="native_hook",
+        marks=pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the native hook"),
+    ),
+]
 
 
 class _Net(nn.Module):
@@ -102,6 +113,7 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
             applied_norm=opts.get("applied_norm", "backward"),
             per_example=opts.get("per_example", False),
             comm_hook=hook,
+            native=opts.get("native"),
         )
     elif hook is not None:
         ddp.register_comm_hook(None, hook)
@@ -120,6 +132,7 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
         record = {"grads": [None if p.grad is None else p.grad.clone() for p in ddp.parameters()], "all_reduces": counter[0]}
         if stats is not None:
             record["summary"] = _summary_dict(stats.summary())
+            record["native_hook"] = stats.native_hook
             if stats.per_example is not None:
                 record["tapped_calls"] = stats.per_example.tapped_calls
         records.append(record)
@@ -167,6 +180,8 @@ def _check_against_one_process(opts: dict, ranks: list[list[dict]]):
     reference = _one_process(opts)
     for records in ranks:
         for got, want in zip(records, reference, strict=True):
+            if "native" in opts:
+                assert got["native_hook"] == opts["native"]
             _assert_same_summary(got["summary"], want["summary"])
             for g, w in zip(got["grads"], want["grads"], strict=True):
                 assert (g is None) == (w is None)
@@ -184,15 +199,17 @@ def group():
 
 
 
-def test_per_worker_statistics_equal_one_process_with_two_micro_batches(group):
-    opts = {"sample": "worker", "micro": 1, "steps": 3}
+@pytest.mark.parametrize("native", HOOKS)
+def test_per_worker_statistics_equal_one_process_with_two_micro_batches(group, native):
+    opts = {"sample": "worker", "micro": 1, "steps": 3, "native": native}
     ranks = group.run(_train_ddp, opts)
     _check_against_one_process(opts, ranks)
     assert ranks[0][0]["summary"]["n"] == WORLD
 
 
-def test_hook_leaves_averaged_gradients_unchanged(group):
-    opts = {"sample": "worker", "micro": 2, "steps": 3}
+@pytest.mark.parametrize("native", HOOKS)
+def test_hook_leaves_averaged_gradients_unchanged(group, native):
+    opts = {"sample": "worker", "micro": 2, "steps": 3, "native": native}
     with_stats = group.run(_train_ddp, opts)
     plain = group.run(_train_ddp, dict(opts, stats=False))
     for rank in range(WORLD):
@@ -201,14 +218,16 @@ def test_hook_leaves_averaged_gradients_unchanged(group):
                 assert torch.equal(ga, gb)
 
 
-def test_gradient_as_bucket_view(group):
-    opts = {"sample": "worker", "micro": 2, "steps": 3, "bucket_view": True}
+@pytest.mark.parametrize("native", HOOKS)
+def test_gradient_as_bucket_view(group, native):
+    opts = {"sample": "worker", "micro": 2, "steps": 3, "bucket_view": True, "native": native}
     _check_against_one_process(opts, group.run(_train_ddp, opts))
 
 
+@pytest.mark.parametrize("native", HOOKS)
 @pytest.mark.parametrize("applied_norm", ["backward", "summary"])
-def test_no_sync_micro_batches_two_workers_equal_four_micro_batches(group, applied_norm):
-    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "applied_norm": applied_norm}
+def test_no_sync_micro_batches_two_workers_equal_four_micro_batches(group, applied_norm, native):
+    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "applied_norm": applied_norm, "native": native}
     ranks = group.run(_train_ddp, opts)
     _check_against_one_process(opts, ranks)
     assert ranks[0][0]["summary"]["n"] == 4
@@ -225,8 +244,9 @@ def test_sum_accumulation_reports_the_mean_gradient_scale(group, sample):
         _assert_same_summary(records[0]["summary"], want)
 
 
-def test_parameter_without_gradient_and_find_unused_parameters(group):
-    opts = {"sample": "worker", "micro": 2, "steps": 2, "unused": True, "find_unused": True}
+@pytest.mark.parametrize("native", HOOKS)
+def test_parameter_without_gradient_and_find_unused_parameters(group, native):
+    opts = {"sample": "worker", "micro": 2, "steps": 2, "unused": True, "find_unused": True, "native": native}
     ranks = group.run(_train_ddp, opts)
     reference = _one_process(opts)
     for records in ranks:
@@ -235,10 +255,11 @@ def test_parameter_without_gradient_and_find_unused_parameters(group):
         assert records[0]["grads"][-1] is None  # the unused layer never got a gradient
 
 
-def test_static_graph_after_a_synchronised_first_step(group):
+@pytest.mark.parametrize("native", HOOKS)
+def test_static_graph_after_a_synchronised_first_step(group, native):
     # First step synchronises every micro-batch (several reductions in one
     # step), later steps accumulate under no_sync.
-    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "static_graph": True, "sync_every_micro_batch_at": (0,)}
+    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "static_graph": True, "sync_every_micro_batch_at": (0,), "native": native}
     _check_against_one_process(opts, group.run(_train_ddp, opts))
 
 
@@ -272,10 +293,11 @@ def _collectives(rank: int, world: int, opts: dict) -> int:
     return group_._get_sequence_number_for_group() - before
 
 
-def test_default_reduction_carries_the_statistics_without_a_collective_of_its_own(group):
+@pytest.mark.parametrize("native", HOOKS)
+def test_default_reduction_carries_the_statistics_without_a_collective_of_its_own(group, native):
     # With DDP's default reduction the statistics vector rides on the last
     # bucket: as many collectives as plain DDP (its C++ reduction).
-    opts = {"sample": "worker", "micro": 2, "steps": 3}
+    opts = {"sample": "worker", "micro": 2, "steps": 3, "native": native}
     ranks = group.run(_collectives, opts)
     plain = group.run(_collectives, dict(opts, stats=False))
     assert ranks == plain and plain[0] > opts["steps"]  # several buckets a step, none more
@@ -293,27 +315,37 @@ class _MixedNet(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x.float())).double())
 
 
-def _mixed_dtype_worker(rank: int, world: int) -> dict:
+def _mixed_dtype_worker(rank: int, world: int, native: bool) -> dict:
     """Float64 statistics (a float64 parameter) and a float32 last bucket: the vector gets its own all-reduce."""
     torch.manual_seed(0)
     model, copy = _MixedNet(), _MixedNet()
     copy.load_state_dict(model.state_dict())
     x, y = _step_data(0, {"micro": 1})[rank]
     ddp = DDP(model, bucket_cap_mb=0.0005)
-    stats = GradientStatistics(ddp, sample="worker")
+    stats = GradientStatistics(ddp, sample="worker", native=native)
     nn.functional.mse_loss(ddp(x), y).backward()
     summary = stats.summary()
+    applied = torch.stack([p.grad.double().square().sum() for p in ddp.parameters()])
     # This worker's own gradient, without DDP, on a copy of the model.
     nn.functional.mse_loss(copy(x), y).backward()
     mine = torch.stack([p.grad.double().square().sum() for p in copy.parameters()])
     everyone = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine)
-    return {"A": summary.sample_sq_norm_mean, "expected": torch.stack(everyone).mean(0)}
+    return {
+        "A": summary.sample_sq_norm_mean,
+        "expected": torch.stack(everyone).mean(0),
+        "B": summary.mean_grad_sq_norm,
+        "applied": applied,
+        "native_hook": stats.native_hook,
+    }
 
 
-def test_statistics_of_another_dtype_than_the_last_bucket(group):
-    for rank in group.run(_mixed_dtype_worker):
+@pytest.mark.parametrize("native", HOOKS)
+def test_statistics_of_another_dtype_than_the_last_bucket(group, native):
+    for rank in group.run(_mixed_dtype_worker, native):
+        assert rank["native_hook"] == native
         torch.testing.assert_close(rank["A"], rank["expected"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(rank["B"], rank["applied"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.skipif(not HAVE_PER_EXAMPLE, reason="largebatch/stats/per_example.py (PerExampleNorms) is not there yet")
@@ -326,11 +358,13 @@ def test_per_example_sums_travel_in_the_same_all_reduce(group):
 
 
 @pytest.mark.skipif(not HAVE_PER_EXAMPLE, reason="largebatch/stats/per_example.py (PerExampleNorms) is not there yet")
+@pytest.mark.parametrize("native", HOOKS)
 @pytest.mark.parametrize("bucket_view", [False, True])
-def test_per_example_gradients_as_the_weight_gradient_under_ddp(group, bucket_view):
+def test_per_example_gradients_as_the_weight_gradient_under_ddp(group, bucket_view, native):
     # Sequence inputs (T = 12): every Linear's weight gradient comes from the
     # per-example gradients, so DDP's reducer hooks must fire on the tap's gradient.
     opts = {"sample": "micro_batch", "micro": 2, "steps": 2, "per_example": True, "length": 12, "bucket_view": bucket_view}
+    opts["native"] = native
     ranks = group.run(_train_ddp, opts)
     assert [r["tapped_calls"] for records in ranks for r in records] == [3] * 4
     _check_against_one_process(opts, ranks)
@@ -395,13 +429,16 @@ def test_bad_input_under_ddp(group):
     assert "sharded parameters" in messages["sharded"]
 
 
-def _after_remove(rank: int, world: int) -> dict:
-    """After remove() the comm hook only forwards to the wrapped reduction."""
+def _after_remove(rank: int, world: int, native: bool) -> dict:
+    """After remove() the comm hook only forwards to the wrapped (or default) reduction."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     x, y = _step_data(0, {"micro": 1})[rank]
     ddp = DDP(_model({}))
-    stats = GradientStatistics(ddp, comm_hook=allreduce_hook, comm_state=None)
+    if native:
+        stats = GradientStatistics(ddp, sample="worker", native=True)
+    else:
+        stats = GradientStatistics(ddp, sample="worker", comm_hook=allreduce_hook, comm_state=None)
     _loss(ddp, x, y).backward()
     stats.summary()
     stats.remove()
@@ -410,11 +447,58 @@ def _after_remove(rank: int, world: int) -> dict:
     loss = _loss(ddp, x, y)  # this forward rebuilds DDP's buckets, with collectives of its own
     with _counting_collectives(counter):
         loss.backward()
-    return {"all_reduces": counter[0], "grads": [p.grad.clone() for p in ddp.parameters()]}
+    # The same backward in this process, averaged by hand over the workers.
+    copy = _model({})
+    copy.load_state_dict(ddp.module.state_dict())
+    _loss(copy, x, y).backward()
+    expected = []
+    for p in copy.parameters():
+        dist.all_reduce(p.grad)
+        expected.append(p.grad / world)
+    return {"all_reduces": counter[0], "grads": [p.grad.clone() for p in ddp.parameters()], "expected": expected}
 
 
-def test_remove_leaves_a_plain_reduction(group):
-    ranks = group.run(_after_remove)
+@pytest.mark.parametrize("native", HOOKS)
+def test_remove_leaves_a_plain_reduction(group, native):
+    ranks = group.run(_after_remove, native)
     assert ranks[0]["all_reduces"] == 1  # the one bucket, no statistics
-    for a, b in zip(ranks[0]["grads"], ranks[1]["grads"]):
-        assert torch.equal(a, b)
+    for rank in ranks:
+        for got, want in zip(rank["grads"], rank["expected"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+def _native_refusals(rank: int, world: int) -> dict[str, str]:
+    """native=True where the compiled hook cannot serve; returns the error messages."""
+    import os
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    messages = {}
+    for name, make in {
+        "user_hook": lambda: GradientStatistics(DDP(_model({})), comm_hook=allreduce_hook, native=True),
+        "bfloat16": lambda: GradientStatistics(DDP(_model({}).bfloat16()), native=True),
+        "sparse": lambda: GradientStatistics(DDP(nn.Embedding(10, 4, sparse=True)), native=True),
+    }.items():
+        try:
+            make()
+        except ValueError as error:
+            messages[name] = str(error)
+    os.environ["LARGEBATCH_NATIVE"] = "0"
+    try:
+        messages["default_when_off"] = str(GradientStatistics(DDP(_model({}))).native_hook)
+        try:
+            GradientStatistics(DDP(_model({})), native=True)
+        except RuntimeError as error:
+            messages["required_when_off"] = str(error)
+    finally:
+        del os.environ["LARGEBATCH_NATIVE"]
+    return messages
+
+
+def test_native_hook_refuses_what_it_cannot_reduce(group):
+    messages = group.run(_native_refusals)[0]
+    assert "comm_hook=" in messages["user_hook"]
+    assert "torch.bfloat16" in messages["bfloat16"]
+    assert "sparse gradients" in messages["sparse"]
+    assert messages["default_when_off"] == "False"
+    assert "LARGEBATCH_NATIVE=0" in messages["required_when_off"]

@@ -397,6 +397,12 @@ def test_comm_hook_without_ddp_is_an_error():
         GradientStatistics(_mlp(), comm_hook=lambda state, bucket: None)
 
 
+def test_native_hook_without_ddp_is_an_error():
+    with pytest.raises(ValueError, match="native=True"):
+        GradientStatistics(_mlp(), native=True)
+    assert not GradientStatistics(_mlp()).native_hook
+
+
 def test_frozen_model_is_an_error():
     model = _mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="params"):

@@ -23,6 +23,7 @@ was unscaled before ``summary()``; gain ratios and noise scales are unaffected.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
-from . import estimators
+from . import _native, estimators
 from ._norms import sq_norm_into, sq_norms, sq_norms_into
 from .ddp import all_reduce_sum, mean_allreduce_with_statistics, statistics_comm_hook
 
@@ -160,6 +161,13 @@ class GradientStatistics:
         process_group: group for the statistics (default: DDP's; another
             group also means one small all-reduce after DDP's backward).
         params: the tracked parameters (default: all trainable ones).
+        native: with DDP's default reduction, use the compiled comm hook
+            (_ddp_hook.cpp: one pass per bucket for the local norms and the
+            division, B read from the reduced bucket). None (default): when
+            it applies (dense CPU float32/float64 parameters, no
+            mixed_precision) and builds, else the Python hook with a warning
+            if the build failed; True: required (a clear error otherwise);
+            False: never. ``LARGEBATCH_NATIVE=0`` also turns it off.
 
     Mechanics and limits: a tensor hook on each parameter sees every
     micro-batch's gradient before accumulation (also under ``no_sync``), so a
@@ -184,6 +192,7 @@ class GradientStatistics:
         comm_state=None,
         process_group=None,
         params=None,
+        native: bool | None = None,
     ):
         _check_choice("loss_reduction", loss_reduction, _REDUCTIONS)
         _check_choice("accumulation", accumulation, _REDUCTIONS)
@@ -223,10 +232,13 @@ class GradientStatistics:
         self._active = True
         self._group = None
         self._world: int | None = None
+        self._native_state = None  # the compiled hook's state, when it reduces DDP's buckets
         if self.ddp is not None:
-            self._attach_ddp(comm_hook, comm_state, process_group)
+            self._attach_ddp(comm_hook, comm_state, process_group, native)
         elif comm_hook is not None:
             raise ValueError("comm_hook: only meaningful when model is a DistributedDataParallel")
+        elif native:
+            raise ValueError("native=True: the compiled hook is a DDP comm hook; model is not a DistributedDataParallel")
         self._backwards = 0
         self._backwards_last_step = 0  # where applied_norm="backward" expects a step's last backward
         self.reset()
@@ -264,6 +276,8 @@ class GradientStatistics:
         if self.per_example is not None:
             self.per_example.remove()
         self._active = False
+        if self._native_state is not None:
+            self._native_state.active = False
 
     def summary(self) -> GradientSummary:
         """Statistics of the backwards since ``reset()``; nothing is synced to host.
@@ -376,6 +390,8 @@ class GradientStatistics:
         )
         if deferred:
             self._grad_sq, self._grad_versions = None, _grad_versions(self.params)
+        elif self._native_state is not None:  # the hook read them from the reduced buckets
+            self._grad_sq, self._grad_versions = self._native_grad_sq.clone(), None
         else:
             self._grad_sq = sq_norms([p.grad for p in self.params], self._dtype, self._device)
             self._grad_versions = None
@@ -415,9 +431,14 @@ class GradientStatistics:
         return scale
 
     # -- DDP --------------------------------------------------------------------
-    def _attach_ddp(self, comm_hook, comm_state, process_group) -> None:
+    @property
+    def native_hook(self) -> bool:
+        """Whether the compiled comm hook reduces DDP's buckets (see ``native``)."""
+        return self._native_state is not None
+
+    def _attach_ddp(self, comm_hook, comm_state, process_group, native) -> None:
         ddp = self.ddp
-        if getattr(ddp, "_comm_hooks", None):
+        if getattr(ddp, "_comm_hooks", None) or _native.has_hook(ddp):
             raise ValueError(
                 "the DistributedDataParallel module already has a comm hook; pass it as "
                 "GradientStatistics(comm_hook=..., comm_state=...) so it can be wrapped"
@@ -427,31 +448,73 @@ class GradientStatistics:
         # ddp.py); a user's hook, or a separate statistics group, gets one
         # extra all-reduce after DDP's backward.
         self._fused = comm_hook is None and self._group is ddp.process_group
+        if native and not self._fused:
+            raise ValueError(
+                "native=True: the compiled hook replaces DDP's default reduction; it does not "
+                "combine with comm_hook= or another process_group="
+            )
+        if not (self._fused and self._attach_native(native)):
+            ddp.register_comm_hook(*self._python_comm_hook(comm_hook, comm_state))
+        self._synced_once = False
+        self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
+
+    def _python_comm_hook(self, comm_hook, comm_state) -> tuple:
+        """The (state, hook) pair of ddp.py's hooks for this engine."""
         before_reduce = self._on_bucket if self.sample == "worker" else None  # micro-batch norms: tensor hooks
         if self._fused:
-            comm_state = ddp.process_group
             hook = mean_allreduce_with_statistics(
-                comm_state,
+                self.ddp.process_group,
                 before_reduce=before_reduce,
                 last_bucket_statistics=self._last_bucket_statistics,
                 deliver=self._deliver,
                 is_active=lambda: self._active,
             )
-        else:
-            if comm_hook is None:
-                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            return self.ddp.process_group, hook
+        if comm_hook is None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-                comm_hook, comm_state = allreduce_hook, ddp.process_group
-            hook = statistics_comm_hook(
-                comm_hook,
-                comm_state,
-                before_reduce=before_reduce,
-                after_last_bucket=self._mark_synchronised,
-                is_active=lambda: self._active,
-            )
-        ddp.register_comm_hook(comm_state, hook)
-        self._synced_once = False
-        self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
+            comm_hook, comm_state = allreduce_hook, self.ddp.process_group
+        hook = statistics_comm_hook(
+            comm_hook,
+            comm_state,
+            before_reduce=before_reduce,
+            after_last_bucket=self._mark_synchronised,
+            is_active=lambda: self._active,
+        )
+        return comm_state, hook
+
+    def _attach_native(self, native: bool | None) -> bool:
+        """Register the compiled hook if ``native`` asks for it and it applies; whether it was."""
+        if native is False:
+            return False
+        reason = _native.unsupported(self.ddp, self.params)
+        if reason is not None:
+            if native:
+                raise ValueError(f"native=True: the compiled DDP hook does not support {reason}")
+            return False
+        if _native.load(required=bool(native)) is None:
+            return False
+        self._native_grad_sq = torch.zeros(len(self.params), dtype=self._dtype, device=self._device)
+        # Weak: the reducer (C++) holds this callback, and a strong reference
+        # from there would keep the engine and the DDP module alive for good.
+        engine = weakref.ref(self)
+
+        def fill_statistics(out: Tensor) -> None:
+            self_ = engine()
+            if self_ is not None:
+                out.copy_(self_._last_bucket_statistics())
+                self_._reduced, self_._work = out, self_._native_state  # state.wait(): the statistics' collective
+
+        self._native_state = _native.register_statistics_hook(
+            self.ddp,
+            self.params,
+            self._local_sq,
+            self._native_grad_sq,
+            measure_local=self.sample == "worker",
+            vector_size=self._vector.numel(),
+            fill_statistics=fill_statistics,
+        )
+        return True
 
     def _world_size(self) -> int:
         if self.ddp is None:

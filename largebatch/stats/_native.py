@@ -1,0 +1,123 @@
+"""The compiled DDP communication hook (_ddp_hook.cpp), built on first use.
+
+Built with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are
+needed; the build takes about 40 s once and is cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+``LARGEBATCH_NATIVE=0`` in the environment turns it off; the engine then
+uses the Python hook of ddp.py, which computes the same statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+_SOURCE = Path(__file__).with_name("_ddp_hook.cpp")
+
+
+def disabled_by_environment() -> bool:
+    return os.environ.get("LARGEBATCH_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _build() -> ModuleType | Exception:
+    try:
+        from torch.utils import cpp_extension
+
+        _put_ninja_on_path()
+        return cpp_extension.load(
+            name="largebatch_ddp_hook",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3"],
+            verbose=False,
+        )
+    except Exception as error:  # a missing compiler, headers or ninja: reported by the caller
+        return error
+
+
+def _put_ninja_on_path() -> None:
+    """torch's build looks for ``ninja`` on PATH; the ninja wheel's binary may not be there (no venv activated)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load(required: bool) -> ModuleType | None:
+    """The compiled hook module, or None (with one warning) if it cannot be had.
+
+    ``required``: raise instead of returning None.
+    """
+    if disabled_by_environment():
+        if required:
+            raise RuntimeError("native=True, but LARGEBATCH_NATIVE=0 in the environment turns the compiled hook off")
+        return None
+    built = _build()
+    if isinstance(built, Exception):
+        message = (
+            f"largebatch's compiled DDP hook could not be built ({type(built).__name__}: {built}); "
+            "needs a C++ compiler and ninja (pip install ninja)"
+        )
+        if required:
+            raise RuntimeError(message) from built
+        _warn_once(message + "; using the Python hook (same statistics, slower)")
+        return None
+    return built
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def unsupported(ddp, params: list) -> str | None:
+    """Why the compiled hook cannot reduce ``ddp``'s buckets for these tracked params, or None."""
+    if getattr(ddp, "mixed_precision", None) is not None:
+        return "DistributedDataParallel(mixed_precision=...) reduces in another dtype"
+    if getattr(ddp, "_use_python_reducer", False):
+        return "the Python reducer (compiled autograd) does not run C++ comm hooks"
+    if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in ddp.module.modules()):
+        return "sparse gradients (Embedding(sparse=True))"
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())
+    reduced = [p for name, p in ddp.module.named_parameters() if p.requires_grad and name not in ignored]
+    for p in reduced:
+        if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) or p.layout != torch.strided:
+            return f"a parameter of {p.dtype} on {p.device} (the compiled hook reduces dense CPU float32/float64)"
+    reduced_ids = {id(p) for p in reduced}
+    if any(id(p) not in reduced_ids for p in params):
+        return "a tracked parameter that DDP does not reduce (parameters_to_ignore)"
+    return None
+
+
+def register_statistics_hook(ddp, params, local_sq, grad_sq, *, measure_local: bool, vector_size: int, fill_statistics):
+    """Register the compiled hook on ``ddp``'s reducer; returns its state (``wait()``, ``active``).
+
+    ``local_sq`` (K) receives each worker's local squared norms when
+    ``measure_local``; ``grad_sq`` (K), the squared norms of the averaged
+    gradients; ``fill_statistics(out)`` is called on the last bucket to write
+    the step's statistics vector (``vector_size`` long, ``local_sq`` in its
+    first K entries) into ``out``, which is summed over the workers in place.
+    """
+    module = load(required=True)
+    state = module.register_statistics_hook(
+        ddp.reducer, ddp.process_group, params, local_sq, grad_sq, measure_local, vector_size, fill_statistics
+    )
+    ddp._largebatch_native_hook = True  # DDP's own list of hooks (_comm_hooks) sees only Python hooks
+    if ddp.logger is not None:
+        ddp.logger._set_comm_hook_name("largebatch_native_statistics_hook")
+    return state
+
+
+def has_hook(ddp) -> bool:
+    """Whether the compiled hook is registered on ``ddp`` (a reducer takes one comm hook)."""
+    return getattr(ddp, "_largebatch_native_hook", False)
