@@ -9,10 +9,11 @@ is robust to other processes on a shared machine):
    vs ``GradientStatistics(sample="micro_batch")`` (tensor hooks + summary()),
    with B read after every backward (``applied_norm="backward"``, default) or
    once in summary() (``"summary"``);
-2. 2-process gloo DDP on loopback: plain DDP (built-in C++ all-reduce; and,
-   to separate the cost of any Python comm hook, DDP with torch's Python
-   ``allreduce_hook``) vs DDP with the statistics comm hook, ``sample="worker"`` (1 micro-batch per worker) and
-   ``sample="micro_batch"`` (2 micro-batches per worker, no_sync).
+2. 2-process gloo DDP on loopback: plain DDP (its built-in C++ all-reduce)
+   vs DDP with the engine's statistics comm hook, the compiled one
+   (_ddp_hook.cpp, the default) and, rows marked "python hook", the Python
+   one of ddp.py (``native=False``); ``sample="worker"`` (1 micro-batch per
+   worker) and ``sample="micro_batch"`` (2 micro-batches per worker, no_sync).
 
 Models: an MLP (784-512-512-10) and a small CNN (32x32x3, two conv layers).
 Writes benchmarks/results/grad_stats_ddp.json. Target: ratio <= 1.05. The
@@ -40,7 +41,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch.stats import GradientStatistics
@@ -142,17 +142,21 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str, steady: 
     for name in MODELS:
         for sample, micro in (("worker", 1), ("micro_batch", 2)):
             data = batches(name, micro, seed=rank + 1)
-            plain, python_hook, measured = DDP(build(name)), DDP(build(name)), DDP(build(name))
-            python_hook.register_comm_hook(None, allreduce_hook)
-            stats = GradientStatistics(measured, sample=sample)
+            plain = DDP(build(name))
+            for engine_name, native in (("", None), (" python hook", False)):
+                measured = DDP(build(name))
+                stats = GradientStatistics(measured, sample=sample, native=native)
+                if native is None and not stats.native_hook:
+                    raise RuntimeError("the compiled DDP hook did not build; see the warning above")
 
-            def timed(model, engine):
-                dist.barrier()  # both ranks start the step together
-                return accumulate_step(model, data, engine, no_sync=model.no_sync)
+                def timed(model, engine):
+                    dist.barrier()  # both ranks start the step together
+                    return accumulate_step(model, data, engine, no_sync=model.no_sync)
 
-            for reference_name, reference in (("", plain), (" vs python allreduce_hook", python_hook)):
-                r = paired(lambda: timed(reference, None), lambda: timed(measured, stats), steps)
-                results[f"{name}/{sample}{reference_name}"] = dict(r, micro_batches_per_worker=micro, batch=MODELS[name][2])
+                r = paired(lambda: timed(plain, None), lambda: timed(measured, stats), steps)
+                results[f"{name}/{sample}{engine_name}"] = dict(
+                    r, micro_batches_per_worker=micro, batch=MODELS[name][2], native_hook=stats.native_hook
+                )
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     retire_collectives()
