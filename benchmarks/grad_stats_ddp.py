@@ -143,16 +143,16 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str, steady: 
         for sample, micro in (("worker", 1), ("micro_batch", 2)):
             data = batches(name, micro, seed=rank + 1)
             plain = DDP(build(name))
+
+            def timed(model, engine):
+                dist.barrier()  # both ranks start the step together
+                return accumulate_step(model, data, engine, no_sync=model.no_sync)
+
             for engine_name, native in (("", None), (" python hook", False)):
                 measured = DDP(build(name))
                 stats = GradientStatistics(measured, sample=sample, native=native)
                 if native is None and not stats.native_hook:
                     raise RuntimeError("the compiled DDP hook did not build; see the warning above")
-
-                def timed(model, engine):
-                    dist.barrier()  # both ranks start the step together
-                    return accumulate_step(model, data, engine, no_sync=model.no_sync)
-
                 r = paired(lambda: timed(plain, None), lambda: timed(measured, stats), steps)
                 results[f"{name}/{sample}{engine_name}"] = dict(
                     r, micro_batches_per_worker=micro, batch=MODELS[name][2], native_hook=stats.native_hook

@@ -138,10 +138,13 @@ class HookState {
     at::Tensor buffer = bucket.getBufferRef();
     TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous() && !buffer.is_sparse(),
                 "largebatch's compiled DDP hook handles dense CPU buckets only");
-    const bool active = active_;
-    const bool carries = active && bucket.isLast();
     const int64_t n = buffer.numel();
     const double inv_world = 1.0 / static_cast<double>(world_);
+    if (!active_) {  // after remove(): DDP's mean, nothing measured
+      buffer.mul_(inv_world);
+      return all_reduce(buffer);
+    }
+    const bool carries = bucket.isLast();
     std::vector<Segment> segments = segments_of(bucket, buffer);
 
     // What is all-reduced: the bucket, or (last bucket, same dtype) a copy of
@@ -155,10 +158,10 @@ class HookState {
       statistics = at::empty({vector_size_}, local_sq_.options());
     }
     at::Tensor scaled = sent.narrow(0, 0, n);  // receives the bucket divided by the world size
-    if (active && measure_local_ && covers(segments, n)) {
+    if (measure_local_ && covers(segments, n)) {
       segment_sq_norms(buffer, segments, local_sq_, &scaled, inv_world);
     } else {
-      if (active && measure_local_) segment_sq_norms(buffer, segments, local_sq_, nullptr, 1.0);
+      if (measure_local_) segment_sq_norms(buffer, segments, local_sq_, nullptr, 1.0);
       at::mul_out(scaled, buffer, inv_world);
     }
     if (carries) {
@@ -167,7 +170,6 @@ class HookState {
     }
     c10::intrusive_ptr<c10::ivalue::Future> reduced = all_reduce(sent);
     if (rides) pending_ = reduced;
-    if (!active) return reduced;  // the bucket itself, reduced in place
     // Every tracked parameter is in a bucket (the engine checks), so each
     // synchronised backward rewrites all of grad_sq.
     at::Tensor grad_sq = grad_sq_;

@@ -22,7 +22,7 @@ from torch import nn
 _SOURCE = Path(__file__).with_name("_ddp_hook.cpp")
 
 
-def disabled_by_environment() -> bool:
+def _disabled_by_environment() -> bool:
     return os.environ.get("LARGEBATCH_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
 
 
@@ -58,7 +58,7 @@ def load(required: bool) -> ModuleType | None:
 
     ``required``: raise instead of returning None.
     """
-    if disabled_by_environment():
+    if _disabled_by_environment():
         if required:
             raise RuntimeError("native=True, but LARGEBATCH_NATIVE=0 in the environment turns the compiled hook off")
         return None
@@ -99,8 +99,12 @@ def unsupported(ddp, params: list) -> str | None:
     return None
 
 
-def register_statistics_hook(ddp, params, local_sq, grad_sq, *, measure_local: bool, vector_size: int, fill_statistics):
-    """Register the compiled hook on ``ddp``'s reducer; returns its state (``wait()``, ``active``).
+def register_statistics_hook(
+    module: ModuleType, ddp, params, local_sq, grad_sq, *, measure_local: bool, vector_size: int, fill_statistics
+):
+    """Register the compiled hook (``module``, from :func:`load`) on ``ddp``'s reducer; returns its state.
+
+    The state has ``wait()`` (the step's statistics collective) and ``active``.
 
     ``local_sq`` (K) receives each worker's local squared norms when
     ``measure_local``; ``grad_sq`` (K), the squared norms of the averaged
@@ -108,7 +112,6 @@ def register_statistics_hook(ddp, params, local_sq, grad_sq, *, measure_local: b
     the step's statistics vector (``vector_size`` long, ``local_sq`` in its
     first K entries) into ``out``, which is summed over the workers in place.
     """
-    module = load(required=True)
     state = module.register_statistics_hook(
         ddp.reducer, ddp.process_group, params, local_sq, grad_sq, measure_local, vector_size, fill_statistics
     )

@@ -492,7 +492,8 @@ class GradientStatistics:
             if native:
                 raise ValueError(f"native=True: the compiled DDP hook does not support {reason}")
             return False
-        if _native.load(required=bool(native)) is None:
+        module = _native.load(required=bool(native))
+        if module is None:
             return False
         self._native_grad_sq = torch.zeros(len(self.params), dtype=self._dtype, device=self._device)
         # Weak: the reducer (C++) holds this callback, and a strong reference
@@ -506,6 +507,7 @@ class GradientStatistics:
                 self_._reduced, self_._work = out, self_._native_state  # state.wait(): the statistics' collective
 
         self._native_state = _native.register_statistics_hook(
+            module,
             self.ddp,
             self.params,
             self._local_sq,
