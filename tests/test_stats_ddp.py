@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import shutil
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import WorkerGroup
+from _native import python_and_native
 from largebatch.stats import GradientStatistics
 
 pytestmark = pytest.mark.distributed
@@ -27,15 +27,9 @@ WORLD = 2
 DIM_IN, DIM_OUT = 6, 3
 HAVE_PER_EXAMPLE = importlib.util.find_spec("largebatch.stats.per_example") is not None
 
-# DDP's default reduction through the Python hook (ddp.py) and the compiled one (_ddp_hook.cpp).
-HOOKS = [
-    pytest.param(False, id="python_hook"),
-    pytest.param(
-        True,
-        id="native_hook",
-        marks=pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the native hook"),
-    ),
-]
+# DDP's default reduction through the Python hook (ddp.py) and the compiled one (_ddp_hook.cpp);
+# per-micro-batch norms by the tensor hooks and by the compiled accumulation hook (_accumulate.cpp).
+HOOKS = python_and_native("python_hook", "native_hook")
 
 
 class _Net(nn.Module):
@@ -133,6 +127,8 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
         if stats is not None:
             record["summary"] = _summary_dict(stats.summary())
             record["native_hook"] = stats.native_hook
+            # under no_sync the compiled accumulation hook measures the micro-batches
+            record["native_accumulation"] = stats.native_accumulation and stats._accumulation.fused > 0
             if stats.per_example is not None:
                 record["tapped_calls"] = stats.per_example.tapped_calls
         records.append(record)
@@ -182,6 +178,8 @@ def _check_against_one_process(opts: dict, ranks: list[list[dict]]):
         for got, want in zip(records, reference, strict=True):
             if "native" in opts:
                 assert got["native_hook"] == opts["native"]
+                if opts["sample"] == "micro_batch":
+                    assert got["native_accumulation"] == opts["native"]
             _assert_same_summary(got["summary"], want["summary"])
             for g, w in zip(got["grads"], want["grads"], strict=True):
                 assert (g is None) == (w is None)

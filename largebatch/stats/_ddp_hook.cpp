@@ -6,12 +6,14 @@
 // ||p.grad||^2) and pays for a Python call per bucket: 10-11% of a small
 // MLP's step under 2-process gloo DDP, against 4-6% for this hook
 // (benchmarks/grad_stats_ddp.py, per-worker statistics). Here:
-//   * before the all-reduce, one pass per parameter reads its local gradient,
-//     adds up its squares (the per-worker statistic, sample="worker") and
-//     writes it divided by the world size;
-//   * after the all-reduce, the squared norms of the averaged gradients
-//     (B = ||p.grad||^2) are read from the reduced bucket while it is in cache,
-//     in the future's callback, so DDP's end-of-backward wait covers them;
+//   * sample="worker": before the all-reduce, one pass per parameter reads
+//     its local gradient, adds up its squares (the per-worker statistic) and
+//     writes it divided by the world size; after it, the future's callback
+//     reads the squared norms of the averaged gradients (B = ||p.grad||^2)
+//     while the bucket is in cache, so DDP's end-of-backward wait covers it;
+//   * sample="micro_batch" (its norms come from the accumulation hook,
+//     _accumulate.cpp): the local sums are all-reduced as they are, and the
+//     callback divides them by the world size and takes B in one pass;
 //   * the step's statistics vector rides on the last bucket's all-reduce (one
 //     collective per step, as in ddp.py); Python is called once per step, to
 //     fill it.
@@ -23,6 +25,8 @@
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/csrc/utils/pybind.h>
 
+#include "_kernels.h"
+
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -32,43 +36,6 @@
 
 namespace largebatch {
 namespace {
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define LARGEBATCH_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LARGEBATCH_VECTOR_CLONES
-#endif
-
-constexpr int64_t kLanes = 16;  // independent partial sums, so the loop vectorises
-
-enum class Write { kNothing, kInPlace, kCopy };
-
-// sum(x^2) over n elements, accumulated in double; also x *= scale
-// (kInPlace) or out = scale * x (kCopy; out does not overlap x) in the same
-// pass. One pointer per array and no possible overlap: otherwise the compiler
-// guards the vector loop with a runtime alias check and, in place, takes its
-// scalar fallback.
-template <typename T, Write kWrite>
-LARGEBATCH_VECTOR_CLONES double sum_of_squares(T* __restrict x, T* __restrict out, int64_t n, T scale) {
-  T* const target = kWrite == Write::kInPlace ? x : out;
-  double lanes[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const T v = x[i + j];
-      lanes[j] += static_cast<double>(v) * static_cast<double>(v);
-      if constexpr (kWrite != Write::kNothing) target[i + j] = v * scale;
-    }
-  }
-  double total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-  for (; i < n; ++i) {
-    const T v = x[i];
-    total += static_cast<double>(v) * static_cast<double>(v);
-    if constexpr (kWrite != Write::kNothing) target[i] = v * scale;
-  }
-  return total;
-}
 
 // One tracked parameter's gradient inside a bucket.
 struct Segment {
@@ -83,9 +50,10 @@ void store(const at::Tensor& vector, int64_t slot, double value) {
 }
 
 // Squared norms of `segments` of `data`, written into `vector` (float or
-// double); with `out`, `out` = `data` * scale in the same pass.
+// double); with `out`, `out` = `data` * scale in the same pass, and then
+// with `square_output` the norms are those of `out`.
 void segment_sq_norms(const at::Tensor& data, const std::vector<Segment>& segments, const at::Tensor& vector,
-                      at::Tensor* out, double scale) {
+                      at::Tensor* out, double scale, bool square_output = false) {
   AT_DISPATCH_FLOATING_TYPES(data.scalar_type(), "largebatch_segment_sq_norms", [&] {
     // const_cast: only written through when `out` is `data` (in place).
     scalar_t* x = const_cast<scalar_t*>(data.const_data_ptr<scalar_t>());
@@ -98,9 +66,11 @@ void segment_sq_norms(const at::Tensor& data, const std::vector<Segment>& segmen
       if (y == nullptr) {
         value = sum_of_squares<scalar_t, Write::kNothing>(xs, nullptr, s.length, factor);
       } else if (y == x) {
-        value = sum_of_squares<scalar_t, Write::kInPlace>(xs, nullptr, s.length, factor);
+        value = square_output ? sum_of_squares<scalar_t, Write::kInPlace, true>(xs, nullptr, s.length, factor)
+                              : sum_of_squares<scalar_t, Write::kInPlace>(xs, nullptr, s.length, factor);
       } else {
-        value = sum_of_squares<scalar_t, Write::kCopy>(xs, y + s.offset, s.length, factor);
+        value = square_output ? sum_of_squares<scalar_t, Write::kCopy, true>(xs, y + s.offset, s.length, factor)
+                              : sum_of_squares<scalar_t, Write::kCopy>(xs, y + s.offset, s.length, factor);
       }
       if (s.slot < 0) continue;
       wide ? store<double>(vector, s.slot, value) : store<float>(vector, s.slot, value);
@@ -157,12 +127,24 @@ class HookState {
     } else if (carries) {
       statistics = at::empty({vector_size_}, local_sq_.options());
     }
-    at::Tensor scaled = sent.narrow(0, 0, n);  // receives the bucket divided by the world size
-    if (measure_local_ && covers(segments, n)) {
-      segment_sq_norms(buffer, segments, local_sq_, &scaled, inv_world);
+    // With the local norms to take, the pass that reads the bucket for them
+    // also divides it by the world size, as DDP does. Without, the sum over
+    // workers is divided afterwards, in the pass that reads B: one pass
+    // fewer (the same mean for a world size that is a power of two;
+    // otherwise it may differ from DDP's in the last bit).
+    const bool tiled = covers(segments, n);
+    const bool divide_after = !measure_local_ && tiled;
+    const double before = divide_after ? 1.0 : inv_world;
+    at::Tensor sent_part = sent.narrow(0, 0, n);  // the bucket as all-reduced
+    if (measure_local_ && tiled) {
+      segment_sq_norms(buffer, segments, local_sq_, &sent_part, before);
     } else {
       if (measure_local_) segment_sq_norms(buffer, segments, local_sq_, nullptr, 1.0);
-      at::mul_out(scaled, buffer, inv_world);
+      if (before != 1.0) {
+        at::mul_out(sent_part, buffer, before);
+      } else if (rides) {
+        sent_part.copy_(buffer);
+      }
     }
     if (carries) {
       fill(statistics);  // the Python side completes the vector (the local norms are in it)
@@ -174,9 +156,13 @@ class HookState {
     // synchronised backward rewrites all of grad_sq.
     at::Tensor grad_sq = grad_sq_;
     return reduced->then(
-        [n, segments = std::move(segments), grad_sq](c10::ivalue::Future& future) {
+        [n, divide_after, inv_world, segments = std::move(segments), grad_sq](c10::ivalue::Future& future) {
           at::Tensor averaged = future.value().toTensorVector()[0].narrow(0, 0, n);
-          segment_sq_norms(averaged, segments, grad_sq, nullptr, 1.0);  // B, while the bucket is in cache
+          if (divide_after) {  // the mean and B in one pass
+            segment_sq_norms(averaged, segments, grad_sq, &averaged, inv_world, /*square_output=*/true);
+          } else {  // B, while the bucket is in cache
+            segment_sq_norms(averaged, segments, grad_sq, nullptr, 1.0);
+          }
           return c10::IValue(averaged);
         },
         c10::TensorType::get());
@@ -273,13 +259,13 @@ std::shared_ptr<HookState> register_statistics_hook(const py::object& reducer,
   return state;
 }
 
-}  // namespace largebatch
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<largebatch::HookState, std::shared_ptr<largebatch::HookState>>(m, "HookState")
-      .def("wait", &largebatch::HookState::wait)
-      .def_readwrite("active", &largebatch::HookState::active_);
-  m.def("register_statistics_hook", &largebatch::register_statistics_hook, py::arg("reducer"), py::arg("group"),
+void bind_ddp_hook(py::module& m) {
+  py::class_<HookState, std::shared_ptr<HookState>>(m, "HookState")
+      .def("wait", &HookState::wait)
+      .def_readwrite("active", &HookState::active_);
+  m.def("register_statistics_hook", &register_statistics_hook, py::arg("reducer"), py::arg("group"),
         py::arg("params"), py::arg("local_sq"), py::arg("grad_sq"), py::arg("measure_local"),
         py::arg("vector_size"), py::arg("fill_statistics"));
 }
+
+}  // namespace largebatch

@@ -1,10 +1,12 @@
-"""The compiled DDP communication hook (_ddp_hook.cpp), built on first use.
+"""The compiled statistics hooks, built on first use: the DDP communication
+hook (_ddp_hook.cpp) and the accumulation hook (_accumulate.cpp).
 
 Built with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are
 needed; the build takes about 40 s once and is cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 ``LARGEBATCH_NATIVE=0`` in the environment turns it off; the engine then
-uses the Python hook of ddp.py, which computes the same statistics.
+uses the Python hooks (ddp.py's and its own tensor hooks), which compute
+the same statistics.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-_SOURCE = Path(__file__).with_name("_ddp_hook.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / name for name in ("_bindings.cpp", "_ddp_hook.cpp", "_accumulate.cpp")]
 
 
 def _disabled_by_environment() -> bool:
@@ -33,8 +36,8 @@ def _build() -> ModuleType | Exception:
 
         _put_ninja_on_path()
         return cpp_extension.load(
-            name="largebatch_ddp_hook",
-            sources=[str(_SOURCE)],
+            name="largebatch_native",
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=["-O3"],
             verbose=False,
         )
@@ -54,23 +57,23 @@ def _put_ninja_on_path() -> None:
 
 
 def load(required: bool) -> ModuleType | None:
-    """The compiled hook module, or None (with one warning) if it cannot be had.
+    """The compiled module, or None (with one warning) if it cannot be had.
 
     ``required``: raise instead of returning None.
     """
     if _disabled_by_environment():
         if required:
-            raise RuntimeError("native=True, but LARGEBATCH_NATIVE=0 in the environment turns the compiled hook off")
+            raise RuntimeError("native=True, but LARGEBATCH_NATIVE=0 in the environment turns the compiled hooks off")
         return None
     built = _build()
     if isinstance(built, Exception):
         message = (
-            f"largebatch's compiled DDP hook could not be built ({type(built).__name__}: {built}); "
+            f"largebatch's compiled statistics hooks could not be built ({type(built).__name__}: {built}); "
             "needs a C++ compiler and ninja (pip install ninja)"
         )
         if required:
             raise RuntimeError(message) from built
-        _warn_once(message + "; using the Python hook (same statistics, slower)")
+        _warn_once(message + "; using the Python hooks (same statistics, slower)")
         return None
     return built
 
@@ -124,3 +127,18 @@ def register_statistics_hook(
 def has_hook(ddp) -> bool:
     """Whether the compiled hook is registered on ``ddp`` (a reducer takes one comm hook)."""
     return getattr(ddp, "_largebatch_native_hook", False)
+
+
+def accumulation_eligible(p: torch.Tensor) -> bool:
+    """Whether the accumulation hook can measure ``p``'s micro-batch gradients (dense CPU float32/float64)."""
+    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.layout == torch.strided
+
+
+def accumulation_state(module: ModuleType, params, local_sq, grad_sq):
+    """The accumulation hook's state for ``params`` (the engine calls ``begin_backward`` in each backward).
+
+    ``local_sq`` (K) receives, added, each micro-batch's squared gradient
+    norms of the parameters the hook measures; ``grad_sq`` (K), their
+    ||p.grad||^2 as accumulated, valid when ``applied_sq_norms(params)``.
+    """
+    return module.AccumulationState(local_sq, grad_sq, [accumulation_eligible(p) for p in params])

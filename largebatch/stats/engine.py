@@ -161,18 +161,24 @@ class GradientStatistics:
         process_group: group for the statistics (default: DDP's; another
             group also means one small all-reduce after DDP's backward).
         params: the tracked parameters (default: all trainable ones).
-        native: with DDP's default reduction, use the compiled comm hook
-            (_ddp_hook.cpp: one pass per bucket for the local norms and the
-            division, B read from the reduced bucket). None (default): when
-            it applies (dense CPU float32/float64 parameters, no
-            mixed_precision) and builds, else the Python hook with a warning
-            if the build failed; True: required (a clear error otherwise);
-            False: never. ``LARGEBATCH_NATIVE=0`` also turns it off.
+        native: use the compiled hooks. With sample="micro_batch", the
+            accumulation hook (_accumulate.cpp) measures each micro-batch's
+            gradient inside its accumulation into p.grad (one pass for the
+            add and both norms, so B comes free) for dense CPU float32/float64
+            parameters; with DDP's default reduction, the comm hook
+            (_ddp_hook.cpp: the local norms in one read per bucket, the mean
+            and B in one pass after the all-reduce). None (default): each
+            where it applies and builds, else the Python hooks (a warning if
+            the build failed); True: required (a clear error otherwise);
+            False: never. ``LARGEBATCH_NATIVE=0`` also turns them off.
 
     Mechanics and limits: a tensor hook on each parameter sees every
     micro-batch's gradient before accumulation (also under ``no_sync``), so a
     backward is one micro-batch: ``torch.autograd.grad`` calls that reach the
-    parameters inside a step count too. Examples are counted from the leading
+    parameters inside a step count too. The compiled accumulation hook runs
+    after every tensor hook, so it measures a gradient as accumulated (after
+    hooks registered later than the engine's, which the Python path does not
+    see); one backward at a time per model. Examples are counted from the leading
     dimension of the first tensor passed to the model's forward (with grad
     enabled). Statistics live on the first parameter's device.
     """
@@ -233,12 +239,19 @@ class GradientStatistics:
         self._group = None
         self._world: int | None = None
         self._native_state = None  # the compiled hook's state, when it reduces DDP's buckets
+        self._accumulation = None  # the compiled accumulation hook's state (per-micro-batch norms)
+        self._measured = [False] * K  # which parameters it measures in the running backward
+        self._python_norms = True  # whether the tensor hooks measure any
         if self.ddp is not None:
             self._attach_ddp(comm_hook, comm_state, process_group, native)
         elif comm_hook is not None:
             raise ValueError("comm_hook: only meaningful when model is a DistributedDataParallel")
-        elif native:
-            raise ValueError("native=True: the compiled hook is a DDP comm hook; model is not a DistributedDataParallel")
+        elif native and sample != "micro_batch":
+            raise ValueError(
+                "native=True: in one process the compiled code measures per-micro-batch norms "
+                "(sample='micro_batch'); with sample='worker' it has nothing to do"
+            )
+        self._attach_accumulation(native)
         self._backwards = 0
         self._backwards_last_step = 0  # where applied_norm="backward" expects a step's last backward
         self.reset()
@@ -278,6 +291,8 @@ class GradientStatistics:
         self._active = False
         if self._native_state is not None:
             self._native_state.active = False
+        if self._accumulation is not None:
+            self._accumulation.remove(self.params)
 
     def summary(self) -> GradientSummary:
         """Statistics of the backwards since ``reset()``; nothing is synced to host.
@@ -338,7 +353,7 @@ class GradientStatistics:
         def hook(grad: Tensor) -> None:
             if not self._in_backward:
                 self._start_backward()
-            if per_micro_batch:
+            if per_micro_batch and not self._measured[k]:  # else the accumulation hook measures it
                 sq_norm_into(grad, slot)
 
         return hook
@@ -348,7 +363,10 @@ class GradientStatistics:
         self._in_backward = True
         self._backwards += 1
         self._backward_added = False
-        if self.sample == "micro_batch":
+        if self._accumulation is not None:
+            self._measured = self._accumulation.begin_backward(self.params)
+            self._python_norms = not all(self._measured)
+        if self.sample == "micro_batch" and self._python_norms:
             self._backward_sq.zero_()  # parameters this backward does not reach add 0
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
@@ -363,7 +381,8 @@ class GradientStatistics:
     def _add_backward(self) -> None:
         """Add this backward's per-micro-batch norms to the step's sums (once)."""
         if self.sample == "micro_batch" and not self._backward_added:
-            self._local_sq.add_(self._backward_sq)
+            if self._python_norms:  # the accumulation hook adds its own into _local_sq
+                self._local_sq.add_(self._backward_sq)
             self._backward_added = True
 
     def _after_backward(self) -> None:
@@ -393,8 +412,7 @@ class GradientStatistics:
         elif self._native_state is not None:  # the hook read them from the reduced buckets
             self._grad_sq, self._grad_versions = self._native_grad_sq.clone(), None
         else:
-            self._grad_sq = sq_norms([p.grad for p in self.params], self._dtype, self._device)
-            self._grad_versions = None
+            self._grad_sq, self._grad_versions = self._read_grad_sq(), None
 
     def _applied_grad_sq(self) -> Tensor:
         if self._grad_sq is not None:
@@ -413,6 +431,13 @@ class GradientStatistics:
                 f"{self._backwards_last_step}, after which applied_norm='backward' reads ||p.grad||^2; "
                 "use applied_norm='every_backward' when the number of micro-batches per step varies"
             )
+        return self._read_grad_sq()
+
+    def _read_grad_sq(self) -> Tensor:
+        """||p.grad||^2: as the accumulation hook took them, if p.grad is still what it measured."""
+        # Not under DDP: the reducer writes averaged gradients outside autograd's version counters.
+        if self._accumulation is not None and self.ddp is None and self._accumulation.applied_sq_norms(self.params):
+            return self._accumulated_grad_sq.clone()
         return sq_norms([p.grad for p in self.params], self._dtype, self._device)
 
     def _count_examples(self, module, args, kwargs) -> None:
@@ -482,6 +507,30 @@ class GradientStatistics:
             is_active=lambda: self._active,
         )
         return comm_state, hook
+
+    @property
+    def native_accumulation(self) -> bool:
+        """Whether the compiled accumulation hook measures the per-micro-batch norms (see ``native``)."""
+        return self._accumulation is not None
+
+    def _attach_accumulation(self, native: bool | None) -> None:
+        """Measure the micro-batches' norms inside gradient accumulation (_accumulate.cpp) where it applies."""
+        if native is False or self.sample != "micro_batch":
+            return
+        eligible = [_native.accumulation_eligible(p) for p in self.params]
+        if native and not all(eligible):
+            p = self.params[eligible.index(False)]
+            raise ValueError(
+                f"native=True: the compiled accumulation hook measures dense CPU float32/float64 "
+                f"parameters, not {p.dtype} on {p.device}"
+            )
+        if self._device.type != "cpu" or not any(eligible):
+            return
+        module = _native.load(required=bool(native))
+        if module is None:
+            return
+        self._accumulated_grad_sq = torch.zeros(len(self.params), dtype=self._dtype, device=self._device)
+        self._accumulation = _native.accumulation_state(module, self.params, self._local_sq, self._accumulated_grad_sq)
 
     def _attach_native(self, native: bool | None) -> bool:
         """Register the compiled hook if ``native`` asks for it and it applies; whether it was."""
