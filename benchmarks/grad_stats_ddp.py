@@ -6,13 +6,16 @@ paired ratios of wall time and of the training thread's CPU time (the latter
 is robust to other processes on a shared machine):
 
 1. one process, gradient accumulation over 4 micro-batches: plain accumulation
-   vs ``GradientStatistics(sample="micro_batch")`` (tensor hooks + summary()),
-   with B read after every backward (``applied_norm="backward"``, default) or
-   once in summary() (``"summary"``);
+   vs ``GradientStatistics(sample="micro_batch")`` + summary(), with the
+   compiled accumulation hook (_accumulate.cpp, the default) and, rows marked
+   "python hooks", the engine's tensor hooks (``native=False``); B taken after
+   the step's last backward (``applied_norm="backward"``, default) or in
+   summary() (``"summary"``);
 2. 2-process gloo DDP on loopback: plain DDP (its built-in C++ all-reduce)
-   vs DDP with the engine's statistics comm hook, the compiled one
-   (_ddp_hook.cpp, the default) and, rows marked "python hook", the Python
-   one of ddp.py (``native=False``); ``sample="worker"`` (1 micro-batch per
+   vs DDP with the engine's statistics hooks, the compiled ones
+   (_ddp_hook.cpp and, per micro-batch, _accumulate.cpp; the default) and,
+   rows marked "python hook", the Python ones (ddp.py's comm hook and the
+   tensor hooks, ``native=False``); ``sample="worker"`` (1 micro-batch per
    worker) and ``sample="micro_batch"`` (2 micro-batches per worker, no_sync).
 
 Models: an MLP (784-512-512-10) and a small CNN (32x32x3, two conv layers).
@@ -125,10 +128,15 @@ def single_process(name: str, steps: int, micro: int = 4) -> dict:
     plain = build(name)
     out = {}
     for applied_norm in ("backward", "summary"):
-        measured = build(name)
-        stats = GradientStatistics(measured, sample="micro_batch", applied_norm=applied_norm)
-        result = paired(lambda: accumulate_step(plain, data, None), lambda: accumulate_step(measured, data, stats), steps)
-        out[f"{name}/applied_norm={applied_norm}"] = dict(result, micro_batches=micro, batch=MODELS[name][2])
+        for engine_name, native in (("", None), (" python hooks", False)):
+            measured = build(name)
+            stats = GradientStatistics(measured, sample="micro_batch", applied_norm=applied_norm, native=native)
+            if native is None and not stats.native_accumulation:
+                raise RuntimeError("the compiled accumulation hook did not build; see the warning above")
+            result = paired(lambda: accumulate_step(plain, data, None), lambda: accumulate_step(measured, data, stats), steps)
+            out[f"{name}/applied_norm={applied_norm}{engine_name}"] = dict(
+                result, micro_batches=micro, batch=MODELS[name][2], native_accumulation=stats.native_accumulation
+            )
     return out
 
 
@@ -155,7 +163,11 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, out: str, steady: 
                     raise RuntimeError("the compiled DDP hook did not build; see the warning above")
                 r = paired(lambda: timed(plain, None), lambda: timed(measured, stats), steps)
                 results[f"{name}/{sample}{engine_name}"] = dict(
-                    r, micro_batches_per_worker=micro, batch=MODELS[name][2], native_hook=stats.native_hook
+                    r,
+                    micro_batches_per_worker=micro,
+                    batch=MODELS[name][2],
+                    native_hook=stats.native_hook,
+                    native_accumulation=stats.native_accumulation,
                 )
     if rank == 0:
         Path(out).write_text(json.dumps(results))
@@ -194,7 +206,7 @@ def main() -> None:
         for key, r in report[section].items():
             low, high = r["ratio_quartiles"]
             print(
-                f"{section:28s} {key:32s} {r['reference_ms']:8.2f} ms -> {r['engine_ms']:8.2f} ms  "
+                f"{section:28s} {key:40s} {r['reference_ms']:8.2f} ms -> {r['engine_ms']:8.2f} ms  "
                 f"ratio {r['ratio_median']:.3f} (quartiles {low:.3f}-{high:.3f}), "
                 f"CPU-time ratio {r['cpu_ratio_median']:.3f}"
             )
