@@ -506,6 +506,26 @@ def test_native_accumulation_keeps_a_held_gradient_in_place():
 
 
 @needs_compiler
+def test_native_accumulation_leaves_the_add_to_autograd_before_a_later_node_pre_hook():
+    # A pre-hook put on the AccumulateGrad node after the engine's may
+    # replace the gradient to add: it must get the micro-batch's, not the sum.
+    x, y = _micro_batches(1)[0]
+
+    def run(model):
+        loss = _loss(model, x, y)
+        nodes = [p.view_as(p).grad_fn.next_functions[0][0] for p in model.parameters()]
+        loss.backward(retain_graph=True)  # the engine's hooks are on these nodes now
+        handles = [node.register_prehook(lambda grads: (2 * grads[0],)) for node in nodes]
+        loss.backward()
+        for h in handles:
+            h.remove()
+
+    (_, python), (stats, native) = _python_and_native(_mlp, run)
+    assert stats._accumulation.fused == 0
+    _assert_same_summaries(python, native)
+
+
+@needs_compiler
 def test_native_accumulation_mixed_dtypes_and_unused_parameters():
     # A bfloat16 layer is measured by the tensor hooks, the rest natively; an
     # unused layer counts as zero either way.

@@ -17,8 +17,10 @@
 // The add is done here only where it is exactly AccumulateGrad's in-place
 // add and the adoption is certain: no grad mode (create_graph), plain dense
 // CPU float32/float64 tensors of the same strides, no other reference to
-// p.grad (DDP's gradient_as_bucket_view, a kept reference). Elsewhere the
-// hook reads h_i and lets AccumulateGrad add it.
+// p.grad (DDP's gradient_as_bucket_view, a kept reference), no node pre-hook
+// after this one. Elsewhere the hook reads h_i and lets AccumulateGrad add
+// it. One backward at a time per parameter (AccumulateGrad's lock is not
+// held here).
 //
 // The norms of p.grad are remembered with the tensor they describe (its
 // TensorImpl, held weakly, its data pointer and version counter), so B is
@@ -89,7 +91,9 @@ class AccumulationState {
   // the engine's Python tensor hook.
   std::vector<bool> begin_backward(const std::vector<at::Tensor>& params, const std::shared_ptr<AccumulationState>& self);
 
-  variable_list on_gradient(int64_t k, AccumulateGrad& node, const variable_list& grads);
+  // `may_add`: no node pre-hook runs after this one (one that would replace
+  // the gradient AccumulateGrad adds must see the micro-batch's, not the sum).
+  variable_list on_gradient(int64_t k, AccumulateGrad& node, const variable_list& grads, bool may_add);
 
   // Whether grad_sq holds ||p.grad||^2 of every parameter now (p.grad
   // unchanged since its norm was taken, or None).
@@ -144,7 +148,8 @@ class AccumulationHook : public torch::autograd::FunctionPreHook {
   variable_list operator()(const variable_list& grads) override {
     std::shared_ptr<AccumulationState> state = state_.lock();
     if (!state || !state->active_) return grads;
-    return state->on_gradient(k_, *node_, grads);  // node_ owns this hook, so it is alive
+    const bool last = node_->pre_hooks().back().get() == this;  // node_ owns this hook, so it is alive
+    return state->on_gradient(k_, *node_, grads, last);
   }
 
   const AccumulationState* owner() const { return owner_; }
@@ -201,7 +206,8 @@ bool AccumulationState::fusable(const at::Tensor& grad, const at::Tensor& incomi
          torch::autograd::impl::is_tensor_stealable(grad, 1);
 }
 
-variable_list AccumulationState::on_gradient(int64_t k, AccumulateGrad& node, const variable_list& grads) {
+variable_list AccumulationState::on_gradient(int64_t k, AccumulateGrad& node, const variable_list& grads,
+                                             bool may_add) {
   if (grads.empty() || !grads[0].defined()) return grads;
   const at::Tensor& incoming = grads[0];
   at::Tensor& grad = node.variable.mutable_grad();
@@ -211,7 +217,7 @@ variable_list AccumulationState::on_gradient(int64_t k, AccumulateGrad& node, co
     note(k, incoming, sq);
     return grads;
   }
-  if (!fusable(grad, incoming, node.variable)) {
+  if (!may_add || !fusable(grad, incoming, node.variable)) {
     store(local_sq_, k, sq_norm(incoming), /*add=*/true);
     records_[static_cast<size_t>(k)] = Record{};  // AccumulateGrad's sum: its norm is not known here
     return grads;
