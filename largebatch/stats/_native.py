@@ -2,7 +2,7 @@
 hook (_ddp_hook.cpp) and the accumulation hook (_accumulate.cpp).
 
 Built with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are
-needed; the build takes about 40 s once and is cached under
+needed; the build takes about 80 s once and is cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 ``LARGEBATCH_NATIVE=0`` in the environment turns it off; the engine then
 uses the Python hooks (ddp.py's and its own tensor hooks), which compute
