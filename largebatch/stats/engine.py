@@ -166,8 +166,10 @@ class GradientStatistics:
             gradient inside its accumulation into p.grad (one pass for the
             add and both norms, so B comes free) for dense CPU float32/float64
             parameters; with DDP's default reduction, the comm hook
-            (_ddp_hook.cpp: the local norms in one read per bucket, the mean
-            and B in one pass after the all-reduce). None (default): each
+            (_ddp_hook.cpp: a worker's norms and the division in one pass per
+            bucket, B read from the reduced bucket; with per-micro-batch
+            norms the division and B in one pass after the all-reduce).
+            None (default): each
             where it applies and builds, else the Python hooks (a warning if
             the build failed); True: required (a clear error otherwise);
             False: never. ``LARGEBATCH_NATIVE=0`` also turns them off.
