@@ -120,14 +120,7 @@ class AccumulationState {
     r.sealed = false;
     r.data = becomes_grad.const_data_ptr();
     r.version = becomes_grad.unsafeGetTensorImpl()->version_counter().current_version();
-    store(grad_sq_, k, grad_sq, /*add=*/false);
-  }
-
-  static void store(const at::Tensor& vector, int64_t k, double value, bool add) {
-    AT_DISPATCH_FLOATING_TYPES(vector.scalar_type(), "largebatch_store", [&] {
-      scalar_t& slot = vector.data_ptr<scalar_t>()[k];
-      slot = add ? static_cast<scalar_t>(slot + value) : static_cast<scalar_t>(value);
-    });
+    store_slot(grad_sq_, k, grad_sq);
   }
 
   static bool fusable(const at::Tensor& grad, const at::Tensor& incoming, const at::Tensor& variable);
@@ -213,12 +206,12 @@ variable_list AccumulationState::on_gradient(int64_t k, AccumulateGrad& node, co
   at::Tensor& grad = node.variable.mutable_grad();
   if (!grad.defined()) {  // AccumulateGrad adopts `incoming` (or copies it)
     const double sq = sq_norm(incoming);
-    store(local_sq_, k, sq, /*add=*/true);
+    store_slot(local_sq_, k, sq, /*add=*/true);
     note(k, incoming, sq);
     return grads;
   }
   if (!may_add || !fusable(grad, incoming, node.variable)) {
-    store(local_sq_, k, sq_norm(incoming), /*add=*/true);
+    store_slot(local_sq_, k, sq_norm(incoming), /*add=*/true);
     records_[static_cast<size_t>(k)] = Record{};  // AccumulateGrad's sum: its norm is not known here
     return grads;
   }
@@ -230,7 +223,7 @@ variable_list AccumulationState::on_gradient(int64_t k, AccumulateGrad& node, co
     });
   });
   grad.unsafeGetTensorImpl()->bump_version();  // written in place, as by AccumulateGrad's add
-  store(local_sq_, k, sq.added, /*add=*/true);
+  store_slot(local_sq_, k, sq.added, /*add=*/true);
   note(k, grad, sq.updated);
   ++fused_;
   // Empty p.grad and pass the sum on: AccumulateGrad adopts it as p.grad.
@@ -246,7 +239,7 @@ bool AccumulationState::applied_sq_norms(const std::vector<at::Tensor>& params) 
     const at::Tensor& grad = params[k].grad();
     Record& r = records_[k];
     if (!grad.defined()) {
-      store(grad_sq_, static_cast<int64_t>(k), 0.0, /*add=*/false);
+      store_slot(grad_sq_, static_cast<int64_t>(k), 0.0);
       continue;
     }
     const bool same_contents =

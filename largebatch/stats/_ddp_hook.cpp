@@ -44,11 +44,6 @@ struct Segment {
   int64_t length;
 };
 
-template <typename V>
-void store(const at::Tensor& vector, int64_t slot, double value) {
-  vector.data_ptr<V>()[slot] = static_cast<V>(value);
-}
-
 // Squared norms of `segments` of `data`, written into `vector` (float or
 // double); with `out`, `out` = `data` * scale in the same pass, and then
 // with `square_output` the norms are those of `out`.
@@ -59,7 +54,6 @@ void segment_sq_norms(const at::Tensor& data, const std::vector<Segment>& segmen
     scalar_t* x = const_cast<scalar_t*>(data.const_data_ptr<scalar_t>());
     scalar_t* y = out != nullptr ? out->data_ptr<scalar_t>() : nullptr;
     const auto factor = static_cast<scalar_t>(scale);
-    const bool wide = vector.scalar_type() == at::kDouble;
     for (const Segment& s : segments) {
       scalar_t* xs = x + s.offset;
       double value;
@@ -73,7 +67,7 @@ void segment_sq_norms(const at::Tensor& data, const std::vector<Segment>& segmen
                               : sum_of_squares<scalar_t, Write::kCopy>(xs, y + s.offset, s.length, factor);
       }
       if (s.slot < 0) continue;
-      wide ? store<double>(vector, s.slot, value) : store<float>(vector, s.slot, value);
+      store_slot(vector, s.slot, value);
     }
   });
 }

@@ -5,7 +5,9 @@
 // elements keeps its norm to float32 precision.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -147,6 +149,15 @@ LARGEBATCH_VECTOR_CLONES AccumulatedSquares accumulate(float* __restrict acc, co
 
 LARGEBATCH_VECTOR_CLONES AccumulatedSquares accumulate(double* __restrict acc, const double* __restrict g, int64_t n) {
   return accumulate_blocks<double, Double4>(acc, g, n);
+}
+
+// vector[k] = value (or += value): one entry of a float32/float64 statistics
+// vector, written from C++ without an ATen op.
+inline void store_slot(const at::Tensor& vector, int64_t k, double value, bool add = false) {
+  AT_DISPATCH_FLOATING_TYPES(vector.scalar_type(), "largebatch_store_slot", [&] {
+    scalar_t& slot = vector.data_ptr<scalar_t>()[k];
+    slot = static_cast<scalar_t>(add ? slot + value : value);
+  });
 }
 
 // Work in fixed chunks, over ATen's intra-op threads, and sum the chunks'

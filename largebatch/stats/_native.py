@@ -83,6 +83,11 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def dense_cpu_float(p: torch.Tensor) -> bool:
+    """Whether the compiled hooks handle ``p``'s gradients: dense CPU float32/float64."""
+    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.layout == torch.strided
+
+
 def unsupported(ddp, params: list) -> str | None:
     """Why the compiled hook cannot reduce ``ddp``'s buckets for these tracked params, or None."""
     if getattr(ddp, "mixed_precision", None) is not None:
@@ -94,7 +99,7 @@ def unsupported(ddp, params: list) -> str | None:
     ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())
     reduced = [p for name, p in ddp.module.named_parameters() if p.requires_grad and name not in ignored]
     for p in reduced:
-        if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) or p.layout != torch.strided:
+        if not dense_cpu_float(p):
             return f"a parameter of {p.dtype} on {p.device} (the compiled hook reduces dense CPU float32/float64)"
     reduced_ids = {id(p) for p in reduced}
     if any(id(p) not in reduced_ids for p in params):
@@ -129,16 +134,12 @@ def has_hook(ddp) -> bool:
     return getattr(ddp, "_largebatch_native_hook", False)
 
 
-def accumulation_eligible(p: torch.Tensor) -> bool:
-    """Whether the accumulation hook can measure ``p``'s micro-batch gradients (dense CPU float32/float64)."""
-    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and p.layout == torch.strided
-
-
-def accumulation_state(module: ModuleType, params, local_sq, grad_sq):
+def accumulation_state(module: ModuleType, params, local_sq, grad_sq, eligible: list[bool]):
     """The accumulation hook's state for ``params`` (the engine calls ``begin_backward`` in each backward).
 
     ``local_sq`` (K) receives, added, each micro-batch's squared gradient
     norms of the parameters the hook measures; ``grad_sq`` (K), their
-    ||p.grad||^2 as accumulated, valid when ``applied_sq_norms(params)``.
+    ||p.grad||^2 as accumulated, valid when ``applied_sq_norms(params)``;
+    ``eligible[k]``: whether ``params[k]`` is for it (:func:`dense_cpu_float`).
     """
-    return module.AccumulationState(local_sq, grad_sq, [accumulation_eligible(p) for p in params])
+    return module.AccumulationState(local_sq, grad_sq, eligible)

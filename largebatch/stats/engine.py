@@ -519,7 +519,7 @@ class GradientStatistics:
         """Measure the micro-batches' norms inside gradient accumulation (_accumulate.cpp) where it applies."""
         if native is False or self.sample != "micro_batch":
             return
-        eligible = [_native.accumulation_eligible(p) for p in self.params]
+        eligible = [_native.dense_cpu_float(p) for p in self.params]
         if native and not all(eligible):
             p = self.params[eligible.index(False)]
             raise ValueError(
@@ -532,7 +532,9 @@ class GradientStatistics:
         if module is None:
             return
         self._accumulated_grad_sq = torch.zeros(len(self.params), dtype=self._dtype, device=self._device)
-        self._accumulation = _native.accumulation_state(module, self.params, self._local_sq, self._accumulated_grad_sq)
+        self._accumulation = _native.accumulation_state(
+            module, self.params, self._local_sq, self._accumulated_grad_sq, eligible
+        )
 
     def _attach_native(self, native: bool | None) -> bool:
         """Register the compiled hook if ``native`` asks for it and it applies; whether it was."""
