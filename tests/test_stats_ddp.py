@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import WorkerGroup
-from _native import python_and_native
+from _native import needs_compiler, python_and_native
 from largebatch.stats import GradientStatistics
 
 pytestmark = pytest.mark.distributed
@@ -463,6 +463,79 @@ def test_remove_leaves_a_plain_reduction(group, native):
     for rank in ranks:
         for got, want in zip(rank["grads"], rank["expected"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+def _hand_over(rank: int, world: int, opts: dict) -> dict:
+    """Steps with the compiled hook next to plain DDP on the same data; what p.grad became."""
+    options = {
+        "bucket_cap_mb": 0.0005,
+        "find_unused_parameters": opts.get("find_unused", False),
+        "gradient_as_bucket_view": opts.get("bucket_view", False),
+        "static_graph": opts.get("static_graph", False),
+    }
+    measured, plain = DDP(_model(opts), **options), DDP(_model(opts), **options)
+    if opts.get("set_static_graph"):
+        measured._set_static_graph()
+        plain._set_static_graph()
+    stats = GradientStatistics(measured, sample=opts["sample"], native=True)
+    micro, hold = opts["micro"], opts.get("hold", False)
+    out = {"equal": [], "handed_over": [], "layout": [], "kept": [], "own": []}
+    held = None
+    for step in range(3):
+        mine = _step_data(step, opts)[rank * micro : (rank + 1) * micro]
+        for model in (measured, plain):
+            for j, (x, y) in enumerate(mine):
+                with model.no_sync() if j < micro - 1 else contextlib.nullcontext():
+                    (_loss(model, x, y) / micro).backward()
+        first = stats.summary()  # edited in place: the next summary() is unchanged
+        A, B = first.sample_sq_norm_mean.clone(), first.mean_grad_sq_norm.clone()
+        first.sample_sq_norm_mean.zero_()
+        first.mean_grad_sq_norm.zero_()
+        again = stats.summary()
+        out["own"].append(torch.equal(again.sample_sq_norm_mean, A) and torch.equal(again.mean_grad_sq_norm, B))
+        pairs = list(zip(measured.parameters(), plain.parameters()))
+        out["equal"].append(all(torch.equal(a.grad, b.grad) for a, b in pairs))
+        out["layout"].append(all(a.grad.stride() == b.grad.stride() for a, b in pairs))
+        out["handed_over"].append(stats._native_state.handed_over)
+        if held is not None:  # references kept across steps still see the averaged gradients
+            out["kept"].append(all(h is p.grad for h, p in zip(held, measured.parameters())))
+        if hold:
+            held = [p.grad for p in measured.parameters()]
+        for model in (measured, plain):
+            model.zero_grad(set_to_none=not hold)
+        stats.reset()
+    return out
+
+
+@needs_compiler
+@pytest.mark.parametrize("sample, micro", [("worker", 1), ("micro_batch", 2)])
+def test_native_hook_hands_the_reduced_buckets_over_as_grads(group, sample, micro):
+    # Nobody else holds p.grad: it becomes a view of the hook's result, so the
+    # reducer's copy back finds nothing to do. Values and layout are DDP's.
+    params = len(list(_model({}).parameters()))
+    for rank in group.run(_hand_over, {"sample": sample, "micro": micro}):
+        assert all(rank["equal"]) and all(rank["layout"]) and all(rank["own"])
+        assert rank["handed_over"] == [params, 2 * params, 3 * params]
+
+
+@needs_compiler
+def test_native_hook_leaves_a_held_grad_in_place(group):
+    params = len(list(_model({}).parameters()))
+    for rank in group.run(_hand_over, {"sample": "micro_batch", "micro": 2, "hold": True}):
+        assert all(rank["equal"]) and all(rank["kept"])
+        assert rank["handed_over"] == [params] * 3  # the first step only, before anything held p.grad
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "option", ["find_unused", "bucket_view", "static_graph", "set_static_graph"]
+)
+def test_native_hook_does_not_hand_over_where_ddp_keeps_grads(group, option):
+    # A globally unused parameter keeps its p.grad (find_unused_parameters,
+    # static_graph); with gradient_as_bucket_view p.grad is the bucket.
+    for rank in group.run(_hand_over, {"sample": "worker", "micro": 1, option: True}):
+        assert all(rank["equal"])
+        assert rank["handed_over"] == [0, 0, 0]
 
 
 def _native_refusals(rank: int, world: int) -> dict[str, str]:

@@ -330,6 +330,20 @@ def test_reset_starts_a_new_step_and_statistics_stay_on_device(native):
     assert isinstance(s, GradientSummary) and s.sample_sq_norm_mean.shape == (4,)
 
 
+@pytest.mark.parametrize("applied_norm", ["backward", "every_backward", "summary"])
+def test_summary_tensors_belong_to_the_caller(applied_norm, native):
+    # Editing one summary's tensors in place leaves the next summary() as it was.
+    model, batches = _mlp(), _micro_batches(3)
+    stats = GradientStatistics(model, native=native, applied_norm=applied_norm)
+    _accumulate(model, batches)
+    first = stats.summary()
+    A, B = first.sample_sq_norm_mean.clone(), first.mean_grad_sq_norm.clone()
+    first.sample_sq_norm_mean.zero_()
+    first.mean_grad_sq_norm.zero_()
+    again = stats.summary()
+    assert torch.equal(again.sample_sq_norm_mean, A) and torch.equal(again.mean_grad_sq_norm, B)
+
+
 def test_params_order_index_of_and_subset(native):
     model = _mlp()
     params = list(model.parameters())

@@ -107,21 +107,44 @@ def unsupported(ddp, params: list) -> str | None:
     return None
 
 
+def hands_over_grads(ddp) -> bool:
+    """Whether the compiled hook may make p.grad a view of its reduced bucket (_ddp_hook.cpp).
+
+    Not where DDP keeps a globally unused parameter's p.grad as it was
+    (find_unused_parameters, static_graph) or where p.grad is the bucket
+    (gradient_as_bucket_view).
+    """
+    return not (ddp.find_unused_parameters or ddp.static_graph or ddp.gradient_as_bucket_view)
+
+
 def register_statistics_hook(
     module: ModuleType, ddp, params, local_sq, grad_sq, *, measure_local: bool, vector_size: int, fill_statistics
 ):
     """Register the compiled hook (``module``, from :func:`load`) on ``ddp``'s reducer; returns its state.
 
-    The state has ``wait()`` (the step's statistics collective) and ``active``.
+    The state has ``wait()`` (the step's statistics collective), ``active``,
+    ``hand_over`` (see :func:`hands_over_grads`) and ``handed_over`` (the
+    gradients handed over so far).
 
     ``local_sq`` (K) receives each worker's local squared norms when
     ``measure_local``; ``grad_sq`` (K), the squared norms of the averaged
-    gradients; ``fill_statistics(out)`` is called on the last bucket to write
+    gradients. On the last bucket the hook calls ``fill_statistics(out)``,
+    ``out`` being where the statistics travel in the all-reduce; it returns
     the step's statistics vector (``vector_size`` long, ``local_sq`` in its
-    first K entries) into ``out``, which is summed over the workers in place.
+    first K entries), which the hook copies into ``out``, with the number of
+    examples to write into its last entry (or None: the vector has it), or
+    None to send nothing.
     """
     state = module.register_statistics_hook(
-        ddp.reducer, ddp.process_group, params, local_sq, grad_sq, measure_local, vector_size, fill_statistics
+        ddp.reducer,
+        ddp.process_group,
+        params,
+        local_sq,
+        grad_sq,
+        measure_local,
+        vector_size,
+        fill_statistics,
+        hands_over_grads(ddp),
     )
     ddp._largebatch_native_hook = True  # DDP's own list of hooks (_comm_hooks) sees only Python hooks
     if ddp.logger is not None:

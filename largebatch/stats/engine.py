@@ -168,8 +168,13 @@ class GradientStatistics:
             parameters; with DDP's default reduction, the comm hook
             (_ddp_hook.cpp: a worker's norms and the division in one pass per
             bucket, B read from the reduced bucket; with per-micro-batch
-            norms the division and B in one pass after the all-reduce).
-            None (default): each
+            norms the division and B in one pass after the all-reduce). The
+            comm hook also saves DDP's copy of the reduced bucket into p.grad
+            where nothing else refers to p.grad: p.grad becomes a view of the
+            step's reduced bucket (a new tensor each step), with DDP's values
+            and layout; a p.grad you hold a reference to keeps its identity
+            and gets the values copied (not with find_unused_parameters,
+            static_graph or gradient_as_bucket_view). None (default): each
             where it applies and builds, else the Python hooks (a warning if
             the build failed); True: required (a clear error otherwise);
             False: never. ``LARGEBATCH_NATIVE=0`` also turns them off.
@@ -224,6 +229,7 @@ class GradientStatistics:
         self._vector = torch.zeros(K + (2 * K if per_example else 0) + 1, dtype=self._dtype, device=self._device)
         # sum over this worker's samples of ||sample||^2: the micro-batches' h_i, or
         # (sample="worker", from the comm hook) the accumulated local gradient
+        self._examples_entry = self._vector[-1]
         self._local_sq = self._vector[:K]
         self._local_slots = list(self._local_sq.unbind())
         self._backward_sq = torch.zeros(K, dtype=self._dtype, device=self._device)  # this backward's ||h_i||^2
@@ -307,25 +313,31 @@ class GradientStatistics:
         m, world = self._backwards, self._world_size()
         sample_scale = self._micro_batch_scale(m)  # h_i = sample_scale * g^(i)
         grad_scale = sample_scale * m  # p.grad = grad_scale * gbar
-        if self.ddp is not None:
-            self._check_reduced(m)
-            if self._work is not None:
-                self._work.wait()
-                self._work = None  # done; do not hold the collective past the step
-            K = len(self.params)
-            sums, extra = self._reduced[:K], self._reduced[K:]
-            num_examples: int | Tensor = extra[-1]
-        else:
-            sums, extra = None, None
-            num_examples = self._examples
-        B = self._applied_grad_sq() / grad_scale**2  # a new tensor: callers may keep or edit it
-        if self.sample == "micro_batch":
+        if self.sample == "micro_batch":  # A = (sum of ||h_i||^2) / a_divisor
             n = world * m
-            local = self._local_sq if sums is None else sums
-            A = local / (sample_scale**2 * n)
+            a_divisor = sample_scale**2 * n
         else:
             n = world
-            A = B.clone() if sums is None else sums / (grad_scale**2 * n)
+            a_divisor = grad_scale**2 * n
+        extra = None
+        if self.ddp is None:
+            B = self._mean_grad_sq(grad_scale)
+            A = self._local_sq / a_divisor if self.sample == "micro_batch" else B.clone()
+            num_examples: int | Tensor = self._examples
+        else:
+            self._check_reduced(m)
+            if self._native_state is not None and self.per_example is None and self._grad_sq is self._native_grad_sq:
+                # the compiled hook's B: the hook computes the summary (and waits)
+                A, B, num_examples = self._native_state.summarize(self._reduced, a_divisor, grad_scale**2)
+            else:
+                if self._work is not None:
+                    self._work.wait()
+                K = len(self.params)
+                sums, extra = self._reduced[:K], self._reduced[K:]
+                num_examples = extra[-1]
+                B = self._mean_grad_sq(grad_scale)
+                A = sums / a_divisor
+            self._work = None  # done; do not hold the collective past the step
         example_norm_mean = example_sq_norm_mean = None
         if self.per_example is not None:
             per_example_scale = m if self.accumulation == "mean" else 1
@@ -412,9 +424,17 @@ class GradientStatistics:
         if deferred:
             self._grad_sq, self._grad_versions = None, _grad_versions(self.params)
         elif self._native_state is not None:  # the hook read them from the reduced buckets
-            self._grad_sq, self._grad_versions = self._native_grad_sq.clone(), None
+            # as they are: only the next synchronised backward rewrites them
+            self._grad_sq, self._grad_versions = self._native_grad_sq, None
         else:
             self._grad_sq, self._grad_versions = self._read_grad_sq(), None
+
+    def _mean_grad_sq(self, grad_scale: float) -> Tensor:
+        """B: ||p.grad||^2 on the scale of the mean gradient, a new tensor (callers may keep or edit it)."""
+        grad_sq = self._applied_grad_sq()
+        if grad_scale != 1.0:
+            return grad_sq / grad_scale**2
+        return grad_sq.clone() if grad_sq is self._grad_sq else grad_sq  # the kept one, or read just now
 
     def _applied_grad_sq(self) -> Tensor:
         if self._grad_sq is not None:
@@ -553,11 +573,14 @@ class GradientStatistics:
         # from there would keep the engine and the DDP module alive for good.
         engine = weakref.ref(self)
 
-        def fill_statistics(out: Tensor) -> None:
+        def fill_statistics(out: Tensor) -> tuple[Tensor, float | None] | None:
+            """What to send: the hook copies it into ``out`` (reduced in place); see _statistics()."""
             self_ = engine()
-            if self_ is not None:
-                out.copy_(self_._last_bucket_statistics())
-                self_._reduced, self_._work = out, self_._native_state  # state.wait(): the statistics' collective
+            if self_ is None:
+                return None
+            self_._reduced, self_._work = out, self_._native_state  # state.wait(): the statistics' collective
+            self_._mark_synchronised()
+            return self_._statistics()
 
         self._native_state = _native.register_statistics_hook(
             module,
@@ -612,18 +635,29 @@ class GradientStatistics:
         self._reduced = self._statistics_vector().clone()  # reduced in place; the local sums stay local
         self._work = all_reduce_sum(self._group, self._reduced)
 
+    def _statistics(self) -> tuple[Tensor, float | None]:
+        """The step's statistics vector and, unless it already ends with it, the number of examples.
+
+        The vector holds the sample sums and per-example sums; its last entry,
+        the examples, is written here from the per-example counts, else left
+        to the caller (the compiled hook writes it without a tensor op).
+        """
+        self._add_backward()  # from the last bucket: this backward's norms are not added yet
+        if self.per_example is None:
+            return self._vector, float(self._examples)
+        K = len(self.params)
+        norm_sum, sq_sum, count = self._per_example_now()
+        self._vector[K : 2 * K].copy_(norm_sum)
+        self._vector[2 * K : 3 * K].copy_(sq_sum)
+        self._vector[-1:].copy_(count.reshape(1))
+        return self._vector, None
+
     def _statistics_vector(self) -> Tensor:
         """Every statistic of the step in one vector: sample sums, per-example sums, examples."""
-        self._add_backward()  # from the last bucket: this backward's norms are not added yet
-        K = len(self.params)
-        if self.per_example is not None:
-            norm_sum, sq_sum, count = self._per_example_now()
-            self._vector[K : 2 * K].copy_(norm_sum)
-            self._vector[2 * K : 3 * K].copy_(sq_sum)
-            self._vector[-1:].copy_(count.reshape(1))
-        else:
-            self._vector[-1].fill_(float(self._examples))
-        return self._vector
+        vector, examples = self._statistics()
+        if examples is not None:
+            self._examples_entry.fill_(examples)
+        return vector
 
     def _per_example_now(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per-example sums including the backward still running.
@@ -654,6 +688,8 @@ class GradientStatistics:
 
     def _guard_static_graph_no_sync(self, module, args) -> None:
         ddp = self.ddp
+        if ddp.static_graph and self._native_state is not None:  # set after construction (_set_static_graph)
+            self._native_state.hand_over = False
         first_synced = self._synced_once or getattr(ddp, "_static_graph_delay_allreduce_enqueued", False)
         if ddp.static_graph and not ddp.require_backward_grad_sync and not first_synced:
             raise RuntimeError(
