@@ -479,8 +479,13 @@ def _hand_over(rank: int, world: int, opts: dict) -> dict:
         plain._set_static_graph()
     stats = GradientStatistics(measured, sample=opts["sample"], native=True)
     micro, hold = opts["micro"], opts.get("hold", False)
-    out = {"equal": [], "handed_over": [], "layout": [], "kept": [], "own": []}
+    out = {"equal": [], "handed_over": [], "layout": [], "kept": [], "own": [], "flat": []}
     held = None
+    if opts.get("flat_buffer"):  # p.grad as views of one buffer of the user's (a contiguous-gradient scheme)
+        flat = torch.zeros(sum(p.numel() for p in measured.parameters()), dtype=torch.float64)
+        views = flat.split([p.numel() for p in measured.parameters()])
+        for p, view in zip(measured.parameters(), views):
+            p.grad = view.view_as(p)
     for step in range(3):
         mine = _step_data(step, opts)[rank * micro : (rank + 1) * micro]
         for model in (measured, plain):
@@ -497,12 +502,14 @@ def _hand_over(rank: int, world: int, opts: dict) -> dict:
         out["equal"].append(all(torch.equal(a.grad, b.grad) for a, b in pairs))
         out["layout"].append(all(a.grad.stride() == b.grad.stride() for a, b in pairs))
         out["handed_over"].append(stats._native_state.handed_over)
+        if opts.get("flat_buffer"):  # the buffer holds the averaged gradients
+            out["flat"].append(torch.equal(flat, torch.cat([p.grad.flatten() for p in plain.parameters()])))
         if held is not None:  # references kept across steps still see the averaged gradients
             out["kept"].append(all(h is p.grad for h, p in zip(held, measured.parameters())))
         if hold:
             held = [p.grad for p in measured.parameters()]
         for model in (measured, plain):
-            model.zero_grad(set_to_none=not hold)
+            model.zero_grad(set_to_none=not (hold or opts.get("flat_buffer")))
         stats.reset()
     return out
 
@@ -524,6 +531,15 @@ def test_native_hook_leaves_a_held_grad_in_place(group):
     for rank in group.run(_hand_over, {"sample": "micro_batch", "micro": 2, "hold": True}):
         assert all(rank["equal"]) and all(rank["kept"])
         assert rank["handed_over"] == [params] * 3  # the first step only, before anything held p.grad
+
+
+@needs_compiler
+def test_native_hook_leaves_grads_in_a_buffer_of_the_user_in_place(group):
+    # p.grad as views of one flat buffer: the buffer refers to their storage,
+    # so they stay, and the buffer receives the averaged gradients.
+    for rank in group.run(_hand_over, {"sample": "worker", "micro": 1, "flat_buffer": True}):
+        assert all(rank["equal"]) and all(rank["flat"]) and len(rank["flat"]) == 3
+        assert rank["handed_over"] == [0, 0, 0]
 
 
 @needs_compiler

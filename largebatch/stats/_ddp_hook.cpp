@@ -13,14 +13,17 @@
 //     while the bucket is in cache, so DDP's end-of-backward wait covers it;
 //   * sample="micro_batch" (its norms come from the accumulation hook,
 //     _accumulate.cpp): the local sums are all-reduced as they are, and the
-//     callback divides them by the world size and takes B in one pass;
+//     callback divides them by the world size and takes B in one pass (the
+//     last bucket, copied anyway to carry the statistics, is divided in
+//     that copy, its callback only reads B);
 //   * the step's statistics vector rides on the last bucket's all-reduce (one
 //     collective per step, as in ddp.py); Python is called once per step, to
 //     fill it;
 //   * with any comm hook the reducer copies each gradient into its bucket
 //     and, after the reduction, the hook's result back into p.grad. Where
 //     nothing else can see p.grad (AccumulateGrad's own test for adopting a
-//     tensor) the callback makes p.grad a view of the result instead, laid
+//     tensor, and no other tensor on its storage, such as a flat gradient
+//     buffer) the callback makes p.grad a view of the result instead, laid
 //     out as the reducer's views of it, so that copy finds source and
 //     destination the same and returns. The result is then a new tensor of
 //     each step, never a buffer the reducer writes again. Not with
@@ -59,7 +62,7 @@ struct Segment {
 
 // Makes each parameter's p.grad the view of `result` that the reducer will
 // copy into it (Reducer::populate_bucket_views_out's layout), where no one
-// else refers to p.grad. Returns how many were handed over.
+// else refers to p.grad or to its memory. Returns how many were handed over.
 int64_t hand_over_grads(const at::Tensor& result, const std::vector<at::Tensor>& params,
                         const std::vector<Segment>& segments) {
   // Under the GIL: Python code cannot take a new reference to p.grad between
@@ -71,7 +74,8 @@ int64_t hand_over_grads(const at::Tensor& result, const std::vector<at::Tensor>&
     at::Tensor& grad = param.mutable_grad();
     if (!grad.defined() || grad.requires_grad() || grad.layout() != at::kStrided ||
         grad.scalar_type() != result.scalar_type() || grad.device() != result.device() ||
-        grad.sizes() != param.sizes() || !torch::autograd::impl::is_tensor_stealable(grad, 1)) {
+        grad.sizes() != param.sizes() || !torch::autograd::impl::is_tensor_stealable(grad, 1) ||
+        grad.storage().use_count() != 1) {  // not a view into a buffer someone keeps (or a past result)
       continue;
     }
     const Segment& s = segments[j];
@@ -165,12 +169,12 @@ class HookState {
     } else if (carries) {
       statistics = at::empty({vector_size_}, local_sq_.options());
     }
-    // With the local norms to take, the pass that reads the bucket for them
-    // also divides it by the world size, as DDP does. Without, the sum over
-    // workers is divided afterwards, in the pass that reads B: one pass
-    // fewer (the same mean for a world size that is a power of two;
-    // otherwise it may differ from DDP's in the last bit).
-    const bool divide_after = !measure_local_ && tiled;
+    // A pass before the all-reduce (the local norms', or the copy that
+    // carries the statistics) also divides by the world size, as DDP does.
+    // Without one, the sum over workers is divided afterwards, in the pass
+    // that reads B: one pass fewer (the same mean for a world size that is a
+    // power of two; otherwise it may differ from DDP's in the last bit).
+    const bool divide_after = !measure_local_ && !rides && tiled;
     const double before = divide_after ? 1.0 : inv_world;
     at::Tensor sent_part = sent.narrow(0, 0, n);  // the bucket as all-reduced
     if (measure_local_ && tiled) {

@@ -170,11 +170,12 @@ class GradientStatistics:
             bucket, B read from the reduced bucket; with per-micro-batch
             norms the division and B in one pass after the all-reduce). The
             comm hook also saves DDP's copy of the reduced bucket into p.grad
-            where nothing else refers to p.grad: p.grad becomes a view of the
-            step's reduced bucket (a new tensor each step), with DDP's values
-            and layout; a p.grad you hold a reference to keeps its identity
-            and gets the values copied (not with find_unused_parameters,
-            static_graph or gradient_as_bucket_view). None (default): each
+            where nothing else refers to p.grad or its memory: p.grad becomes
+            a view of the step's reduced bucket (a new tensor each step), with
+            DDP's values and layout; a p.grad you hold a reference to, or a
+            view into your own gradient buffer, keeps its identity and gets
+            the values copied (not with find_unused_parameters, static_graph
+            or gradient_as_bucket_view). None (default): each
             where it applies and builds, else the Python hooks (a warning if
             the build failed); True: required (a clear error otherwise);
             False: never. ``LARGEBATCH_NATIVE=0`` also turns them off.
