@@ -3,8 +3,8 @@
 //
 // The Python hook of ddp.py does the same work in three passes over each
 // bucket (the local norms, the division by the world size, and later
-// ||p.grad||^2) and pays for a Python call per bucket: 10-11% of a small
-// MLP's step under 2-process gloo DDP, against 4-6% for this hook
+// ||p.grad||^2) and pays for a Python call per bucket: 10-13% of a small
+// MLP's step under 2-process gloo DDP, against 3-4% for this hook
 // (benchmarks/grad_stats_ddp.py, per-worker statistics). Here:
 //   * sample="worker": before the all-reduce, one pass per parameter reads
 //     its local gradient, adds up its squares (the per-worker statistic) and

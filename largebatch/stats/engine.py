@@ -228,9 +228,9 @@ class GradientStatistics:
         # Everything a step sums over workers, in one vector: the local sample
         # sums (K), per-example norm and squared-norm sums (2K), examples (1).
         self._vector = torch.zeros(K + (2 * K if per_example else 0) + 1, dtype=self._dtype, device=self._device)
+        self._examples_entry = self._vector[-1]
         # sum over this worker's samples of ||sample||^2: the micro-batches' h_i, or
         # (sample="worker", from the comm hook) the accumulated local gradient
-        self._examples_entry = self._vector[-1]
         self._local_sq = self._vector[:K]
         self._local_slots = list(self._local_sq.unbind())
         self._backward_sq = torch.zeros(K, dtype=self._dtype, device=self._device)  # this backward's ||h_i||^2
