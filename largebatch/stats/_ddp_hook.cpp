@@ -26,7 +26,9 @@
 //     buffer) the callback makes p.grad a view of the result instead, laid
 //     out as the reducer's views of it, so that copy finds source and
 //     destination the same and returns. The result is then a new tensor of
-//     each step, never a buffer the reducer writes again. Not with
+//     each step, never a buffer the reducer writes again. (A gradient the
+//     autograd engine still refers to when a fast reduction's callback runs
+//     fails the test and is copied as before.) Not with
 //     find_unused_parameters or static_graph (a globally unused parameter
 //     keeps its p.grad there) nor gradient_as_bucket_view (p.grad is the
 //     bucket).
@@ -197,9 +199,10 @@ class HookState {
     // synchronised backward rewrites all of grad_sq.
     at::Tensor grad_sq = grad_sq_;
     std::vector<at::Tensor> params = hand_over ? bucket.getParameters() : std::vector<at::Tensor>();
-    // The reducer's buffer is written again next step: the mean divided out
-    // of it goes to a new tensor when handed over.
-    const bool copy_out = hand_over && divide_after && !fresh;
+    // Divided afterwards, the bucket was reduced in the reducer's buffer,
+    // which is written again next step: handed over, the mean goes to a new
+    // tensor.
+    const bool copy_out = hand_over && divide_after;
     return reduced->then(
         [n, divide_after, copy_out, inv_world, segments = std::move(segments), grad_sq, params = std::move(params),
          handed_over = handed_over_](c10::ivalue::Future& future) {
