@@ -18,7 +18,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from _dist import WorkerGroup
-from _native import needs_compiler, python_and_native
 from largebatch.stats import GradientStatistics
 
 pytestmark = pytest.mark.distributed
@@ -26,10 +25,6 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 DIM_IN, DIM_OUT = 6, 3
 HAVE_PER_EXAMPLE = importlib.util.find_spec("largebatch.stats.per_example") is not None
-
-# DDP's default reduction through the Python hook (ddp.py) and the compiled one (_ddp_hook.cpp);
-# per-micro-batch norms by the tensor hooks and by the compiled accumulation hook (_accumulate.cpp).
-HOOKS = python_and_native("python_hook", "native_hook")
 
 
 class _Net(nn.Module):
@@ -107,7 +102,6 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
             applied_norm=opts.get("applied_norm", "backward"),
             per_example=opts.get("per_example", False),
             comm_hook=hook,
-            native=opts.get("native"),
         )
     elif hook is not None:
         ddp.register_comm_hook(None, hook)
@@ -126,9 +120,6 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
         record = {"grads": [None if p.grad is None else p.grad.clone() for p in ddp.parameters()], "all_reduces": counter[0]}
         if stats is not None:
             record["summary"] = _summary_dict(stats.summary())
-            record["native_hook"] = stats.native_hook
-            # under no_sync the compiled accumulation hook measures the micro-batches
-            record["native_accumulation"] = stats.native_accumulation and stats._accumulation.fused > 0
             if stats.per_example is not None:
                 record["tapped_calls"] = stats.per_example.tapped_calls
         records.append(record)
@@ -176,10 +167,6 @@ def _check_against_one_process(opts: dict, ranks: list[list[dict]]):
     reference = _one_process(opts)
     for records in ranks:
         for got, want in zip(records, reference, strict=True):
-            if "native" in opts:
-                assert got["native_hook"] == opts["native"]
-                if opts["sample"] == "micro_batch":
-                    assert got["native_accumulation"] == opts["native"]
             _assert_same_summary(got["summary"], want["summary"])
             for g, w in zip(got["grads"], want["grads"], strict=True):
                 assert (g is None) == (w is None)
@@ -197,17 +184,15 @@ def group():
 
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_per_worker_statistics_equal_one_process_with_two_micro_batches(group, native):
-    opts = {"sample": "worker", "micro": 1, "steps": 3, "native": native}
+def test_per_worker_statistics_equal_one_process_with_two_micro_batches(group):
+    opts = {"sample": "worker", "micro": 1, "steps": 3}
     ranks = group.run(_train_ddp, opts)
     _check_against_one_process(opts, ranks)
     assert ranks[0][0]["summary"]["n"] == WORLD
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_hook_leaves_averaged_gradients_unchanged(group, native):
-    opts = {"sample": "worker", "micro": 2, "steps": 3, "native": native}
+def test_hook_leaves_averaged_gradients_unchanged(group):
+    opts = {"sample": "worker", "micro": 2, "steps": 3}
     with_stats = group.run(_train_ddp, opts)
     plain = group.run(_train_ddp, dict(opts, stats=False))
     for rank in range(WORLD):
@@ -216,16 +201,14 @@ def test_hook_leaves_averaged_gradients_unchanged(group, native):
                 assert torch.equal(ga, gb)
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_gradient_as_bucket_view(group, native):
-    opts = {"sample": "worker", "micro": 2, "steps": 3, "bucket_view": True, "native": native}
+def test_gradient_as_bucket_view(group):
+    opts = {"sample": "worker", "micro": 2, "steps": 3, "bucket_view": True}
     _check_against_one_process(opts, group.run(_train_ddp, opts))
 
 
-@pytest.mark.parametrize("native", HOOKS)
 @pytest.mark.parametrize("applied_norm", ["backward", "summary"])
-def test_no_sync_micro_batches_two_workers_equal_four_micro_batches(group, applied_norm, native):
-    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "applied_norm": applied_norm, "native": native}
+def test_no_sync_micro_batches_two_workers_equal_four_micro_batches(group, applied_norm):
+    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "applied_norm": applied_norm}
     ranks = group.run(_train_ddp, opts)
     _check_against_one_process(opts, ranks)
     assert ranks[0][0]["summary"]["n"] == 4
@@ -242,9 +225,8 @@ def test_sum_accumulation_reports_the_mean_gradient_scale(group, sample):
         _assert_same_summary(records[0]["summary"], want)
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_parameter_without_gradient_and_find_unused_parameters(group, native):
-    opts = {"sample": "worker", "micro": 2, "steps": 2, "unused": True, "find_unused": True, "native": native}
+def test_parameter_without_gradient_and_find_unused_parameters(group):
+    opts = {"sample": "worker", "micro": 2, "steps": 2, "unused": True, "find_unused": True}
     ranks = group.run(_train_ddp, opts)
     reference = _one_process(opts)
     for records in ranks:
@@ -253,11 +235,10 @@ def test_parameter_without_gradient_and_find_unused_parameters(group, native):
         assert records[0]["grads"][-1] is None  # the unused layer never got a gradient
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_static_graph_after_a_synchronised_first_step(group, native):
+def test_static_graph_after_a_synchronised_first_step(group):
     # First step synchronises every micro-batch (several reductions in one
     # step), later steps accumulate under no_sync.
-    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "static_graph": True, "sync_every_micro_batch_at": (0,), "native": native}
+    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "static_graph": True, "sync_every_micro_batch_at": (0,)}
     _check_against_one_process(opts, group.run(_train_ddp, opts))
 
 
@@ -291,11 +272,10 @@ def _collectives(rank: int, world: int, opts: dict) -> int:
     return group_._get_sequence_number_for_group() - before
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_default_reduction_carries_the_statistics_without_a_collective_of_its_own(group, native):
+def test_default_reduction_carries_the_statistics_without_a_collective_of_its_own(group):
     # With DDP's default reduction the statistics vector rides on the last
     # bucket: as many collectives as plain DDP (its C++ reduction).
-    opts = {"sample": "worker", "micro": 2, "steps": 3, "native": native}
+    opts = {"sample": "worker", "micro": 2, "steps": 3}
     ranks = group.run(_collectives, opts)
     plain = group.run(_collectives, dict(opts, stats=False))
     assert ranks == plain and plain[0] > opts["steps"]  # several buckets a step, none more
@@ -313,14 +293,14 @@ class _MixedNet(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x.float())).double())
 
 
-def _mixed_dtype_worker(rank: int, world: int, native: bool) -> dict:
+def _mixed_dtype_worker(rank: int, world: int) -> dict:
     """Float64 statistics (a float64 parameter) and a float32 last bucket: the vector gets its own all-reduce."""
     torch.manual_seed(0)
     model, copy = _MixedNet(), _MixedNet()
     copy.load_state_dict(model.state_dict())
     x, y = _step_data(0, {"micro": 1})[rank]
     ddp = DDP(model, bucket_cap_mb=0.0005)
-    stats = GradientStatistics(ddp, sample="worker", native=native)
+    stats = GradientStatistics(ddp, sample="worker")
     nn.functional.mse_loss(ddp(x), y).backward()
     summary = stats.summary()
     applied = torch.stack([p.grad.double().square().sum() for p in ddp.parameters()])
@@ -334,14 +314,11 @@ def _mixed_dtype_worker(rank: int, world: int, native: bool) -> dict:
         "expected": torch.stack(everyone).mean(0),
         "B": summary.mean_grad_sq_norm,
         "applied": applied,
-        "native_hook": stats.native_hook,
     }
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_statistics_of_another_dtype_than_the_last_bucket(group, native):
-    for rank in group.run(_mixed_dtype_worker, native):
-        assert rank["native_hook"] == native
+def test_statistics_of_another_dtype_than_the_last_bucket(group):
+    for rank in group.run(_mixed_dtype_worker):
         torch.testing.assert_close(rank["A"], rank["expected"], rtol=1e-5, atol=0)
         torch.testing.assert_close(rank["B"], rank["applied"], rtol=1e-6, atol=0)
 
@@ -356,13 +333,11 @@ def test_per_example_sums_travel_in_the_same_all_reduce(group):
 
 
 @pytest.mark.skipif(not HAVE_PER_EXAMPLE, reason="largebatch/stats/per_example.py (PerExampleNorms) is not there yet")
-@pytest.mark.parametrize("native", HOOKS)
 @pytest.mark.parametrize("bucket_view", [False, True])
-def test_per_example_gradients_as_the_weight_gradient_under_ddp(group, bucket_view, native):
+def test_per_example_gradients_as_the_weight_gradient_under_ddp(group, bucket_view):
     # Sequence inputs (T = 12): every Linear's weight gradient comes from the
     # per-example gradients, so DDP's reducer hooks must fire on the tap's gradient.
     opts = {"sample": "micro_batch", "micro": 2, "steps": 2, "per_example": True, "length": 12, "bucket_view": bucket_view}
-    opts["native"] = native
     ranks = group.run(_train_ddp, opts)
     assert [r["tapped_calls"] for records in ranks for r in records] == [3] * 4
     _check_against_one_process(opts, ranks)
@@ -427,16 +402,16 @@ def test_bad_input_under_ddp(group):
     assert "sharded parameters" in messages["sharded"]
 
 
-def _after_remove(rank: int, world: int, native: bool) -> dict:
+def _after_remove(rank: int, world: int, wrapped: bool) -> dict:
     """After remove() the comm hook only forwards to the wrapped (or default) reduction."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     x, y = _step_data(0, {"micro": 1})[rank]
     ddp = DDP(_model({}))
-    if native:
-        stats = GradientStatistics(ddp, sample="worker", native=True)
-    else:
+    if wrapped:
         stats = GradientStatistics(ddp, sample="worker", comm_hook=allreduce_hook, comm_state=None)
+    else:
+        stats = GradientStatistics(ddp, sample="worker")
     _loss(ddp, x, y).backward()
     stats.summary()
     stats.remove()
@@ -456,140 +431,10 @@ def _after_remove(rank: int, world: int, native: bool) -> dict:
     return {"all_reduces": counter[0], "grads": [p.grad.clone() for p in ddp.parameters()], "expected": expected}
 
 
-@pytest.mark.parametrize("native", HOOKS)
-def test_remove_leaves_a_plain_reduction(group, native):
-    ranks = group.run(_after_remove, native)
+@pytest.mark.parametrize("wrapped", [False, True], ids=["default_reduction", "wrapped_hook"])
+def test_remove_leaves_a_plain_reduction(group, wrapped):
+    ranks = group.run(_after_remove, wrapped)
     assert ranks[0]["all_reduces"] == 1  # the one bucket, no statistics
     for rank in ranks:
         for got, want in zip(rank["grads"], rank["expected"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
-
-
-def _hand_over(rank: int, world: int, opts: dict) -> dict:
-    """Steps with the compiled hook next to plain DDP on the same data; what p.grad became."""
-    options = {
-        "bucket_cap_mb": 0.0005,
-        "find_unused_parameters": opts.get("find_unused", False),
-        "gradient_as_bucket_view": opts.get("bucket_view", False),
-        "static_graph": opts.get("static_graph", False),
-    }
-    measured, plain = DDP(_model(opts), **options), DDP(_model(opts), **options)
-    if opts.get("set_static_graph"):
-        measured._set_static_graph()
-        plain._set_static_graph()
-    stats = GradientStatistics(measured, sample=opts["sample"], native=True)
-    micro, hold = opts["micro"], opts.get("hold", False)
-    out = {"equal": [], "handed_over": [], "layout": [], "kept": [], "own": [], "flat": []}
-    held = None
-    if opts.get("flat_buffer"):  # p.grad as views of one buffer of the user's (a contiguous-gradient scheme)
-        flat = torch.zeros(sum(p.numel() for p in measured.parameters()), dtype=torch.float64)
-        views = flat.split([p.numel() for p in measured.parameters()])
-        for p, view in zip(measured.parameters(), views):
-            p.grad = view.view_as(p)
-    for step in range(3):
-        mine = _step_data(step, opts)[rank * micro : (rank + 1) * micro]
-        for model in (measured, plain):
-            for j, (x, y) in enumerate(mine):
-                with model.no_sync() if j < micro - 1 else contextlib.nullcontext():
-                    (_loss(model, x, y) / micro).backward()
-        first = stats.summary()  # edited in place: the next summary() is unchanged
-        A, B = first.sample_sq_norm_mean.clone(), first.mean_grad_sq_norm.clone()
-        first.sample_sq_norm_mean.zero_()
-        first.mean_grad_sq_norm.zero_()
-        again = stats.summary()
-        out["own"].append(torch.equal(again.sample_sq_norm_mean, A) and torch.equal(again.mean_grad_sq_norm, B))
-        pairs = list(zip(measured.parameters(), plain.parameters()))
-        out["equal"].append(all(torch.equal(a.grad, b.grad) for a, b in pairs))
-        out["layout"].append(all(a.grad.stride() == b.grad.stride() for a, b in pairs))
-        out["handed_over"].append(stats._native_state.handed_over)
-        if opts.get("flat_buffer"):  # the buffer holds the averaged gradients
-            out["flat"].append(torch.equal(flat, torch.cat([p.grad.flatten() for p in plain.parameters()])))
-        if held is not None:  # references kept across steps still see the averaged gradients
-            out["kept"].append(all(h is p.grad for h, p in zip(held, measured.parameters())))
-        if hold:
-            held = [p.grad for p in measured.parameters()]
-        for model in (measured, plain):
-            model.zero_grad(set_to_none=not (hold or opts.get("flat_buffer")))
-        stats.reset()
-    return out
-
-
-@needs_compiler
-@pytest.mark.parametrize("sample, micro", [("worker", 1), ("micro_batch", 2)])
-def test_native_hook_hands_the_reduced_buckets_over_as_grads(group, sample, micro):
-    # Nobody else holds p.grad: it becomes a view of the hook's result, so the
-    # reducer's copy back finds nothing to do. Values and layout are DDP's.
-    # A gradient the autograd engine still refers to when a fast reduction's
-    # callback runs is copied as before, so a step may hand over fewer.
-    params = len(list(_model({}).parameters()))
-    for rank in group.run(_hand_over, {"sample": sample, "micro": micro}):
-        assert all(rank["equal"]) and all(rank["layout"]) and all(rank["own"])
-        per_step = [b - a for a, b in zip([0] + rank["handed_over"], rank["handed_over"])]
-        assert all(params // 2 <= handed <= params for handed in per_step), per_step
-
-
-@needs_compiler
-def test_native_hook_leaves_a_held_grad_in_place(group):
-    params = len(list(_model({}).parameters()))
-    for rank in group.run(_hand_over, {"sample": "micro_batch", "micro": 2, "hold": True}):
-        assert all(rank["equal"]) and all(rank["kept"])
-        first = rank["handed_over"][0]  # the first step only, before anything held p.grad
-        assert params // 2 <= first <= params and rank["handed_over"] == [first] * 3
-
-
-@needs_compiler
-def test_native_hook_leaves_grads_in_a_buffer_of_the_user_in_place(group):
-    # p.grad as views of one flat buffer: the buffer refers to their storage,
-    # so they stay, and the buffer receives the averaged gradients.
-    for rank in group.run(_hand_over, {"sample": "worker", "micro": 1, "flat_buffer": True}):
-        assert all(rank["equal"]) and all(rank["flat"]) and len(rank["flat"]) == 3
-        assert rank["handed_over"] == [0, 0, 0]
-
-
-@needs_compiler
-@pytest.mark.parametrize(
-    "option", ["find_unused", "bucket_view", "static_graph", "set_static_graph"]
-)
-def test_native_hook_does_not_hand_over_where_ddp_keeps_grads(group, option):
-    # A globally unused parameter keeps its p.grad (find_unused_parameters,
-    # static_graph); with gradient_as_bucket_view p.grad is the bucket.
-    for rank in group.run(_hand_over, {"sample": "worker", "micro": 1, option: True}):
-        assert all(rank["equal"])
-        assert rank["handed_over"] == [0, 0, 0]
-
-
-def _native_refusals(rank: int, world: int) -> dict[str, str]:
-    """native=True where the compiled hook cannot serve; returns the error messages."""
-    import os
-
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    messages = {}
-    for name, make in {
-        "user_hook": lambda: GradientStatistics(DDP(_model({})), comm_hook=allreduce_hook, native=True),
-        "bfloat16": lambda: GradientStatistics(DDP(_model({}).bfloat16()), native=True),
-        "sparse": lambda: GradientStatistics(DDP(nn.Embedding(10, 4, sparse=True)), native=True),
-    }.items():
-        try:
-            make()
-        except ValueError as error:
-            messages[name] = str(error)
-    os.environ["LARGEBATCH_NATIVE"] = "0"
-    try:
-        messages["default_when_off"] = str(GradientStatistics(DDP(_model({}))).native_hook)
-        try:
-            GradientStatistics(DDP(_model({})), native=True)
-        except RuntimeError as error:
-            messages["required_when_off"] = str(error)
-    finally:
-        del os.environ["LARGEBATCH_NATIVE"]
-    return messages
-
-
-def test_native_hook_refuses_what_it_cannot_reduce(group):
-    messages = group.run(_native_refusals)[0]
-    assert "comm_hook=" in messages["user_hook"]
-    assert "torch.bfloat16" in messages["bfloat16"]
-    assert "sparse gradients" in messages["sparse"]
-    assert messages["default_when_off"] == "False"
-    assert "LARGEBATCH_NATIVE=0" in messages["required_when_off"]

@@ -23,7 +23,6 @@ was unscaled before ``summary()``; gain ratios and noise scales are unaffected.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
-from . import _native, estimators
+from . import estimators
 from ._norms import sq_norm_into, sq_norms, sq_norms_into
 from .ddp import all_reduce_sum, mean_allreduce_with_statistics, statistics_comm_hook
 
@@ -161,32 +160,13 @@ class GradientStatistics:
         process_group: group for the statistics (default: DDP's; another
             group also means one small all-reduce after DDP's backward).
         params: the tracked parameters (default: all trainable ones).
-        native: use the compiled hooks. With sample="micro_batch", the
-            accumulation hook (_accumulate.cpp) measures each micro-batch's
-            gradient inside its accumulation into p.grad (one pass for the
-            add and both norms, so B comes free) for dense CPU float32/float64
-            parameters; with DDP's default reduction, the comm hook
-            (_ddp_hook.cpp: a worker's norms and the division in one pass per
-            bucket, B read from the reduced bucket; with per-micro-batch
-            norms the division and B in one pass after the all-reduce). The
-            comm hook also saves DDP's copy of the reduced bucket into p.grad
-            where nothing else refers to p.grad or its memory: p.grad becomes
-            a view of the step's reduced bucket (a new tensor each step), with
-            DDP's values and layout; a p.grad you hold a reference to, or a
-            view into your own gradient buffer, keeps its identity and gets
-            the values copied (not with find_unused_parameters, static_graph
-            or gradient_as_bucket_view). None (default): each
-            where it applies and builds, else the Python hooks (a warning if
-            the build failed); True: required (a clear error otherwise);
-            False: never. ``LARGEBATCH_NATIVE=0`` also turns them off.
 
     Mechanics and limits: a tensor hook on each parameter sees every
     micro-batch's gradient before accumulation (also under ``no_sync``), so a
     backward is one micro-batch: ``torch.autograd.grad`` calls that reach the
-    parameters inside a step count too. The compiled accumulation hook runs
-    after every tensor hook, so it measures a gradient as accumulated (after
-    hooks registered later than the engine's, which the Python path does not
-    see); one backward at a time per model. Examples are counted from the leading
+    parameters inside a step count too; one backward at a time per model. The
+    same plain PyTorch hooks run on every device and backend (no compiled
+    code). Examples are counted from the leading
     dimension of the first tensor passed to the model's forward (with grad
     enabled). Statistics live on the first parameter's device.
     """
@@ -206,7 +186,6 @@ class GradientStatistics:
         comm_state=None,
         process_group=None,
         params=None,
-        native: bool | None = None,
     ):
         _check_choice("loss_reduction", loss_reduction, _REDUCTIONS)
         _check_choice("accumulation", accumulation, _REDUCTIONS)
@@ -247,20 +226,10 @@ class GradientStatistics:
         self._active = True
         self._group = None
         self._world: int | None = None
-        self._native_state = None  # the compiled hook's state, when it reduces DDP's buckets
-        self._accumulation = None  # the compiled accumulation hook's state (per-micro-batch norms)
-        self._measured = [False] * K  # which parameters it measures in the running backward
-        self._python_norms = True  # whether the tensor hooks measure any
         if self.ddp is not None:
-            self._attach_ddp(comm_hook, comm_state, process_group, native)
+            self._attach_ddp(comm_hook, comm_state, process_group)
         elif comm_hook is not None:
             raise ValueError("comm_hook: only meaningful when model is a DistributedDataParallel")
-        elif native and sample != "micro_batch":
-            raise ValueError(
-                "native=True: in one process the compiled code measures per-micro-batch norms "
-                "(sample='micro_batch'); with sample='worker' it has nothing to do"
-            )
-        self._attach_accumulation(native)
         self._backwards = 0
         self._backwards_last_step = 0  # where applied_norm="backward" expects a step's last backward
         self.reset()
@@ -298,10 +267,6 @@ class GradientStatistics:
         if self.per_example is not None:
             self.per_example.remove()
         self._active = False
-        if self._native_state is not None:
-            self._native_state.active = False
-        if self._accumulation is not None:
-            self._accumulation.remove(self.params)
 
     def summary(self) -> GradientSummary:
         """Statistics of the backwards since ``reset()``; nothing is synced to host.
@@ -327,17 +292,13 @@ class GradientStatistics:
             num_examples: int | Tensor = self._examples
         else:
             self._check_reduced(m)
-            if self._native_state is not None and self.per_example is None and self._grad_sq is self._native_grad_sq:
-                # the compiled hook's B: the hook computes the summary (and waits)
-                A, B, num_examples = self._native_state.summarize(self._reduced, a_divisor, grad_scale**2)
-            else:
-                if self._work is not None:
-                    self._work.wait()
-                K = len(self.params)
-                sums, extra = self._reduced[:K], self._reduced[K:]
-                num_examples = extra[-1]
-                B = self._mean_grad_sq(grad_scale)
-                A = sums / a_divisor
+            if self._work is not None:
+                self._work.wait()
+            K = len(self.params)
+            sums, extra = self._reduced[:K], self._reduced[K:]
+            num_examples = extra[-1]
+            B = self._mean_grad_sq(grad_scale)
+            A = sums / a_divisor
             self._work = None  # done; do not hold the collective past the step
         example_norm_mean = example_sq_norm_mean = None
         if self.per_example is not None:
@@ -368,7 +329,7 @@ class GradientStatistics:
         def hook(grad: Tensor) -> None:
             if not self._in_backward:
                 self._start_backward()
-            if per_micro_batch and not self._measured[k]:  # else the accumulation hook measures it
+            if per_micro_batch:
                 sq_norm_into(grad, slot)
 
         return hook
@@ -378,10 +339,7 @@ class GradientStatistics:
         self._in_backward = True
         self._backwards += 1
         self._backward_added = False
-        if self._accumulation is not None:
-            self._measured = self._accumulation.begin_backward(self.params)
-            self._python_norms = not all(self._measured)
-        if self.sample == "micro_batch" and self._python_norms:
+        if self.sample == "micro_batch":
             self._backward_sq.zero_()  # parameters this backward does not reach add 0
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
@@ -396,8 +354,7 @@ class GradientStatistics:
     def _add_backward(self) -> None:
         """Add this backward's per-micro-batch norms to the step's sums (once)."""
         if self.sample == "micro_batch" and not self._backward_added:
-            if self._python_norms:  # the accumulation hook adds its own into _local_sq
-                self._local_sq.add_(self._backward_sq)
+            self._local_sq.add_(self._backward_sq)
             self._backward_added = True
 
     def _after_backward(self) -> None:
@@ -424,9 +381,6 @@ class GradientStatistics:
         )
         if deferred:
             self._grad_sq, self._grad_versions = None, _grad_versions(self.params)
-        elif self._native_state is not None:  # the hook read them from the reduced buckets
-            # as they are: only the next synchronised backward rewrites them
-            self._grad_sq, self._grad_versions = self._native_grad_sq, None
         else:
             self._grad_sq, self._grad_versions = self._read_grad_sq(), None
 
@@ -457,10 +411,7 @@ class GradientStatistics:
         return self._read_grad_sq()
 
     def _read_grad_sq(self) -> Tensor:
-        """||p.grad||^2: as the accumulation hook took them, if p.grad is still what it measured."""
-        # Not under DDP: the reducer writes averaged gradients outside autograd's version counters.
-        if self._accumulation is not None and self.ddp is None and self._accumulation.applied_sq_norms(self.params):
-            return self._accumulated_grad_sq.clone()
+        """||p.grad||^2 of the tracked parameters (a missing gradient counts as 0)."""
         return sq_norms([p.grad for p in self.params], self._dtype, self._device)
 
     def _count_examples(self, module, args, kwargs) -> None:
@@ -479,14 +430,9 @@ class GradientStatistics:
         return scale
 
     # -- DDP --------------------------------------------------------------------
-    @property
-    def native_hook(self) -> bool:
-        """Whether the compiled comm hook reduces DDP's buckets (see ``native``)."""
-        return self._native_state is not None
-
-    def _attach_ddp(self, comm_hook, comm_state, process_group, native) -> None:
+    def _attach_ddp(self, comm_hook, comm_state, process_group) -> None:
         ddp = self.ddp
-        if getattr(ddp, "_comm_hooks", None) or _native.has_hook(ddp):
+        if getattr(ddp, "_comm_hooks", None):
             raise ValueError(
                 "the DistributedDataParallel module already has a comm hook; pass it as "
                 "GradientStatistics(comm_hook=..., comm_state=...) so it can be wrapped"
@@ -496,17 +442,11 @@ class GradientStatistics:
         # ddp.py); a user's hook, or a separate statistics group, gets one
         # extra all-reduce after DDP's backward.
         self._fused = comm_hook is None and self._group is ddp.process_group
-        if native and not self._fused:
-            raise ValueError(
-                "native=True: the compiled hook replaces DDP's default reduction; it does not "
-                "combine with comm_hook= or another process_group="
-            )
-        if not (self._fused and self._attach_native(native)):
-            ddp.register_comm_hook(*self._python_comm_hook(comm_hook, comm_state))
+        ddp.register_comm_hook(*self._comm_hook(comm_hook, comm_state))
         self._synced_once = False
         self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
 
-    def _python_comm_hook(self, comm_hook, comm_state) -> tuple:
+    def _comm_hook(self, comm_hook, comm_state) -> tuple:
         """The (state, hook) pair of ddp.py's hooks for this engine."""
         before_reduce = self._on_bucket if self.sample == "worker" else None  # micro-batch norms: tensor hooks
         if self._fused:
@@ -530,70 +470,6 @@ class GradientStatistics:
             is_active=lambda: self._active,
         )
         return comm_state, hook
-
-    @property
-    def native_accumulation(self) -> bool:
-        """Whether the compiled accumulation hook measures the per-micro-batch norms (see ``native``)."""
-        return self._accumulation is not None
-
-    def _attach_accumulation(self, native: bool | None) -> None:
-        """Measure the micro-batches' norms inside gradient accumulation (_accumulate.cpp) where it applies."""
-        if native is False or self.sample != "micro_batch":
-            return
-        eligible = [_native.dense_cpu_float(p) for p in self.params]
-        if native and not all(eligible):
-            p = self.params[eligible.index(False)]
-            raise ValueError(
-                f"native=True: the compiled accumulation hook measures dense CPU float32/float64 "
-                f"parameters, not {p.dtype} on {p.device}"
-            )
-        if self._device.type != "cpu" or not any(eligible):
-            return
-        module = _native.load(required=bool(native))
-        if module is None:
-            return
-        self._accumulated_grad_sq = torch.zeros(len(self.params), dtype=self._dtype, device=self._device)
-        self._accumulation = _native.accumulation_state(
-            module, self.params, self._local_sq, self._accumulated_grad_sq, eligible
-        )
-
-    def _attach_native(self, native: bool | None) -> bool:
-        """Register the compiled hook if ``native`` asks for it and it applies; whether it was."""
-        if native is False:
-            return False
-        reason = _native.unsupported(self.ddp, self.params)
-        if reason is not None:
-            if native:
-                raise ValueError(f"native=True: the compiled DDP hook does not support {reason}")
-            return False
-        module = _native.load(required=bool(native))
-        if module is None:
-            return False
-        self._native_grad_sq = torch.zeros(len(self.params), dtype=self._dtype, device=self._device)
-        # Weak: the reducer (C++) holds this callback, and a strong reference
-        # from there would keep the engine and the DDP module alive for good.
-        engine = weakref.ref(self)
-
-        def fill_statistics(out: Tensor) -> tuple[Tensor, float | None] | None:
-            """What to send: the hook copies it into ``out`` (reduced in place); see _statistics()."""
-            self_ = engine()
-            if self_ is None:
-                return None
-            self_._reduced, self_._work = out, self_._native_state  # state.wait(): the statistics' collective
-            self_._mark_synchronised()
-            return self_._statistics()
-
-        self._native_state = _native.register_statistics_hook(
-            module,
-            self.ddp,
-            self.params,
-            self._local_sq,
-            self._native_grad_sq,
-            measure_local=self.sample == "worker",
-            vector_size=self._vector.numel(),
-            fill_statistics=fill_statistics,
-        )
-        return True
 
     def _world_size(self) -> int:
         if self.ddp is None:
@@ -636,29 +512,18 @@ class GradientStatistics:
         self._reduced = self._statistics_vector().clone()  # reduced in place; the local sums stay local
         self._work = all_reduce_sum(self._group, self._reduced)
 
-    def _statistics(self) -> tuple[Tensor, float | None]:
-        """The step's statistics vector and, unless it already ends with it, the number of examples.
-
-        The vector holds the sample sums and per-example sums; its last entry,
-        the examples, is written here from the per-example counts, else left
-        to the caller (the compiled hook writes it without a tensor op).
-        """
+    def _statistics_vector(self) -> Tensor:
+        """Every statistic of the step in one vector: sample sums, per-example sums, examples."""
         self._add_backward()  # from the last bucket: this backward's norms are not added yet
         if self.per_example is None:
-            return self._vector, float(self._examples)
+            self._examples_entry.fill_(float(self._examples))
+            return self._vector
         K = len(self.params)
         norm_sum, sq_sum, count = self._per_example_now()
         self._vector[K : 2 * K].copy_(norm_sum)
         self._vector[2 * K : 3 * K].copy_(sq_sum)
         self._vector[-1:].copy_(count.reshape(1))
-        return self._vector, None
-
-    def _statistics_vector(self) -> Tensor:
-        """Every statistic of the step in one vector: sample sums, per-example sums, examples."""
-        vector, examples = self._statistics()
-        if examples is not None:
-            self._examples_entry.fill_(examples)
-        return vector
+        return self._vector
 
     def _per_example_now(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per-example sums including the backward still running.
@@ -689,8 +554,6 @@ class GradientStatistics:
 
     def _guard_static_graph_no_sync(self, module, args) -> None:
         ddp = self.ddp
-        if ddp.static_graph and self._native_state is not None:  # set after construction (_set_static_graph)
-            self._native_state.hand_over = False
         first_synced = self._synced_once or getattr(ddp, "_static_graph_delay_allreduce_enqueued", False)
         if ddp.static_graph and not ddp.require_backward_grad_sync and not first_synced:
             raise RuntimeError(

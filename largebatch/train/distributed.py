@@ -169,14 +169,13 @@ RETIRE_SECONDS = 0.05
 def retire_collectives() -> None:
     """Let gloo's threads release the collectives that a comm hook issued.
 
-    Such a collective can hold a Python object (a Python hook's future, or a
-    tensor the compiled hook handed to Python), which the communication
-    thread drops, under the GIL, after the collective completed. If the interpreter is already shutting down by then, that
+    Such a collective can hold a Python object (a Python hook's future),
+    which the communication thread drops, under the GIL, after the collective
+    completed. If the interpreter is already shutting down by then, that
     thread is made to exit inside a destructor and the process aborts
     ("terminate called without an active exception"): 3 of 8 runs of plain
     DDP with torch's own ``allreduce_hook`` on a 2-core CPU, 0 of 8 after a
-    50 ms pause (a pause releases the GIL); 1 of 13 with the statistics
-    engine's compiled hook. Call before the process ends.
+    50 ms pause (a pause releases the GIL). Call before the process ends.
     """
     time.sleep(RETIRE_SECONDS)
 
