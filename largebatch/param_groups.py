@@ -6,7 +6,9 @@ ratio; timm ties them together, which is a common complaint):
 
 - ``no_decay``: tensors trained without weight decay (``weight_decay=0``);
 - ``no_adapt``: tensors trained without layer-wise adaptation (``adapt=False``:
-  the LARS/LAMB trust ratio is 1 for them).
+  the LARS/LAMB/CLARS trust ratio is 1 for them, LENA gives them neither its
+  gain nor its warm-up; AdaScale, whose gain is model-wide, refuses the
+  mask: build its groups with ``no_adapt=()``).
 
 Excluding biases and normalisation weights from both is what LARS (You,
 Gitman, Ginsburg 2017) and LAMB (You et al. 2020) practitioners do, and it

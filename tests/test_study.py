@@ -215,7 +215,7 @@ def test_train_takes_the_warmup_mode_and_records_it(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["warmup"] == "none"
     last = json.loads((run / "layers.jsonl").read_text().splitlines()[-1])
-    assert set(last["warmup_end"].values()) == {1.0}  # no warm-up: every layer at its full rate from update 1
+    assert set(last["warmup_end"].values()) == {-1.0}  # no warm-up: no layer has an end point (-1)
 
 
 def _timing_study(sgd_seconds):

@@ -737,3 +737,29 @@ class StatisticsConsumer:
     def load_state_dict(self, state_dict: dict) -> None:
         check_state_dict(state_dict, self.method)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != METHOD_KEY})
+        self._restore_per_layer_state(state_dict)
+
+    #: 0-d per-layer state entries (averages, progress, clocks): kept in float32 or wider
+    _per_layer_keys: tuple[str, ...] = ()
+
+    def _restore_per_layer_state(self, state_dict: dict) -> None:
+        """Undo ``Optimizer.load_state_dict``'s cast of the per-layer state to the parameter dtype.
+
+        torch.optim casts every floating state entry but ``step`` to the parameter's dtype
+        (right for momentum buffers). For a bfloat16 model that rounds S_k = 70001.5 to 70144,
+        for float16 it makes it inf. These entries are loaded again from ``state_dict`` in
+        their saved dtype (at least float32; integers such as ``warmup_end`` stay integers),
+        as torch.optim exempts ``step``.
+        """
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_state = state_dict["state"]
+        for saved_id, p in zip(saved_ids, params):
+            entry = saved_state.get(saved_id)
+            if not entry:
+                continue
+            for key in self._per_layer_keys:
+                value = entry.get(key)
+                if isinstance(value, Tensor):
+                    dtype = torch.promote_types(value.dtype, torch.float32) if value.is_floating_point() else value.dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)

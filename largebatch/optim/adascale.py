@@ -43,6 +43,7 @@ momentum SGD with the rate outside the buffer (``torch.optim.SGD``).
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -148,6 +149,7 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
     """
 
     method = "adascale"
+    _per_layer_keys = _STAT_KEYS
     _introspected = ("layer_gain", "effective_lr")
 
     def __init__(
@@ -179,6 +181,12 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         group = self.param_groups[-1]
         check_sgd_group(group)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+        if group.get("adapt", True) is not True:
+            # refused rather than ignored: largebatch.param_groups gives adapt=False to biases
+            raise ValueError(
+                "adapt: AdaScale scales every parameter by one model-wide gain, so it has no per-group "
+                "adaptation to turn off; build its groups with param_groups(model, no_adapt=())"
+            )
 
     def _clear_introspection(self) -> None:
         super()._clear_introspection()
@@ -268,6 +276,20 @@ class ProgressLR(LRScheduler):
             raise ValueError("ProgressLR needs an optimiser with a progress clock (AdaScale)")
         self.lr_lambda = lr_lambda
         super().__init__(optimizer, last_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state, as ``LambdaLR``'s: a function ``lr_lambda`` is not saved (a
+        lambda cannot be pickled); a callable object's attributes are."""
+        state = {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "lr_lambda")}
+        state["lr_lambda"] = None if isinstance(self.lr_lambda, types.FunctionType) else dict(self.lr_lambda.__dict__)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        lr_lambda = state.pop("lr_lambda", None)
+        self.__dict__.update(state)
+        if isinstance(lr_lambda, dict):
+            self.lr_lambda.__dict__.update(lr_lambda)
 
     def get_lr(self) -> list[float]:
         tau = float(self.optimizer.progress)

@@ -45,7 +45,15 @@ unscaled ``p.grad``, is divided out. So :math:`\epsilon` is in the paper's
 units and the averages never mix scales (also when the number of
 micro-batches changes). A layer's warm-up ends at the first update where :math:`S_k \ge \theta` (the
 first update at its full rate); ``warmup_end`` records that update's number
-(1-based), -1 while the layer is still warming up.
+(1-based), -1 while the layer is still warming up and for a layer without
+warm-up (``warmup=False`` or ``adapt=False``).
+
+The ``adapt`` mask (``largebatch.param_groups`` gives ``adapt=False`` to biases
+and normalisation weights by default): a group with ``adapt=False`` takes
+neither the gain nor the warm-up, r_k = 1 and momentum SGD at the group's
+rate, as ``adapt=False`` gives LARS, LAMB and CLARS a trust ratio of 1. The
+paper and the authors' code adapt every tensor; ``largebatch.train`` builds
+LENA's groups that way (``param_groups(model, no_adapt=())``).
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ def lena_rates(
     theta: Tensor,
     eps: Tensor,
     warmup: Tensor,
+    adapt: Tensor | None = None,
     layer_index: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     r"""The functional core: per-parameter rates of one LENA update (Ko, Lee, Kim, WWW 2022, Eq. 5-8).
@@ -103,7 +112,8 @@ def lena_rates(
     Inputs are vectors over the P stepped parameters: this step's A and B per
     parameter, the stacked state (keys ``_STAT_KEYS``), and per-parameter
     hyperparameters (``lr`` = eta0 * decay(t), ``theta`` = alpha * T1, ``eps``,
-    ``warmup`` as bool). ``layer_index`` maps each parameter to its layer
+    ``warmup`` and ``adapt`` as bool; ``adapt`` False: gain 1 and no warm-up, momentum SGD at
+    ``lr``; None: every layer adapted). ``layer_index`` maps each parameter to its layer
     (module grouping); None means each parameter is its own layer. Returns the
     new state and the introspection tensors (gain, warm-up factor, rate).
     Nothing is read back to the host.
@@ -117,11 +127,15 @@ def lena_rates(
     a_sum, weight = ema_update(state["sample_sq_norm_avg"], state["avg_weight"], A, c)
     b_sum, _ = ema_update(state["mean_sq_norm_avg"], state["avg_weight"], B, c)
     gain = ((a_sum / weight + eps) / (b_sum / weight + eps)).clamp(1.0, float(n))
+    if adapt is not None:
+        gain = torch.where(adapt, gain, torch.ones_like(gain))
+        warmup = warmup & adapt
     step = state["step"] + 1
     progress = state["progress"] + gain  # before the warm-up test (Algorithm 1)
     reached = progress >= theta
     factor = torch.where(warmup & ~reached, progress / theta, torch.ones_like(progress))
-    ended_now = (state["warmup_end"] < 0) & (reached | ~warmup)
+    # a layer without warm-up never ends one: its end stays -1
+    ended_now = (state["warmup_end"] < 0) & warmup & reached
     warmup_end = torch.where(ended_now, step.to(state["warmup_end"].dtype), state["warmup_end"])
     rate = gain * factor * lr
     new_state = dict(
@@ -183,6 +197,8 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         eps: :math:`\epsilon` of Eq. 5 (default 1e-6).
         warmup: apply the state-aware warm-up (default True). With ``False`` and
             n = 1 the method is exactly ``torch.optim.SGD``.
+        adapt: give this group's layers their gain and warm-up (default True);
+            ``False``: r_k = 1, no warm-up (momentum SGD at ``lr``).
         decoupled_weight_decay: ``w *= 1 - lr * wd`` instead of adding ``wd * w``
             to the gradient (default False, the authors' choice).
         layer_grouping: ``"parameter"`` (default) or ``"module"``.
@@ -218,6 +234,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
     """
 
     method = "lena"
+    _per_layer_keys = _STAT_KEYS
     _introspected = ("gain", "warmup_factor", "warmup_progress", "effective_lr")
 
     def __init__(
@@ -234,6 +251,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         alpha: float = 0.05,
         eps: float = 1e-6,
         warmup: bool = True,
+        adapt: bool = True,
         decoupled_weight_decay: bool = False,
         layer_grouping: str = "parameter",
         model: nn.Module | None = None,
@@ -248,7 +266,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             raise ValueError(f"invalid layer_grouping: {layer_grouping!r} (use 'parameter' or 'module')")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            base_iterations=base_iterations, alpha=alpha, eps=eps, warmup=warmup,
+            base_iterations=base_iterations, alpha=alpha, eps=eps, warmup=warmup, adapt=adapt,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
         )
         super().__init__(params, defaults)
@@ -274,7 +292,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         check_range("eps", group["eps"], 0.0)
         check_alpha(group["alpha"])
         check_range("base_iterations", group["base_iterations"], 1e-12)  # T1 > 0
-        for name in ("warmup", "decoupled_weight_decay"):
+        for name in ("warmup", "adapt", "decoupled_weight_decay"):
             check_bool(name, group[name])
         if getattr(self, "_layer_key", None) is not None:
             raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
@@ -303,13 +321,14 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
 
     def warmup_ends(self) -> Tensor:
         """Update (1-based) at which each parameter's layer ended its state-aware warm-up, S_k >= alpha T1
-        (Ko et al. 2022, Eq. 7); -1 if not yet. Every parameter, in group order."""
+        (Ko et al. 2022, Eq. 7); -1 if not yet, or if the layer has no warm-up (``warmup=False`` or
+        ``adapt=False``). Every parameter, in group order; an integer tensor."""
         ends = [
             self.state[p]["warmup_end"] if "warmup_end" in self.state[p] else torch.tensor(-1)
             for g in self.param_groups
             for p in g["params"]
         ]
-        return torch.stack([e.to(ends[0].device) for e in ends])
+        return torch.stack([e.to(ends[0].device, torch.long) for e in ends])
 
     def _layer_index(self, params: list[Tensor], device) -> Tensor | None:
         if self._layer_key is None:
@@ -350,6 +369,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             theta=torch.tensor([g["alpha"] * g["base_iterations"] for g in groups_of], dtype=dtype, device=device),
             eps=group_vector(groups_of, "eps", device, dtype),
             warmup=group_vector(groups_of, "warmup", device, dtype=torch.bool),
+            adapt=group_vector(groups_of, "adapt", device, dtype=torch.bool),
             layer_index=self._layer_index(params, device),
         )
         stacked.write(new_state)

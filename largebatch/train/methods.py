@@ -50,8 +50,13 @@ epoch budget.
 
 Every method starts from momentum 0.9 and weight decay 5e-4 (the LENA paper's
 defaults). Momentum SGD decays every tensor (the coupled decay of the papers'
-baselines); the layer-wise methods exclude biases and normalisation weights
-from decay and adaptation through :func:`largebatch.param_groups.param_groups`.
+baselines); the other methods exclude biases and normalisation weights from
+decay through :func:`largebatch.param_groups.param_groups`. LARS and LAMB also
+exclude them from adaptation (trust ratio 1); CLARS, LENA and AdaScale adapt
+every tensor (``adapt=True`` in every group): CLARS has no warm-up to hold an
+unadapted tensor back, LENA gives every layer its gain and warm-up as the
+paper and the authors' code do (with ``adapt=False`` a LENA group would take
+neither), and AdaScale's gain is one for the whole model.
 """
 
 from __future__ import annotations
@@ -132,7 +137,8 @@ def _groups(model: nn.Module, adapt_all: bool = False) -> list[dict]:
 
     A method without warm-up (CLARS) adapts every tensor: a tensor excluded from
     adaptation would take the full linearly scaled rate from the first step
-    (at B = 8192 with the MLP that alone diverged in a few updates).
+    (at B = 8192 with the MLP that alone diverged in a few updates). LENA and
+    AdaScale adapt every tensor too (see the module docstring).
     """
     from ..param_groups import param_groups
 
@@ -208,11 +214,11 @@ _ALL_METHODS = (
            _with_statistics(CLARS, per_example=True, adapt_all=True, momentum=MOMENTUM), 
            default_base_lr=LARS_BASE_LR, uses_statistics=True),
     Method("lena", "LENA: per-layer gain + state-aware per-layer warm-up", "sgd", "none", "state-aware",
-           _with_statistics(LENA, needs_t1=True, own_warmup=True, momentum=MOMENTUM,
+           _with_statistics(LENA, needs_t1=True, own_warmup=True, adapt_all=True, momentum=MOMENTUM,
                             weight_decay=WEIGHT_DECAY),
            uses_statistics=True, own_state_aware_warmup=True),
     Method("adascale", "AdaScale: gain ratio, decay on its tau clock", "sgd", "none", "none",
-           _with_statistics(AdaScale, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+           _with_statistics(AdaScale, adapt_all=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
            make_decay=_progress_decay, uses_statistics=True),
 )
 
