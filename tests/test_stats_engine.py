@@ -552,3 +552,85 @@ def test_per_example_unsupported_layer_error_comes_from_per_example_norms():
         _loss(model, x, y).backward()
     raised_in = {entry.path.name for entry in info.traceback}
     assert raised_in & {"per_example.py", "_ghost.py"}, str(info.value)
+
+
+# -- what counts as an example and as a sample ----------------------------------
+
+
+def test_forward_that_is_not_backpropagated_adds_no_examples():
+    # A logging forward with grad enabled used to be counted: under
+    # loss_reduction="sum" it skewed grad_scale (and CLARS's trust ratios).
+    model, batches = _mlp(), _micro_batches(2, size=4)
+    A_ref, B_ref = _reference_AB(_saved_sample_grads(_mlp(), batches))
+    stats = GradientStatistics(model, loss_reduction="sum")
+    for x, y in batches:
+        model(torch.randn(5, 6, dtype=torch.float64))  # logged, never backpropagated
+        (_loss(model, x, y, "sum") / 2).backward()
+    s = stats.summary()
+    assert s.n == 2 and s.num_examples == 8 and s.grad_scale == 4
+    np.testing.assert_allclose(s.sample_sq_norm_mean.numpy(), A_ref, rtol=1e-10)
+    np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
+
+
+def test_input_gradient_backward_is_not_a_sample():
+    # Adversarial training takes the gradient with respect to the inputs
+    # first; that backward reaches no parameter and is not counted.
+    model, batches = _mlp(), _micro_batches(2)
+    A_ref, B_ref = _reference_AB(_saved_sample_grads(_mlp(), batches))
+    stats = GradientStatistics(model)
+    for x, y in batches:
+        x = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(_loss(model, x, y), x)
+        assert grad_x.abs().sum() > 0
+        (_loss(model, x.detach(), y) / 2).backward()
+    s = stats.summary()
+    assert s.n == 2 and s.num_examples == 8
+    np.testing.assert_allclose(s.sample_sq_norm_mean.numpy(), A_ref, rtol=1e-10)
+    np.testing.assert_allclose(s.mean_grad_sq_norm.numpy(), B_ref, rtol=1e-10)
+
+
+def test_two_forwards_in_one_backward_are_one_sample_with_both_batches():
+    model, (first, second) = _mlp(), _micro_batches(2)
+    stats = GradientStatistics(model)
+    (_loss(model, *first) + _loss(model, *second)).backward()
+    s = stats.summary()
+    assert s.n == 1 and s.num_examples == 8
+    applied = torch.stack([p.grad.square().sum() for p in model.parameters()])
+    torch.testing.assert_close(s.sample_sq_norm_mean, applied, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.mean_grad_sq_norm, applied, rtol=1e-12, atol=0)
+
+
+def test_in_place_edit_of_the_output_keeps_the_count():
+    model, (x, y) = _mlp(), _micro_batches(1)[0]
+    stats = GradientStatistics(model)
+    out = model(x)
+    out.mul_(2)  # the output's node changes; the forward's node still runs
+    nn.functional.mse_loss(out, y).backward()
+    assert stats.summary().num_examples == 4
+
+
+def _backprop_one_forward_twice(model, x, y):
+    out = model(x)
+    nn.functional.mse_loss(out, y).backward(retain_graph=True)
+    out.square().mean().backward()
+
+
+def _gradient_penalty(model, x, y):
+    loss = _loss(model, x, y)
+    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    (loss + sum(g.square().sum() for g in grads)).backward()
+
+
+@pytest.mark.parametrize("run", [_backprop_one_forward_twice, _gradient_penalty], ids=["retain_graph", "gradient_penalty"])
+def test_one_forward_backpropagated_twice_is_refused(run):
+    # Both backwards would count as gradient samples of the same examples
+    # (n = 2, the norms of two halves of one gradient): never a silent number.
+    model, (x, y) = _mlp(), _micro_batches(1)[0]
+    stats = GradientStatistics(model)
+    run(model, x, y)
+    with pytest.raises(RuntimeError, match="backpropagated in two backward passes"):
+        stats.summary()
+    stats.reset()  # the next step is measured as usual
+    model.zero_grad()
+    _loss(model, x, y).backward()
+    assert stats.summary().n == 1

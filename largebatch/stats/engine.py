@@ -23,6 +23,7 @@ was unscaled before ``summary()``; gain ratios and noise scales are unaffected.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -167,8 +168,12 @@ class GradientStatistics:
     parameters inside a step count too; one backward at a time per model. The
     same plain PyTorch hooks run on every device and backend (no compiled
     code). Examples are counted from the leading
-    dimension of the first tensor passed to the model's forward (with grad
-    enabled). Statistics live on the first parameter's device.
+    dimension of the first tensor passed to the model's forward, for the
+    forwards a backward of the step propagates through to the parameters (a
+    logging forward or an input-gradient backward adds nothing). One forward
+    backpropagated in two backward passes (``retain_graph``, a gradient
+    penalty) would be two samples of the same examples: ``summary()`` refuses
+    it. Statistics live on the first parameter's device.
     """
 
     def __init__(
@@ -215,7 +220,7 @@ class GradientStatistics:
         self._backward_sq = torch.zeros(K, dtype=self._dtype, device=self._device)  # this backward's ||h_i||^2
         self._backward_slots = list(self._backward_sq.unbind())
         self._handles = [p.register_hook(self._grad_hook(k)) for k, p in enumerate(self.params)]
-        self._handles.append(self.module.register_forward_pre_hook(self._count_examples, with_kwargs=True))
+        self._handles.append(self.module.register_forward_hook(self._watch_forward, with_kwargs=True))
         self.per_example = None
         if per_example:
             from .per_example import PerExampleNorms
@@ -247,7 +252,10 @@ class GradientStatistics:
             self._backwards_last_step = self._backwards
         self._backwards = 0
         self._in_backward = False
-        self._examples = 0
+        self._examples = 0  # examples of the forwards backpropagated in this step
+        self._step_serial = getattr(self, "_step_serial", -1) + 1
+        self._pending_forwards: list[_Forward] = []  # reached by the running backward, not yet counted
+        self._repeated_forward = False
         self._backward_added = False
         self._vector.zero_()
         self._reduced: Tensor | None = None  # the statistics vector, summed over workers once _work is done
@@ -276,6 +284,14 @@ class GradientStatistics:
         """
         if self._backwards == 0:
             raise RuntimeError("GradientStatistics.summary(): no backward since reset()")
+        if self._repeated_forward:
+            raise RuntimeError(
+                "GradientStatistics.summary(): one forward pass of the model was backpropagated in two "
+                "backward passes of this step (retain_graph, a second loss on the same outputs, a "
+                "gradient penalty's autograd.grad). Each backward counts as one gradient sample, so "
+                "the per-sample norms would be wrong: sum the losses of one forward and call "
+                "backward once."
+            )
         m, world = self._backwards, self._world_size()
         sample_scale = self._micro_batch_scale(m)  # h_i = sample_scale * g^(i)
         grad_scale = sample_scale * m  # p.grad = grad_scale * gbar
@@ -344,6 +360,7 @@ class GradientStatistics:
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     def _end_backward(self) -> None:
+        self._count_forwards()
         self._in_backward = False
         self._add_backward()
         # Queued now, this runs after DDP's own end-of-backward callback, which
@@ -414,9 +431,58 @@ class GradientStatistics:
         """||p.grad||^2 of the tracked parameters (a missing gradient counts as 0)."""
         return sq_norms([p.grad for p in self.params], self._dtype, self._device)
 
-    def _count_examples(self, module, args, kwargs) -> None:
-        if torch.is_grad_enabled():
-            self._examples += first_batch_size(args, kwargs)
+    def _watch_forward(self, module, args, kwargs, output) -> None:
+        """Count this forward's examples when, and only if, a backward reaches its outputs.
+
+        A forward whose outputs are not backpropagated (logging, evaluation
+        with grad enabled) adds nothing; the count follows the gradient, as
+        the norms do. The hook sits on the outputs' autograd nodes, which
+        later in-place edits of the outputs do not remove.
+        """
+        if not torch.is_grad_enabled():
+            return
+        nodes = {}
+        for leaf in tree_leaves(output):
+            if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.grad_fn is not None:
+                nodes.setdefault(id(leaf.grad_fn), leaf.grad_fn)
+        if not nodes:
+            return
+        forward = _Forward(first_batch_size(args, kwargs))
+        engine = weakref.ref(self)
+
+        def reached(grad_outputs):
+            self_ = engine()
+            if self_ is not None and self_._active:
+                self_._forward_reached(forward)
+
+        for node in nodes.values():
+            node.register_prehook(reached)
+
+    def _forward_reached(self, forward: "_Forward") -> None:
+        if forward in self._pending_forwards:
+            return  # another output of the same forward, same backward
+        if not self._pending_forwards:
+            torch.autograd.Variable._execution_engine.queue_callback(self._count_forwards)
+        self._pending_forwards.append(forward)
+
+    def _count_forwards(self) -> None:
+        """Add the examples of the forwards the running backward reached, if it reached parameters.
+
+        A backward that reaches the model's outputs but none of its
+        parameters (the gradient with respect to the inputs only, as in
+        adversarial training) is not a gradient sample; its forwards stay
+        uncounted.
+        """
+        if not self._pending_forwards:
+            return
+        if self._in_backward:
+            for forward in self._pending_forwards:
+                if forward.step == self._step_serial:
+                    self._repeated_forward = True
+                else:
+                    forward.step = self._step_serial
+                    self._examples += forward.examples
+        self._pending_forwards = []
 
     def _micro_batch_scale(self, m: int) -> float:
         scale = 1.0 / m if self.accumulation == "mean" else 1.0
@@ -515,6 +581,7 @@ class GradientStatistics:
     def _statistics_vector(self) -> Tensor:
         """Every statistic of the step in one vector: sample sums, per-example sums, examples."""
         self._add_backward()  # from the last bucket: this backward's norms are not added yet
+        self._count_forwards()  # and its examples: the outputs' nodes ran before any parameter's
         if self.per_example is None:
             self._examples_entry.fill_(float(self._examples))
             return self._vector
@@ -561,6 +628,15 @@ class GradientStatistics:
                 "micro-batch (PyTorch issue 143580: the reducer asserts in backward). Make the "
                 "first micro-batch of training a synchronised one, or use static_graph=False."
             )
+
+
+class _Forward:
+    """One forward pass of the model: its examples, and the step whose count includes them."""
+
+    __slots__ = ("examples", "step")
+
+    def __init__(self, examples: int):
+        self.examples, self.step = examples, -1
 
 
 def _grad_versions(params: list[Tensor]) -> list:
