@@ -54,6 +54,11 @@ class GradientSummary:
     ``p.grad = grad_scale * gbar`` (a loss scale included on both sides; m
     under ``accumulation="sum"``, times the micro-batch size under
     ``loss_reduction="sum"``, 1 with the defaults).
+    ``loss_scale`` is S, the ``GradScaler`` scale the backwards ran with (its
+    scale tensor, read without a host sync; 1 without ``grad_scaler``): every
+    norm here carries it (A and B S^2 times, example norms S times). The
+    optimisers divide it out; they never infer it from ``p.grad``, which
+    unscaling and clipping change.
     Derived estimators follow estimators.py; "total" means model-level, the
     ratio of sums over layers.
     """
@@ -65,6 +70,7 @@ class GradientSummary:
     example_norm_mean: Tensor | None = None
     example_sq_norm_mean: Tensor | None = None
     grad_scale: float = 1.0
+    loss_scale: float | Tensor = 1.0
 
     @property
     def examples_per_sample(self) -> float | Tensor:
@@ -161,6 +167,8 @@ class GradientStatistics:
         process_group: group for the statistics (default: DDP's; another
             group also means one small all-reduce after DDP's backward).
         params: the tracked parameters (default: all trainable ones).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the losses, if
+            any: ``summary().loss_scale`` is then its scale (a tensor).
 
     Mechanics and limits: a tensor hook on each parameter sees every
     micro-batch's gradient before accumulation (also under ``no_sync``), so a
@@ -191,12 +199,14 @@ class GradientStatistics:
         comm_state=None,
         process_group=None,
         params=None,
+        grad_scaler=None,
     ):
         _check_choice("loss_reduction", loss_reduction, _REDUCTIONS)
         _check_choice("accumulation", accumulation, _REDUCTIONS)
         _check_choice("sample", sample, _SAMPLES)
         _check_choice("applied_norm", applied_norm, _APPLIED_NORM)
         self.applied_norm = applied_norm
+        self.grad_scaler = grad_scaler
         self.ddp = model if isinstance(model, DistributedDataParallel) else None
         self.module = model.module if self.ddp is not None else model
         self.loss_reduction, self.accumulation, self.sample = loss_reduction, accumulation, sample
@@ -335,7 +345,17 @@ class GradientStatistics:
             example_norm_mean=example_norm_mean,
             example_sq_norm_mean=example_sq_norm_mean,
             grad_scale=grad_scale,
+            loss_scale=self._loss_scale(),
         )
+
+    def _loss_scale(self) -> float | Tensor:
+        """The scaler's current scale tensor (the one this step's backwards used: ``update()``
+        runs after the step), without reading it; 1 without an enabled scaler."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scale = scaler._get_scale_async()
+        return 1.0 if scale is None else scale
 
     # -- hooks --------------------------------------------------------------
     def _grad_hook(self, k: int):
