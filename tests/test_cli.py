@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _cli_data import SLICE, needs_fashion_mnist
+from _dist import run_command
 from matplotlib.image import imread
 
 from largebatch.cli import main
@@ -53,9 +53,9 @@ def test_resume_after_a_crash_gives_the_same_final_metrics(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(train_args(whole, "--checkpoint-every", "3")) == 0
     # The crash must kill a real process: run the first attempt as a subprocess.
-    crashed = subprocess.run(
+    crashed = run_command(
         [sys.executable, "-m", "largebatch.cli", *train_args(broken, "--checkpoint-every", "3")],
-        env={**__import__("os").environ, CRASH_AT_STEP_ENV: "5"}, capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, CRASH_AT_STEP_ENV: "5"}, timeout=120,
     )
     assert crashed.returncode == 17, crashed.stderr
     assert max(r["step"] for r in records(broken / "metrics.jsonl")) == 5  # logged past the checkpoint at 3

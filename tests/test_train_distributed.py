@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _cli_data import FASHION_MNIST, SLICE, needs_fashion_mnist
+from _dist import run_command
 
 from largebatch.cli import main
 from largebatch.train import distributed
@@ -106,9 +106,9 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path):
     env = {**os.environ, CRASH_AT_STEP_ENV: "5", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "LARGEBATCH_DATA_DIR": FASHION_MNIST}
     env.pop(distributed.TIMEOUT_ENV, None)
-    done = subprocess.run(
+    done = run_command(
         [str(torchrun), "--standalone", "--nproc-per-node", "2", "--max-restarts", "3", "-m", "largebatch.cli", *argv],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / ".crashed-at-step-5").exists()  # rank 1 really died once
