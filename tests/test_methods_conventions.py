@@ -25,8 +25,8 @@ class Case:
     def __repr__(self):
         return self.cls.__name__
 
-    def make(self, net, params=None, **overrides):
-        stats = GradientStatistics(net, per_example=self.per_example)
+    def make(self, net, params=None, grad_scaler=None, **overrides):
+        stats = GradientStatistics(net, per_example=self.per_example, grad_scaler=grad_scaler)
         return self.cls(net.parameters() if params is None else params, stats=stats, **{**self.kwargs, **overrides})
 
 
@@ -184,8 +184,8 @@ def test_no_host_sync_in_step(case, monkeypatch):
 
 def test_grad_scaler(case):
     net = model()
-    opt = case.make(net)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = case.make(net, grad_scaler=scaler)
     train(net, opt, 1)
     weights = flat(net).clone()
     state = copy.deepcopy(opt.state_dict()["state"])

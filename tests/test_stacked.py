@@ -91,7 +91,7 @@ def test_stacked_equals_per_tensor_path(case):
     lrs = [kwargs["lr"] * f for f in (1.0, 0.5, 0.5, 0.2)]  # a schedule: the rate's place matters
     stacked, opt, ratios = run(cls, None, kwargs, lrs=lrs)
     loop, _, loop_ratios = run(cls, False, kwargs, lrs=lrs)
-    assert opt._stacked._layouts, "the stacked path did not run"
+    assert opt._layouts.stacked(), "the stacked path did not run"
     assert_same(stacked, loop)
     assert_same(ratios, loop_ratios)
 
@@ -101,14 +101,14 @@ def test_stacked_takes_a_tensor_lr(case):
     cls, kwargs = case
     stacked, opt, _ = run(cls, None, dict(kwargs, lr=torch.tensor(kwargs["lr"], dtype=torch.float64)))
     loop, _, _ = run(cls, False, kwargs)
-    assert opt._stacked._layouts
+    assert opt._layouts.stacked()
     assert_same(stacked, loop)
 
 
 def test_lars_stacked_without_adaptation_is_torch_sgd():
     kwargs = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
     ours, opt, _ = run(LARS, None, dict(kwargs, adapt=False))
-    assert opt._stacked._layouts
+    assert opt._layouts.stacked()
     params = make_params()
     sgd = torch.optim.SGD(params, **kwargs)
     for t in range(STEPS):
@@ -203,7 +203,7 @@ def test_layout_only_for_many_small_tensors_of_few_shapes():
     opt = LARS(params, lr=0.5, foreach=False)
     set_grads(params, 0)
     opt.step()
-    assert not opt._stacked._layouts
+    assert not opt._layouts.stacked()
 
 
 def test_clars_with_a_stacked_group_and_a_plain_one():
@@ -223,6 +223,19 @@ def test_clars_with_a_stacked_group_and_a_plain_one():
             for k, p in enumerate(extra):
                 p.grad = torch.full_like(p, 0.1 * (t + k + 1))
             opt.step()
-        assert bool(opt._stacked._layouts) == (foreach is None)
+        assert opt._layouts.stacked() == (foreach is None)
         results.append(every)
     assert_same(*results)
+
+
+def test_stacked_only_on_cpu():
+    """On CUDA a foreach op is already one fused kernel: the stacks' copies would only add
+    traffic, so the layout is chosen on CPU only (any other device keeps the tensors)."""
+    from largebatch.optim._layout import Layouts
+
+    small = [torch.zeros(4, 4) for _ in range(MIN_TENSORS)]
+    assert StackedLayout.suits(small)
+    elsewhere = [torch.zeros(4, 4, device="meta") for _ in range(MIN_TENSORS)]
+    assert not StackedLayout.suits(elsewhere)
+    assert Layouts().of(elsewhere).kind == "tensors"
+    assert Layouts().of(small).kind == "stacked"

@@ -5,6 +5,10 @@ momentum buffers), method tags for checkpoints and argument checks.
 
 All of it works on stacked per-parameter vectors so a step costs a handful of
 kernels whatever the number of layers, and nothing is read back to the host.
+Each group is stepped through its layout (:mod:`._layout`, chosen once per
+group by :func:`group_parts`): a step reads :func:`group_parts`, the layouts'
+``norms`` (CLARS's weight norms), then :func:`apply_by_group` with the
+layouts' ``per_layer`` scales, and that is all.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
-from ._sharded import DTensor, check_not_flat, layer_sq_norms, local
-from ._stacked import StackedLayout, StackedSteps
+from ._layout import Layouts, TensorLayout
+from ._sharded import DTensor, local
+from ._stacked import StackedLayout
 from ._trust import Workspace, check_bool, check_lr, check_range, into
 
 METHOD_KEY = "method"
@@ -93,72 +98,36 @@ def grad_scale(summary) -> float:
     return float(getattr(summary, "grad_scale", 1.0))
 
 
-def loss_scale_sq(summary, mean_grad_sq_norms: Tensor, grad_sq_norms: Tensor) -> Tensor:
+def loss_scale_sq(summary, dtype: torch.dtype, device) -> Tensor | float:
     """S^2, the squared loss scale (``GradScaler``) the statistics saw but ``p.grad`` no longer carries.
 
-    A source reports B_k = ||gbar_k||^2 on the mean-gradient scale, as the
-    backwards left the gradients, and ``summary.grad_scale`` (c, 1 if the source
-    does not say): the backwards left ``p.grad = c * S * gbar`` with c what the
-    accumulation and loss-reduction conventions put on it (m micro-batches
-    summed, not averaged: c = m). ``scaler.step`` unscales ``p.grad`` to
-    ``c * gbar`` first, so from the total squared norms
-
-        S^2 = c^2 * sum_k B_k / sum_k ||p.grad_k||^2      (1 where either sum is 0)
-
-    ``mean_grad_sq_norms`` are the B_k of the stepped parameters,
-    ``grad_sq_norms`` the squared norms of their current ``p.grad``
-    (``layer_sq_norms``). No host sync. Statistics divided by S^2 are on the
-    mean-gradient scale whatever the conventions; c is not mistaken for a
-    loss scale.
+    ``summary.loss_scale`` is the scale the backwards ran with, as the source
+    recorded it (``GradientStatistics(model, grad_scaler=scaler)`` reads the
+    scaler's scale tensor; 1 when the source does not say). ``scaler.step``
+    unscales ``p.grad`` before the step, so statistics divided by S^2 are on
+    the mean-gradient scale. Never inferred from ``p.grad``: clipping between
+    the backward and the step rescales ``p.grad`` too, and the statistics must
+    stay the raw gradients'. No host sync (the scale stays a tensor).
     """
-    c = grad_scale(summary)
-    measured = mean_grad_sq_norms.sum() * (c * c)
-    actual = grad_sq_norms.to(measured.dtype).sum()
-    ok = (measured > 0) & (actual > 0)
-    one = torch.ones_like(measured)
-    return torch.where(ok, measured / torch.where(ok, actual, one), one)
+    scale = getattr(summary, "loss_scale", 1.0)
+    if isinstance(scale, Tensor):
+        scale = scale.to(device=device, dtype=dtype, non_blocking=True).reshape(())
+        return scale * scale
+    return float(scale) ** 2
 
 
 def sample_statistics(summary, index: StatisticsIndex, params: Sequence[Tensor], dtype) -> tuple[Tensor, Tensor]:
     """A_k and B_k of ``params`` (AdaScale, LENA Eq. 4) on the mean-gradient scale.
 
     Gathered from the summary and divided by the loss scale S^2
-    (``loss_scale_sq``, one ``_foreach_norm`` of the gradients), so epsilons are
-    in the units of the papers and moving averages never mix scales, whatever
-    the loss scale, the accumulation convention or the number of micro-batches.
+    (``loss_scale_sq``), so epsilons are in the units of the papers and moving
+    averages never mix scales, whatever the loss scale, the accumulation
+    convention or the number of micro-batches.
     """
     A = index.gather(summary.sample_sq_norm_mean, params).to(dtype)
     B = index.gather(summary.mean_grad_sq_norm, params).to(dtype)
-    scale_sq = loss_scale_sq(summary, B, sq_norms([p.grad for p in params]))
+    scale_sq = loss_scale_sq(summary, dtype, A.device)
     return A / scale_sq, B / scale_sq
-
-
-def _maybe_flat(tensors: list[Tensor]) -> bool:
-    """The attributes ``check_not_flat`` looks for, looked up at C speed (it loops in Python)."""
-    for name in ("_is_flat_param", "_fsdp_flattened"):
-        if any(map(getattr, tensors, repeat(name), repeat(False))):
-            return True
-    missing = object()
-    for name in ("ds_id", "ds_tensor"):
-        if not all(map(operator.is_, map(getattr, tensors, repeat(name), repeat(missing)), repeat(missing))):
-            return True
-    return any(t.__name__ == "FlatParameter" for t in set(map(type, tensors)))
-
-
-def sq_norms(tensors: list[Tensor]) -> Tensor:
-    """``layer_sq_norms(tensors)``, the same values, with one stack and one cast for lists of
-    plain tensors of one dtype (instead of a cast per tensor); DTensors go to ``layer_sq_norms``."""
-    if not tensors:
-        return layer_sq_norms(tensors)
-    dtype = tensors[0].dtype
-    if (DTensor is not None and any(map(isinstance, tensors, repeat(DTensor)))) or not all(
-        map(operator.is_, map(operator.attrgetter("dtype"), tensors), repeat(dtype))
-    ):
-        return layer_sq_norms(tensors)
-    if _maybe_flat(tensors):
-        check_not_flat(tensors)  # raises, naming the layout
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.stack(torch._foreach_norm(tensors)).to(wide).pow(2)
 
 
 def summary_n(summary) -> int:
@@ -369,131 +338,90 @@ def stepped_parameters(param_groups: Sequence[dict], method: str) -> tuple[list[
     return params, groups_of, stepped
 
 
-def stepped_sq_norms(
-    optimizer, params: list[Tensor], stepped: list[list[int]]
-) -> tuple[Tensor, dict[int, StackedLayout]]:
-    """Squared norms of the stepped parameters' weights, then of their gradients ([2P]), and the
-    layouts of the groups whose tensors were stacked for them this step, by group index.
+class GroupPart:
+    """One parameter group's stepped parameters in this step: positions ``start:end`` of the
+    step's parameter list, the group's layout (:mod:`._layout`, chosen once per list), and
+    the lists the update works on (for stacks: filled once per step)."""
 
-    Groups that are stepped as per-shape stacks (:mod:`._stacked`) take the stacks' row norms,
-    and :func:`apply_by_group` given those layouts steps the same stacks without copying them
-    in again: on CPU a norm pass over 2,000 small tensors costs 2,000 kernels, over their 49
-    stacks 49. The other groups take one ``sq_norms`` call (one all-reduce under FSDP2).
-    """
-    steps = _stacked_steps(optimizer)
-    stacked: dict[int, tuple[int, int, StackedLayout]] = {}  # group index -> (start, end, layout)
-    rest: list[tuple[int, int]] = []
-    start = 0
-    for g, (group, indices) in enumerate(zip(optimizer.param_groups, stepped)):
-        end = start + len(indices)
-        layout = steps.layout(params[start:end]) if indices and group["foreach"] is not False else None
-        if layout is not None:
-            stacked[g] = (start, end, layout)
-        elif indices:
-            rest.append((start, end))
-        start = end
-    if not stacked:
-        return sq_norms(params + [p.grad for p in params]), {}
-    count = len(params)
-    wide = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    out = torch.empty(2 * count, dtype=wide, device=params[0].device)
-    rest_params = [p for a, b in rest for p in params[a:b]]
-    if rest_params:
-        rest_norms = sq_norms(rest_params + [p.grad for p in rest_params]).to(device=out.device)
-        offset = 0
-        for a, b in rest:
-            n = b - a
-            out[a:b] = rest_norms[offset : offset + n]
-            out[count + a : count + b] = rest_norms[len(rest_params) + offset : len(rest_params) + offset + n]
-            offset += n
-    for a, b, layout in stacked.values():
-        ps = params[a:b]
-        weights = layout.stack(ps, steps.scratch(ps, layout, "weights")[0])
-        grads = layout.stack([p.grad for p in ps], steps.scratch(ps, layout, "grads")[0])
-        weight_norms, grad_norms = layout.norms([weights, grads])
-        out[a:b] = layout.to_param_order(weight_norms).to(wide).square()
-        out[count + a : count + b] = layout.to_param_order(grad_norms).to(wide).square()
-    return out, {g: layout for g, (_, _, layout) in stacked.items()}
+    def __init__(self, group: dict, params: list[Tensor], start: int, layout) -> None:
+        self.group, self.params, self.start, self.end = group, params, start, start + len(params)
+        self.layout = layout
+        grads = [p.grad for p in params]
+        self.stacked = isinstance(layout, StackedLayout)
+        self.weights, self.grads = layout.enter(params, grads) if self.stacked else (params, grads)
+
+    def weight_norms(self) -> Tensor:
+        """||w_k|| of the group's parameters, in parameter order."""
+        (norms,) = self.layout.norms([self.weights])
+        return self.layout.to_param_order(norms)
 
 
-def apply_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], update, *vectors: Tensor,
-                   decays=None, stacked: dict[int, StackedLayout] | None = None) -> None:
-    """Run ``update(ps, grads, momentum_buffers, group, *scales, workspace=...) -> momentum_buffers``
-    on each group's slice of the stepped parameters and keep the buffers in the optimiser state.
-
-    ``vectors`` are per-parameter [P] vectors (rates); ``update`` gets each as a list of
-    per-tensor scales that broadcast against its tensors. ``decays(group)`` says whether the
-    update forms d = g + wd * w, which then goes into parameter-shaped scratch. Lists of many
-    small tensors are stepped as per-shape stacks (:mod:`._stacked`): ``update`` then gets the
-    stacks and ``[k, 1, ...]`` scales; otherwise the tensors and 0-d views of ``vectors``
-    (refreshed with one copy per step, see :func:`scale_views`). ``stacked``: the layouts of the
-    groups whose stacks :func:`stepped_sq_norms` filled in this step (not copied in again).
-    """
-    views = [scale_views(optimizer, f"apply{i}", v) for i, v in enumerate(vectors)]
-    workspace = _workspace(optimizer)
-    stacked = stacked or {}
-    start = 0
-    for g, (group, indices) in enumerate(zip(optimizer.param_groups, stepped)):
-        count = len(indices)
-        if count == 0:
+def group_parts(optimizer, params: list[Tensor], stepped: list[list[int]]) -> list[GroupPart]:
+    """The stepped parameters of each group with their layout, in group order (groups
+    without gradients left out). A stacked group whose momentum buffers are new for some
+    parameters and not for others (a parameter without a gradient earlier) takes the
+    per-tensor layout for this step."""
+    layouts = _layouts(optimizer)
+    parts, start = [], 0
+    for group, indices in zip(optimizer.param_groups, stepped):
+        if not indices:
             continue
-        end = start + count
-        ps = params[start:end]
+        ps = params[start : start + len(indices)]
+        layout = layouts.of(ps, foreach=group["foreach"] is not False)
+        if isinstance(layout, StackedLayout) and group["momentum"] != 0 and \
+                layout.state(optimizer.state, ps, "momentum_buffer") is False:
+            layout = TensorLayout(ps)
+        parts.append(GroupPart(group, ps, start, layout))
+        start += len(indices)
+    return parts
+
+
+def apply_by_group(optimizer, parts: list[GroupPart], update, *vectors: Tensor, decays=None) -> None:
+    """Run ``update(weights, grads, momentum_buffers, group, *scales, workspace=...) -> momentum_buffers``
+    on each group's lists and keep the buffers in the optimiser state.
+
+    ``vectors`` are per-parameter [P] vectors (rates); ``update`` gets each as the layout's
+    per-layer scales (0-d tensors, or ``[k, 1, ...]`` views for stacks). ``decays(group)``
+    says whether the update forms d = g + wd * w, which then goes into scratch shaped like
+    the lists (for lists of large tensors, and for stacks).
+    """
+    state = optimizer.state
+    workspace = _workspace(optimizer)
+    for part in parts:
+        group, layout, ps = part.group, part.layout, part.params
+        momentum = group["momentum"] != 0
         foreach = group["foreach"] is not False
         scratch = foreach and (decays is None or decays(group))
-        layout = stacked.get(g) or (_stacked_steps(optimizer).layout(ps) if foreach else None)
-        if layout is None or not _apply_stacked(
-            optimizer, ps, layout, group, update, [v[start:end] for v in vectors], scratch, g in stacked
-        ):
-            state = optimizer.state
-            buffers = [state[p].get("momentum_buffer") for p in ps]
-            buffers = update(
-                ps, [p.grad for p in ps], buffers, group, *[v[start:end] for v in views],
-                workspace=local_workspace(workspace, ps) if scratch else None,
-            )
-            if group["momentum"] != 0:
-                for p, b in zip(ps, buffers):
-                    state[p]["momentum_buffer"] = b
-        start = end
+        scales = [layout.per_layer(layout.to_stack_order(v[part.start : part.end]), slot=i)
+                  for i, v in enumerate(vectors)]
+        if part.stacked:
+            stacks = layout.state(state, ps, "momentum_buffer") if momentum else None
+            buffers = stacks if stacks is not None else [None] * len(part.weights)
+            buffers = update(part.weights, part.grads, buffers, group, *scales,
+                             workspace=layout.workspace(ps) if scratch else None)
+            layout.leave(ps)
+            if stacks is None and momentum:
+                layout.adopt(state, ps, "momentum_buffer", buffers)
+            continue
+        buffers = update(ps, part.grads, [state[p].get("momentum_buffer") for p in ps], group, *scales,
+                         workspace=local_workspace(workspace, ps) if scratch else None)
+        if momentum:
+            for p, b in zip(ps, buffers):
+                state[p]["momentum_buffer"] = b
 
 
-def _apply_stacked(optimizer, ps: list[Tensor], layout: StackedLayout, group: dict, update,
-                   vectors: list[Tensor], scratch: bool, filled: bool = False) -> bool:
-    """``apply_by_group``'s step for one group on per-shape stacks; False where it cannot
-    (some momentum buffers new and some not: the per-tensor lists handle that step).
-    ``filled``: the weight and gradient stacks already hold this step's tensors."""
-    steps = _stacked_steps(optimizer)
-    momentum = group["momentum"] != 0
-    buffers = steps.state(optimizer.state, ps, layout, "momentum_buffer") if momentum else None
-    if buffers is False:
-        return False
-    weights, weight_rows = steps.scratch(ps, layout, "weights")
-    grads = steps.scratch(ps, layout, "grads")[0]
-    if not filled:
-        layout.stack(ps, weights)
-        layout.stack([p.grad for p in ps], grads)
-    stacks = buffers if isinstance(buffers, list) else [None] * len(weights)
-    scales = [layout.per_layer(layout.to_stack_order(v)) for v in vectors]
-    stacks = update(weights, grads, stacks, group, *scales,
-                    workspace=steps.scratch(ps, layout, "updates")[0] if scratch else None)
-    torch._foreach_copy_(ps, weight_rows)
-    if buffers is None and momentum:
-        steps.adopt(optimizer.state, ps, layout, "momentum_buffer", stacks)
-    return True
+def _layouts(optimizer) -> Layouts:
+    layouts = optimizer.__dict__.get("_layouts")
+    if layouts is None:
+        layouts = optimizer.__dict__["_layouts"] = Layouts()
+    return layouts
 
 
-def _stacked_steps(optimizer) -> StackedSteps:
-    steps = optimizer.__dict__.get("_stacked")
-    if steps is None:
-        steps = optimizer.__dict__["_stacked"] = StackedSteps()
-    return steps
-
-
-def momentum_sgd_by_group(optimizer, params: list[Tensor], stepped: list[list[int]], rates: Tensor) -> None:
+def momentum_sgd_by_group(optimizer, parts: list[GroupPart], rates: Tensor) -> None:
     """``momentum_sgd_`` with each group's options and the per-parameter ``rates`` (LENA, AdaScale),
     given to the update negated; d goes into scratch kept on the optimiser."""
     apply_by_group(
-        optimizer, params, stepped,
+        optimizer, parts,
         lambda ps, grads, buffers, group, neg_rates, workspace: momentum_sgd_(
             ps, grads, buffers, neg_rates, workspace=workspace, **sgd_options(group),
         ),
@@ -517,22 +445,6 @@ def _workspace(optimizer) -> Workspace:
     if workspace is None:
         workspace = optimizer.__dict__["_workspace"] = Workspace()
     return workspace
-
-
-def scale_views(optimizer, name: str, values: Tensor) -> list[Tensor]:
-    """``values`` (a [P] vector) as P 0-d tensors for the foreach ops' per-tensor scales.
-
-    The 0-d tensors are views of a vector kept on the optimiser (never state)
-    and refreshed with one ``copy_`` per step: unbinding a new vector costs
-    about a microsecond per tensor (2 ms on 2,000 tensors), the copy one kernel.
-    """
-    cache = optimizer.__dict__.setdefault("_scale_views", {})
-    entry = cache.get(name)
-    if entry is None or entry[0].shape != values.shape or entry[0].dtype != values.dtype or entry[0].device != values.device:
-        vector = torch.empty_like(values)
-        entry = cache[name] = (vector, list(vector.unbind(0)))
-    entry[0].copy_(values)
-    return entry[1]
 
 
 # -- bookkeeping -------------------------------------------------------------------------------

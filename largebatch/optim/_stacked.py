@@ -19,28 +19,31 @@ removes the count instead of the cost: tensors of one shape are stepped as one
 * per-layer norms are row norms of the stacks, per-layer scales a broadcast
   ``[k, 1, ...]`` view of each shape's slice of the scale vector.
 
-The functional cores do not know the difference: they get the stacks as their
-"tensor lists", :meth:`StackedLayout.norms` as their ``norms`` and
-:meth:`StackedLayout.per_layer` as their ``per_layer``; vectors they return
-are in stack order and go back to parameter order with
+The functional cores do not know the difference: a :class:`StackedLayout` is
+one of the layouts of :mod:`._layout`; the cores get the stacks as their
+"tensor lists" and call its ``norms``, ``per_layer`` and ``layer_vector``;
+vectors they return are in stack order and go back to parameter order with
 :meth:`StackedLayout.to_param_order`. Results equal the per-tensor path up to
 the summation order of the norms.
+
+CPU only. On CUDA a ``_foreach_*`` op is already one fused multi-tensor kernel
+launch for the whole list, so the per-tensor overhead this layout removes is
+not there, and its copies in and out would be pure extra memory traffic; it
+was measured on CPU and is used on CPU (:meth:`StackedLayout.suits`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ._sharded import is_sharded
 
-__all__ = ["LayersFn", "StackedLayout", "StackedSteps", "unbind_layers"]
+__all__ = ["StackedLayout"]
 
-LayersFn = Callable[[Tensor], list[Tensor]]
-
-# When to stack (measured on CPU, one thread: benchmarks/optimizer_step.py list
+# When to stack (CPU only; measured on CPU, one thread: benchmarks/optimizer_step.py list
 # (b), 2,000 tensors of 49 shapes and 1-4K elements, steps LARS 4.6x and LAMB
 # 7.2x faster than per tensor). Small tensors only: on 256 tensors of 8 shapes
 # the stacked step was 0.4-0.9x the per-tensor one up to a mean of 64K
@@ -53,13 +56,11 @@ MAX_MEAN_NUMEL = 1 << 16
 MIN_TENSORS_PER_SHAPE = 8
 
 
-def unbind_layers(vector: Tensor) -> list[Tensor]:
-    """The per-tensor layout's ``per_layer``: one 0-d tensor per layer."""
-    return list(vector.unbind())
-
-
 class StackedLayout:
-    """Which parameter goes to which row of which stack, for one list of tensors."""
+    """Which parameter goes to which row of which stack, for one list of tensors; the
+    stacks a step fills (kept across steps) and the state that lives in stacks."""
+
+    kind = "stacked"
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -77,15 +78,19 @@ class StackedLayout:
         self._to_param[stack_order] = torch.arange(self.length)
         self._to_param = self._to_param.to(device)
         self._broadcast = [(-1,) + (1,) * len(shape) for shape in self.shapes]
+        self._scratch: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        self._state: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
 
     @staticmethod
     def suits(params: Sequence[Tensor]) -> bool:
-        """Whether stacking pays: many small dense tensors on one device and dtype,
-        several per shape."""
+        """Whether stacking pays: many small dense CPU tensors of one dtype, several per shape.
+
+        Only on CPU, where it was measured: there a foreach op loops over the tensors;
+        on CUDA it is one fused kernel and the stacks' copies would only add traffic."""
         if len(params) < MIN_TENSORS:
             return False
         first = params[0]
-        if is_sharded(first) or first.layout != torch.strided or first.dim() == 0:
+        if is_sharded(first) or first.layout != torch.strided or first.dim() == 0 or first.device.type != "cpu":
             return False
         shapes = set()
         total = 0
@@ -116,6 +121,10 @@ class StackedLayout:
                 out[i] = row
         return out
 
+    def layer_vector(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Per-layer values held as one 1-D tensor per stack (the LAMB step counters), joined."""
+        return torch.cat(list(tensors))
+
     def norms(self, lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         """Per list of stacks, the L2 norm of every row, in stack order (the cores' ``norms``)."""
         return [
@@ -123,8 +132,9 @@ class StackedLayout:
             for stacks in lists
         ]
 
-    def per_layer(self, vector: Tensor) -> list[Tensor]:
-        """A per-layer vector (stack order) as one broadcastable ``[k, 1, ...]`` view per stack."""
+    def per_layer(self, vector: Tensor, slot: int | None = None) -> list[Tensor]:
+        """A per-layer vector (stack order) as one broadcastable ``[k, 1, ...]`` view per stack
+        (a handful of views: nothing to keep across steps, so ``slot`` is not used)."""
         return [part.view(shape) for part, shape in zip(vector.split(self.sizes), self._broadcast)]
 
     def to_param_order(self, vector: Tensor | None) -> Tensor | None:
@@ -135,51 +145,39 @@ class StackedLayout:
         """A per-layer vector in parameter order, put in stack order."""
         return vector[self._to_stack.to(vector.device)]
 
+    # -- a step on the stacks -------------------------------------------------------------
 
-class StackedSteps:
-    """Per optimiser: the layout of each parameter list met, its scratch stacks,
-    and the stacked state. Kept on the optimiser object, never in its state."""
-
-    def __init__(self) -> None:
-        self._layouts: dict[tuple[int, ...], StackedLayout] = {}
-        self._scratch: dict[tuple[tuple[int, ...], str], tuple[list[Tensor], list[Tensor]]] = {}
-        self._state: dict[tuple[tuple[int, ...], str], tuple[list[Tensor], list[Tensor]]] = {}
-
-    def layout(self, params: Sequence[Tensor]) -> StackedLayout | None:
-        """The layout for this exact list of parameters, or None if stacking does not pay."""
-        key = tuple(map(id, params))
-        layout = self._layouts.get(key)
-        if layout is None:
-            if not StackedLayout.suits(params):
-                return None
-            if len(self._layouts) > 16:  # lists change (parameters without gradients): keep a few
-                self._layouts.clear()
-                self._scratch.clear()
-                self._state.clear()
-            layout = self._layouts[key] = StackedLayout(params)
-        return layout
-
-    def scratch(self, params: Sequence[Tensor], layout: StackedLayout, name: str) -> tuple[list[Tensor], list[Tensor]]:
+    def scratch(self, like: Tensor, name: str) -> tuple[list[Tensor], list[Tensor]]:
         """Stacks reused from step to step (``name`` tells several apart), and their rows."""
-        key = (tuple(map(id, params)), name)
-        kept = self._scratch.get(key)
+        kept = self._scratch.get(name)
         if kept is None:
-            stacks = layout.empty_stacks(params[0])
-            kept = self._scratch[key] = (stacks, layout.rows(stacks))
+            stacks = self.empty_stacks(like)
+            kept = self._scratch[name] = (stacks, self.rows(stacks))
         return kept
 
-    def state(self, optimizer_state: dict, params: Sequence[Tensor], layout: StackedLayout,
-              name: str) -> list[Tensor] | None | bool:
+    def enter(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Copy the weights and gradients into their stacks (one ``stack(out=)`` per shape)."""
+        weights = self.stack(params, self.scratch(params[0], "weights")[0])
+        return weights, self.stack(grads, self.scratch(params[0], "grads")[0])
+
+    def leave(self, params: Sequence[Tensor]) -> None:
+        """Copy the stepped weights back into the parameters (one ``_foreach_copy_``)."""
+        torch._foreach_copy_(list(params), self.scratch(params[0], "weights")[1])
+
+    def workspace(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """Scratch stacks for d = g + wd * w or an update."""
+        return self.scratch(params[0], "updates")[0]
+
+    def state(self, optimizer_state, params: Sequence[Tensor], name: str) -> list[Tensor] | None | bool:
         """The stacks whose rows are ``optimizer_state[p][name]`` for ``params``.
 
         ``None`` when no parameter has the entry yet (the step creates the stacks: hand them
-        to :meth:`adopt`); ``False`` when some have it and some do not (take the per-tensor
-        path). Entries that are not the rows of the stacks kept here (a loaded state dict,
-        a replaced tensor) are stacked anew and replaced by the new rows.
+        to :meth:`adopt`); ``False`` when some have it and some do not (that step takes the
+        per-tensor layout). Entries that are not the rows of the stacks kept here (a loaded
+        state dict, a replaced tensor) are stacked anew and replaced by the new rows.
         """
-        key = (tuple(map(id, params)), name)
         entries = [optimizer_state[p].get(name) for p in params]
-        kept = self._state.get(key)
+        kept = self._state.get(name)
         if kept is not None and all(a is b for a, b in zip(entries, kept[1])):
             return kept[0]
         missing = sum(e is None for e in entries)
@@ -187,14 +185,13 @@ class StackedSteps:
             return None
         if missing:
             return False
-        stacks = layout.stack(entries)  # type: ignore[arg-type]
-        self.adopt(optimizer_state, params, layout, name, stacks)
+        stacks = self.stack(entries)  # type: ignore[arg-type]
+        self.adopt(optimizer_state, params, name, stacks)
         return stacks
 
-    def adopt(self, optimizer_state: dict, params: Sequence[Tensor], layout: StackedLayout, name: str,
-              stacks: list[Tensor]) -> None:
+    def adopt(self, optimizer_state, params: Sequence[Tensor], name: str, stacks: list[Tensor]) -> None:
         """Keep ``stacks`` as state ``name``; their rows become ``optimizer_state[p][name]``."""
-        rows = layout.rows(stacks)
+        rows = self.rows(stacks)
         for p, row in zip(params, rows):
             optimizer_state[p][name] = row
-        self._state[(tuple(map(id, params)), name)] = (stacks, rows)
+        self._state[name] = (stacks, rows)

@@ -8,9 +8,6 @@
   the ``torch._foreach_*`` API used by every multi-tensor path;
 * :class:`Workspace` and :func:`into`: parameter-shaped scratch reused across
   steps, so lists of large tensors are never freshly allocated in a step;
-* :func:`plain_norms` / :class:`ShardedNorms`: the per-layer norms of several
-  lists at once, as plain foreach norms or, for FSDP2 DTensor shards, with one
-  all-reduce (``_sharded.layer_sq_norms``);
 * :func:`compiled`: the ``fused`` path, the functional core compiled with
   ``torch.compile``, cached per configuration, falling back to eager (with a
   warning) where it cannot compile;
@@ -29,11 +26,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from ._sharded import is_sharded, layer_sq_norms, local
-from ._stacked import StackedSteps
+from ._layout import Layouts
+from ._sharded import is_sharded, local
 
 __all__ = [
-    "ShardedNorms",
     "TrustRatioOptimizer",
     "Workspace",
     "add_scaled_",
@@ -45,7 +41,6 @@ __all__ = [
     "compiled",
     "group_by_device_and_dtype",
     "into",
-    "plain_norms",
     "trust_ratios",
 ]
 
@@ -81,54 +76,6 @@ def trust_ratios(
     return ratio
 
 
-def stacked_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of every tensor, as one 1-D tensor (one foreach op + one stack)."""
-    return torch.stack(torch._foreach_norm(tensors))
-
-
-NormsFn = Callable[[Sequence[Sequence[Tensor]]], list[Tensor]]
-
-
-def plain_norms(lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-    """Per list, the 1-D tensor of the L2 norms of its tensors (one foreach norm each).
-
-    One ``_foreach_norm`` per list measured faster on CPU than one call on the
-    concatenated lists, and far faster than norms taken from a flat copy
-    (``torch.cat`` + segment sums): the copy is a full extra memory pass.
-    """
-    return [stacked_norms(tensors) for tensors in lists]
-
-
-class ShardedNorms:
-    """Norms of whole layers for lists of FSDP2 local shards, with ONE all-reduce.
-
-    Called like :func:`plain_norms` with lists of local shards laid out like
-    ``like`` (the DTensor parameters): every shard is viewed as a DTensor with
-    its parameter's mesh and placements, and all the lists go through one
-    ``layer_sq_norms`` call, i.e. one all-reduce of the stacked local sums of
-    squares for every layer of every list.
-    """
-
-    def __init__(self, like: Sequence[Tensor]) -> None:
-        self.like = list(like)
-
-    def __call__(self, lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        from torch.distributed.tensor import DTensor
-
-        wrapped = []
-        for tensors in lists:
-            for t, p in zip(tensors, self.like):
-                if is_sharded(p) and not is_sharded(t):
-                    t = DTensor.from_local(
-                        t, p.device_mesh, p.placements, run_check=False,
-                        shape=p.shape, stride=p.stride(),
-                    )
-                wrapped.append(t)
-        dtype = local(self.like[0]).dtype
-        norms = layer_sq_norms(wrapped).sqrt().to(dtype)
-        return list(norms.split(len(self.like)))
-
-
 def any_sharded(tensors: Sequence[Tensor]) -> bool:
     """Whether any tensor is an FSDP2 DTensor shard (then the sharded branch runs)."""
     return any(map(is_sharded, tensors))
@@ -153,15 +100,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_lr(lr: Any) -> None:
-    """``lr`` is a non-negative number or a one-element tensor."""
+def check_lr(lr: Any, *, read: bool = True) -> None:
+    """``lr`` is a non-negative number or a one-element tensor. ``read=False`` (inside a
+    step): a tensor's value is not read, which would synchronise with the device."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
         if lr.requires_grad:
             raise ValueError("lr: a tensor lr must not require grad")
-        # Reading the value here is at construction, not in step().
-        value = float(lr.detach().cpu())
+        if not read:
+            return
+        value = float(lr.detach().cpu())  # at construction, not in step()
     elif _is_number(lr):
         value = float(lr)
     else:
@@ -218,7 +167,8 @@ def group_by_device_and_dtype(
     if all(t.dtype == dtype and t.device == device for t in first):
         # One group (the usual case): a Python check of the first list, keyed as
         # the general grouping is; on 2,000 tensors x 3 lists the general
-        # grouping took ~4 ms of a ~55 ms LARS step, this check ~0.5 ms.
+        # grouping took ~4 ms of a ~55 ms LARS step on CPU, this check ~0.5 ms
+        # (host-side Python work: the same on every device).
         return [(tensorlists, list(range(len(first))))]
     grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists, with_indices=True)
     return [(lists, indices) for lists, indices in grouped.values()]
@@ -241,7 +191,7 @@ def add_scaled_(targets: list[Tensor], tensors: list[Tensor], scale: ScaleT) -> 
 
 
 # Lists whose mean tensor has at least this many elements get a Workspace.
-# Measured on CPU (ResNet-50 list, 25.6M parameters): a foreach op that
+# Measured on CPU only (ResNet-50 list, 25.6M parameters): a foreach op that
 # allocates its result (``_foreach_sqrt``, ``_foreach_div``) took 3-4x as long
 # as the same op written with ``out=`` into memory reused across steps (fresh
 # large blocks come back from the OS and are page-faulted in on every step).
@@ -388,7 +338,7 @@ class TrustRatioOptimizer(Optimizer):
       nothing. They are attributes, not state: never in ``state_dict()``.
     * :meth:`effective_lrs` (rate times ratio) and :meth:`trust_ratios_by_name`;
     * a :class:`Workspace` (scratch reused across steps, not state), and the
-      :class:`~._stacked.StackedSteps` of lists of many small tensors.
+      :class:`~._layout.Layouts`: the layout of each group's list, chosen once.
     """
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
@@ -396,14 +346,14 @@ class TrustRatioOptimizer(Optimizer):
         self.last_trust_ratios: list[Tensor | None] = [None] * len(self.param_groups)
         self._last_stepped: list[list[int]] = [[] for _ in self.param_groups]
         self._workspace = Workspace()
-        self._stacked = StackedSteps()
+        self._layouts = Layouts()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.last_trust_ratios = [None] * len(self.param_groups)
         self._last_stepped = [[] for _ in self.param_groups]
         self._workspace = Workspace()
-        self._stacked = StackedSteps()
+        self._layouts = Layouts()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

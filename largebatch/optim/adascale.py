@@ -30,11 +30,12 @@ worker without accumulation works.
 
 Scales: A and B are used on the mean-gradient scale (gradients of mean
 losses, as the engine reports them) whatever the accumulation convention and
-loss scale: a ``GradScaler``'s :math:`S^2`, found from the reported
-:math:`\lVert\bar g\rVert^2`, the engine's ``grad_scale`` (``p.grad`` =
-``grad_scale`` :math:`\bar g`, m when m micro-batches are summed) and the
-unscaled ``p.grad`` (one ``_foreach_norm``), is divided out, so the averages
-never mix scales, also when the number of micro-batches changes.
+loss scale: a ``GradScaler``'s :math:`S^2`, as the statistics source records it
+(``GradientStatistics(model, grad_scaler=scaler)``, ``summary().loss_scale``),
+is divided out, so the averages never mix scales, also when the number of
+micro-batches changes. It is never inferred from ``p.grad``: clipping between
+the backward and the step rescales ``p.grad``, and A and B stay the raw
+gradients'.
 
 Works with one process and accumulation (n = micro-batches) and under DDP
 (n = workers x micro-batches) through ``largebatch.stats``. The update is
@@ -57,6 +58,7 @@ from ._methods import (
     check_sgd_group,
     check_source,
     ema_update,
+    group_parts,
     group_vector,
     momentum_sgd_by_group,
     sample_statistics,
@@ -252,7 +254,7 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         layers.write({key: new_state[key] for key in ("step", "var_avg", "sq_avg")})
         clock.write({key: new_state[key][0].clone() for key in ("avg_weight", "progress")})  # may alias the vector
         rates = gain * group_vector(groups_of, "lr", params[0].device, dtype)  # r_t * eta0(tau_t)
-        momentum_sgd_by_group(self, params, stepped, rates)
+        momentum_sgd_by_group(self, group_parts(self, params, stepped), rates)
         self.last_gain = gain
         self._record(stepped, layer_gain=layer_gain, effective_lr=rates)
         self._reset_statistics()

@@ -69,8 +69,8 @@ from ._methods import (
     group_vector,
     local_list,
     loss_scale_sq,
+    group_parts,
     scalar_dtype,
-    stepped_sq_norms,
     stepped_parameters,
 )
 from ._trust import TrustRatioOptimizer, check_bool, check_choice, check_range
@@ -226,8 +226,9 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
     ``p.grad`` = c :math:`\bar g` (c = m when m micro-batches are summed rather
     than averaged), so :math:`G_k` is multiplied by c; a ``GradScaler``'s loss
     scale, which the statistics saw but the unscaled ``p.grad`` no longer has,
-    is found from the total squared norms (one ``_foreach_norm``) and divided
-    out. A scaled step equals an unscaled one, and summed accumulation with
+    is the source's ``loss_scale`` (``GradientStatistics(model, per_example=True,
+    grad_scaler=scaler)``) and is divided out; it is never read from ``p.grad``
+    (clipping rescales ``p.grad``; :math:`G_k` stays the raw gradients'). A scaled step equals an unscaled one, and summed accumulation with
     ``weight_decay`` and ``eps`` (gradient units) multiplied by c takes the
     same steps as averaged accumulation.
 
@@ -297,9 +298,7 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         flags = self._fallback.tolist()
         return [names[id(p)] for p, used in zip(self._fallback_params, flags) if used]
 
-    def _gradient_measure(
-        self, summary, params: list[Tensor], groups_of: list[dict], grad_sq_norms: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def _gradient_measure(self, summary, params: list[Tensor], groups_of: list[dict]) -> tuple[Tensor, Tensor]:
         if summary.example_norm_mean is None or summary.example_sq_norm_mean is None:
             raise ValueError(
                 "CLARS needs per-example gradient norms: build the statistics source with "
@@ -325,9 +324,11 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         measure = torch.where(fallback, micro, measure)
         # The trust ratio multiplies p.grad, so G_k goes on p.grad's scale, as LARS's ||g_k||:
         # times c (p.grad = c * gbar: m micro-batches summed, not averaged) and without the loss
-        # scale S the statistics saw but p.grad no longer has (GradScaler).
-        scale_sq = loss_scale_sq(summary, self._index.gather(summary.mean_grad_sq_norm, params).to(dtype), grad_sq_norms)
-        return measure * (grad_scale(summary) / scale_sq.sqrt()), fallback
+        # scale S the statistics saw but p.grad no longer has (GradScaler). Never read from
+        # p.grad itself: clipping rescales it, and G_k must stay the raw gradients' measure.
+        scale_sq = loss_scale_sq(summary, dtype, measure.device)
+        loss_scale = scale_sq.sqrt() if isinstance(scale_sq, Tensor) else scale_sq**0.5
+        return measure * (grad_scale(summary) / loss_scale), fallback
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -337,12 +338,10 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         if not params:
             return loss
         device, dtype = params[0].device, scalar_dtype(params)
-        # weights and gradients in one call (one all-reduce for FSDP2), or from the stacks of
-        # many small tensors, which the update then steps
-        norms, stacked = stepped_sq_norms(self, params, stepped)
-        norms = norms.to(dtype)
-        weight_norms = norms[: len(params)].sqrt()
-        measure, fallback = self._gradient_measure(summary, params, groups_of, norms[len(params) :])
+        # each group through its layout (chosen once per group): weight norms, then the update
+        parts = group_parts(self, params, stepped)
+        weight_norms = torch.cat([part.weight_norms() for part in parts]).to(dtype)
+        measure, fallback = self._gradient_measure(summary, params, groups_of)
         ratio = clars_trust_ratios(
             weight_norms, measure, weight_decay=group_vector(groups_of, "weight_decay", device, dtype),
             trust_coefficient=group_vector(groups_of, "trust_coefficient", device, dtype),
@@ -350,14 +349,14 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         )
         rates = ratio * group_vector(groups_of, "lr", device, dtype)
         apply_by_group(
-            self, params, stepped,
+            self, parts,
             lambda ps, grads, buffers, group, scales, neg_scales, workspace: _clars(
                 ps, grads, buffers, scales, neg_scales,
                 momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                 foreach=group["foreach"] is not False, workspace=workspace,
             ),
-            rates, -rates, decays=lambda group: group["weight_decay"] != 0, stacked=stacked,
+            rates, -rates, decays=lambda group: group["weight_decay"] != 0,
         )
         start = 0
         for index, indices in enumerate(stepped):

@@ -23,17 +23,15 @@ all-reduce per step (:func:`_sharded_lamb`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._layout import ShardedLayout, TensorLayout
 from ._sharded import check_not_flat, local
-from ._stacked import LayersFn, StackedLayout, unbind_layers
+from ._stacked import StackedLayout
 from ._trust import (
-    NormsFn,
-    ShardedNorms,
     TrustRatioOptimizer,
     add_scaled_,
     any_sharded,
@@ -44,7 +42,6 @@ from ._trust import (
     compiled,
     group_by_device_and_dtype,
     into,
-    plain_norms,
     scatter_by_indices,
     trust_ratios,
 )
@@ -97,7 +94,7 @@ class LAMB(TrustRatioOptimizer):
         adapt: use the trust ratio in this group (default: True).
         maximize: ascend instead of descend (default: False).
         foreach: multi-tensor path (``None``, the default, means True); on it
-            a list of many small tensors of few shapes is stepped as one stack
+            a list of many small CPU tensors of few shapes is stepped as one stack
             per shape (:mod:`largebatch.optim._stacked`), with the same results.
         fused: run the per-tensor update compiled with ``torch.compile``
             (dynamic shapes, so one compilation serves every tensor; cached
@@ -151,8 +148,8 @@ class LAMB(TrustRatioOptimizer):
     def _step_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> Tensor | None:
-        layout = self._stacked.layout(params) if group["foreach"] is not False and not group["fused"] else None
-        if layout is not None:
+        layout = self._layouts.of(params, foreach=group["foreach"] is not False and not group["fused"])
+        if isinstance(layout, StackedLayout):
             stepped, ratios = self._step_stacked(group, params, grads, layout)
             if stepped:
                 return ratios
@@ -185,9 +182,8 @@ class LAMB(TrustRatioOptimizer):
     ) -> tuple[bool, Tensor | None]:
         """The multi-tensor core on per-shape stacks (:mod:`._stacked`): many small tensors."""
         hyper = {k: group[k] for k in _HYPERPARAMETERS}
-        validate_lamb_hyperparameters(**hyper)
-        steps = self._stacked
-        state = {name: steps.state(self.state, params, layout, name) for name in _STATE}
+        validate_lamb_hyperparameters(**hyper, read_lr=False)
+        state = {name: layout.state(self.state, params, name) for name in _STATE}
         if any(s is False for s in state.values()):  # partly new state: the per-tensor lists handle it
             return False, None
         if any(s is None for s in state.values()):
@@ -198,18 +194,14 @@ class LAMB(TrustRatioOptimizer):
                      "exp_avg_sq": [torch.zeros_like(z) for z in zeros],
                      "step": [torch.zeros(k, dtype=torch.float32) for k in layout.sizes]}
             for name, stacks in state.items():
-                steps.adopt(self.state, params, layout, name, stacks)
-        weights, weight_rows = steps.scratch(params, layout, "weights")
-        layout.stack(params, weights)
-        grad_stacks = layout.stack(grads, steps.scratch(params, layout, "grads")[0])
+                layout.adopt(self.state, params, name, stacks)
+        weights, grad_stacks = layout.enter(params, grads)
         lr = hyper.pop("lr")
         ratios = _lamb_device_step(
             weights, grad_stacks, state["exp_avg"], state["exp_avg_sq"], state["step"], lr,
-            workspace=steps.scratch(params, layout, "updates")[0],
-            norms=layout.norms, per_layer=layout.per_layer, layer_vector=torch.cat,
-            **_core_options(**hyper),
+            workspace=layout.workspace(params), layout=layout, **_core_options(**hyper),
         )
-        torch._foreach_copy_(params, weight_rows)
+        layout.leave(params)
         return True, layout.to_param_order(ratios)
 
 
@@ -239,9 +231,11 @@ def validate_lamb_hyperparameters(
     decoupled_weight_decay: Any,
     adapt: Any,
     maximize: Any,
+    read_lr: bool = True,
 ) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter."""
-    check_lr(lr)
+    """Raise ``ValueError`` naming the first invalid hyperparameter. ``read_lr=False`` (inside
+    a step): a tensor lr's value is not read (no host sync), only its shape."""
+    check_lr(lr, read=read_lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
     check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
@@ -296,7 +290,7 @@ def lamb(
     validate_lamb_hyperparameters(
         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
         bias_correction=bias_correction, phi_clamp=phi_clamp,
-        decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize, read_lr=False,
     )
     if not params:
         return None
@@ -495,13 +489,13 @@ def _sharded_lamb(
 ) -> Tensor | None:
     """FSDP2: the multi-tensor step on the local shards (the moments are DTensors
     like their parameters); the norms of whole layers (weights and updates
-    together) come from one all-reduce (:class:`ShardedNorms`)."""
+    together) come from one all-reduce (:class:`~._layout.ShardedLayout`)."""
     check_not_flat(params)
     shards = [[local(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
     return _lamb_device_step(
         *shards, steps, lr,
         workspace=None if workspace is None else [local(w) for w in workspace],
-        norms=ShardedNorms(params), **options,
+        layout=ShardedLayout(params), **options,
     )
 
 
@@ -523,17 +517,16 @@ def _lamb_device_step(
     adapt: bool,
     maximize: bool,
     workspace: list[Tensor] | None = None,
-    norms: NormsFn = plain_norms,
-    per_layer: LayersFn = unbind_layers,
-    layer_vector: Callable[[list[Tensor]], Tensor] = torch.stack,
+    layout: TensorLayout | StackedLayout = TensorLayout(()),
 ) -> Tensor | None:
     """One LAMB step for tensors on one device with one dtype.
 
     The update is built in one list: the denominators first, then, in place,
     the Adam ratio (in ``workspace`` when given, so nothing parameter-sized is
-    allocated). ``norms`` gives the per-layer norms of several lists at once;
-    ``per_layer`` splits a per-layer vector to match the list entries and
-    ``layer_vector`` joins the step counters into one (:mod:`._stacked`)."""
+    allocated). ``layout`` (:mod:`._layout`) gives the per-layer norms of several lists
+    at once (``norms``), splits a per-layer vector to match the list entries
+    (``per_layer``) and joins the step counters into one (``layer_vector``)."""
+    norms, per_layer, layer_vector = layout.norms, layout.per_layer, layout.layer_vector
     device = params[0].device
     if maximize:
         grads = torch._foreach_neg(grads)

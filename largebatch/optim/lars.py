@@ -14,9 +14,11 @@ Networks", arXiv:1708.03888, Algorithm 1. For each layer (parameter tensor)
 The functional core is :func:`lars` with a per-tensor path
 (:func:`_single_tensor_lars`) and a multi-tensor path
 (:func:`_multi_tensor_lars`, the default); :class:`LARS` gathers the state and
-calls it. FSDP2 (``fully_shard``, DTensor) parameters take the multi-tensor
-path on their local shards, with the norms of whole layers from one
-all-reduce per step (:func:`_sharded_lars`).
+calls it. Each group is stepped through its layout (:mod:`._layout`, chosen
+once per group): the tensors themselves, FSDP2 (``fully_shard``, DTensor)
+local shards with the norms of whole layers from one all-reduce per step
+(:func:`_sharded_lars`), or per-shape stacks of many small CPU tensors; the
+core :func:`_lars_device_step` calls the layout's ``norms`` and ``per_layer``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._layout import ShardedLayout, TensorLayout
 from ._sharded import check_not_flat, local
-from ._stacked import LayersFn, StackedLayout, unbind_layers
+from ._stacked import StackedLayout
 from ._trust import (
-    NormsFn,
-    ShardedNorms,
     TrustRatioOptimizer,
     add_scaled_,
     any_sharded,
@@ -43,7 +44,6 @@ from ._trust import (
     compiled,
     group_by_device_and_dtype,
     into,
-    plain_norms,
     scatter_by_indices,
     trust_ratios,
 )
@@ -114,7 +114,7 @@ class LARS(TrustRatioOptimizer):
         adapt: use the trust ratio in this group (default: True).
         maximize: ascend instead of descend (default: False).
         foreach: multi-tensor path (``None``, the default, means True); on it
-            a list of many small tensors of few shapes is stepped as one stack
+            a list of many small CPU tensors of few shapes is stepped as one stack
             per shape (:mod:`largebatch.optim._stacked`), with the same results.
         fused: run the multi-tensor core compiled with ``torch.compile``
             (cached per configuration; eager with a warning where it cannot
@@ -170,8 +170,8 @@ class LARS(TrustRatioOptimizer):
     def _step_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> Tensor | None:
-        layout = self._stacked.layout(params) if group["foreach"] is not False and not group["fused"] else None
-        if layout is not None:
+        layout = self._layouts.of(params, foreach=group["foreach"] is not False and not group["fused"])
+        if isinstance(layout, StackedLayout):
             stepped, ratios = self._step_stacked(group, params, grads, layout)
             if stepped:
                 return ratios
@@ -195,26 +195,21 @@ class LARS(TrustRatioOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], layout: StackedLayout
     ) -> tuple[bool, Tensor | None]:
         """The multi-tensor core on per-shape stacks (:mod:`._stacked`): many small tensors."""
-        validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
-        steps = self._stacked
+        validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS}, read_lr=False)
         buffers: list[Tensor] | None | bool = None
         if group["momentum"] != 0:
-            buffers = steps.state(self.state, params, layout, "momentum_buffer")
+            buffers = layout.state(self.state, params, "momentum_buffer")
             if buffers is False:  # some buffers new, some not: the per-tensor lists handle it
                 return False, None
-        weights, weight_rows = steps.scratch(params, layout, "weights")
-        layout.stack(params, weights)
-        grad_stacks = layout.stack(grads, steps.scratch(params, layout, "grads")[0])
+        weights, grad_stacks = layout.enter(params, grads)
         stacks = buffers if isinstance(buffers, list) else [None] * len(weights)
         options = {k: group[k] for k in _HYPERPARAMETERS if k != "lr"}
         ratios = _lars_device_step(
-            weights, grad_stacks, stacks, group["lr"],
-            workspace=steps.scratch(params, layout, "updates")[0],
-            norms=layout.norms, per_layer=layout.per_layer, **options,
+            weights, grad_stacks, stacks, group["lr"], workspace=layout.workspace(params), layout=layout, **options,
         )
-        torch._foreach_copy_(params, weight_rows)
+        layout.leave(params)
         if buffers is None and group["momentum"] != 0:
-            steps.adopt(self.state, params, layout, "momentum_buffer", stacks)
+            layout.adopt(self.state, params, "momentum_buffer", stacks)
         return True, layout.to_param_order(ratios)
 
 
@@ -248,9 +243,11 @@ def validate_lars_hyperparameters(
     trust_clip: Any,
     adapt: Any,
     maximize: Any,
+    read_lr: bool = True,
 ) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter."""
-    check_lr(lr)
+    """Raise ``ValueError`` naming the first invalid hyperparameter. ``read_lr=False`` (inside
+    a step): a tensor lr's value is not read (no host sync), only its shape."""
+    check_lr(lr, read=read_lr)
     check_range("momentum", momentum, 0.0, 1.0, high_open=True)
     check_range("dampening", dampening, 0.0, 1.0)
     check_range("weight_decay", weight_decay, 0.0)
@@ -307,7 +304,7 @@ def lars(
         denominator=denominator, lr_in_momentum=lr_in_momentum, trust_clip=trust_clip,
         adapt=adapt, maximize=maximize,
     )
-    validate_lars_hyperparameters(lr=lr, **options)
+    validate_lars_hyperparameters(lr=lr, **options, read_lr=False)
     if not params:
         return None
     if any_sharded(params):
@@ -428,14 +425,14 @@ def _sharded_lars(
     **options: Any,
 ) -> Tensor | None:
     """FSDP2: the multi-tensor step on the local shards; the norms of whole layers
-    (weights and gradients together) come from one all-reduce (:class:`ShardedNorms`).
+    (weights and gradients together) come from one all-reduce (:class:`~._layout.ShardedLayout`).
     New momentum buffers are DTensors laid out like their parameters."""
     check_not_flat(params)
     local_buffers = [local(b) for b in momentum_buffers]
     ratios = _lars_device_step(
         [local(p) for p in params], [local(g) for g in grads], local_buffers, lr,
         workspace=None if workspace is None else [local(w) for w in workspace],
-        norms=ShardedNorms(params), **options,
+        layout=ShardedLayout(params), **options,
     )
     for i, buffer in enumerate(local_buffers):
         if momentum_buffers[i] is None and buffer is not None:
@@ -461,15 +458,15 @@ def _lars_device_step(
     adapt: bool,
     maximize: bool,
     workspace: list[Tensor] | None = None,
-    norms: NormsFn = plain_norms,
-    per_layer: LayersFn = unbind_layers,
+    layout: TensorLayout | StackedLayout = TensorLayout(()),
 ) -> Tensor | None:
     """One LARS step for tensors on one device with one dtype (``buffers`` filled in place).
 
-    ``norms`` gives the per-layer norms of several lists at once (plain foreach
-    norms, whole-layer norms of FSDP2 shards with one all-reduce, or row norms
-    of stacks) and ``per_layer`` splits a per-layer vector to match the list
-    entries (:mod:`._stacked`)."""
+    ``layout`` (:mod:`._layout`) gives the per-layer norms of several lists at once
+    (``norms``: foreach norms, whole-layer norms of FSDP2 shards with one all-reduce, or
+    row norms of stacks) and splits a per-layer vector to match the list entries
+    (``per_layer``)."""
+    norms, per_layer = layout.norms, layout.per_layer
     if maximize:
         grads = torch._foreach_neg(grads)
     # d = g + wd*w is materialised once (into the workspace when there is one):
@@ -515,7 +512,7 @@ def _lars_device_step(
     return ratios
 
 
-def _per_tensor(scale: float | Tensor, per_layer: LayersFn) -> float | Tensor | list[Tensor]:
+def _per_tensor(scale: float | Tensor, per_layer) -> float | Tensor | list[Tensor]:
     """A vector of per-layer scales becomes one broadcastable tensor per list entry
     (``per_layer``: 0-d tensors, or ``[k, 1, ...]`` views for stacks); scalars stay."""
     if isinstance(scale, Tensor) and scale.dim() == 1:

@@ -40,8 +40,8 @@ and norm weights with a separate group). A "layer" is a parameter tensor
 :math:`A_k, B_k` are used on the mean-gradient scale (gradients of mean
 losses, as the engine reports them) whatever the accumulation convention
 (micro-batches summed or averaged) and loss scale: a ``GradScaler``'s squared
-scale, found from the reported :math:`B`, the engine's ``grad_scale`` and the
-unscaled ``p.grad``, is divided out. So :math:`\epsilon` is in the paper's
+scale, the source's ``loss_scale`` (``GradientStatistics(model, grad_scaler=scaler)``;
+never inferred from ``p.grad``, which clipping rescales), is divided out. So :math:`\epsilon` is in the paper's
 units and the averages never mix scales (also when the number of
 micro-batches changes). A layer's warm-up ends at the first update where :math:`S_k \ge \theta` (the
 first update at its full rate); ``warmup_end`` records that update's number
@@ -71,6 +71,7 @@ from ._methods import (
     check_sgd_group,
     check_source,
     ema_update,
+    group_parts,
     group_vector,
     momentum_sgd_by_group,
     sample_statistics,
@@ -373,7 +374,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             layer_index=self._layer_index(params, device),
         )
         stacked.write(new_state)
-        momentum_sgd_by_group(self, params, stepped, intro["effective_lr"])
+        momentum_sgd_by_group(self, group_parts(self, params, stepped), intro["effective_lr"])
         self._record(stepped, **intro)
         self._reset_statistics()
         return loss
