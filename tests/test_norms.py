@@ -51,3 +51,16 @@ def test_sq_norm_into_other_tensors(make):
     assert not out.requires_grad
     torch.testing.assert_close(out[0].double(), _reference([t])[0], rtol=1e-3 if t.dtype == torch.half else 1e-6, atol=0)
     assert out[1].item() == 0.0
+
+
+@pytest.mark.parametrize("count", [3, 40])
+def test_sparse_gradients(count):
+    # An uncoalesced COO tensor (index 1 twice: its entries add) and a CSR one, as Embedding(sparse=True) makes.
+    coo = torch.sparse_coo_tensor(torch.tensor([[1, 3, 1]]), torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), (5, 2))
+    csr = torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse_csr()
+    tensors = [coo, csr] + _tensors(count)[2:]
+    dense = [t.to_dense() for t in tensors]
+    out = torch.zeros(count)
+    sq_norms_into(tensors, list(out.unbind()))
+    torch.testing.assert_close(out.double(), _reference(dense), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sq_norms(tensors, torch.float64, torch.device("cpu")), _reference(dense), rtol=1e-12, atol=0)

@@ -462,14 +462,6 @@ def test_parameter_outside_model_is_refused():
         PerExampleNorms(nn.Linear(2, 2), params=[nn.Parameter(torch.zeros(1))])
 
 
-def test_multihead_attention_out_proj_is_reported():
-    model = nn.MultiheadAttention(4, 2, batch_first=True)
-    PerExampleNorms(model)
-    x = torch.randn(2, 3, 4)
-    with pytest.raises(TypeError, match="single tensor"):
-        model(x, x, x)
-
-
 def test_embedding_scaled_by_frequency_is_refused():
     with pytest.raises(ValueError, match="scale_grad_by_freq"):
         PerExampleNorms(nn.Embedding(4, 3, scale_grad_by_freq=True))

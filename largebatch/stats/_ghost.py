@@ -301,8 +301,12 @@ def _per_example(values: Tensor, groups: int) -> Tensor:
 
 
 def row_sq_norms(t: Tensor) -> Tensor:
-    """Squared norm of each example's slice, (B,), in at least float32."""
-    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=_compute_dtype(t)).square()
+    """Squared norm of each example's slice, (B,), in at least float32.
+
+    ``t`` is (B, *shape); ``shape`` may be empty (a 0-dim parameter such as a
+    learnable temperature), where ``flatten(1)`` would fail.
+    """
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=_compute_dtype(t)).square()
 
 
 _sq = row_sq_norms
@@ -431,7 +435,7 @@ def sq_norm(use: Use, method: str = "auto") -> tuple[Tensor, str]:
 def _dense(use: Use) -> Tensor:
     """Materialise a use's per-example gradient as (B, numel)."""
     if isinstance(use, Tensor):
-        return use.flatten(1)
+        return use.reshape(use.shape[0], -1)  # (B,) for a 0-dim parameter
     batch = use.batch
     if use.ids is not None:
         n = use.right.shape[-1]

@@ -23,13 +23,30 @@ def sq_norm_into(t: Tensor, out: Tensor) -> None:
     ``t`` is detached: under ``backward(create_graph=True)`` gradients require
     grad, and the statistics are not part of any graph (``out=`` refuses them).
     """
-    t = t.detach()
-    if t.dtype == out.dtype and t.layout == torch.strided and t.is_contiguous():
+    t = _dense_values(t.detach())
+    if t.dtype == out.dtype and t.is_contiguous():
         flat = t.view(-1)
         torch.dot(flat, flat, out=out)
-    else:  # half precision (accumulated in out's dtype), sparse, or a strided view
+    else:  # half precision (accumulated in out's dtype) or a strided view
         torch.linalg.vector_norm(t, dtype=out.dtype, out=out)
         out.square_()
+
+
+def _dense_values(t: Tensor) -> Tensor:
+    """A strided tensor with the same 2-norm as ``t``.
+
+    A sparse COO gradient (``nn.Embedding(sparse=True)``) may repeat an index,
+    its entries then adding up, so it is coalesced before its values are
+    read; vector_norm refuses sparse tensors. A compressed-sparse tensor
+    never repeats an index.
+    """
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce()._values()
+    if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return t.values()
+    raise TypeError(f"squared norms of {t.layout} gradients are not supported")
 
 
 def sq_norms_into(tensors: list[Tensor], slots: list[Tensor]) -> None:
@@ -38,7 +55,7 @@ def sq_norms_into(tensors: list[Tensor], slots: list[Tensor]) -> None:
         for t, slot in zip(tensors, slots):
             sq_norm_into(t, slot)
         return
-    norms = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=slots[0].dtype)
+    norms = torch._foreach_norm([_dense_values(t.detach()) for t in tensors], 2, dtype=slots[0].dtype)
     torch._foreach_mul_(norms, norms)
     torch._foreach_copy_(slots, norms)
 
@@ -51,6 +68,6 @@ def sq_norms(tensors: list[Tensor | None], dtype: torch.dtype, device: torch.dev
         for i in present:
             sq_norm_into(tensors[i], out[i])
     elif present:
-        norms = torch._foreach_norm([tensors[i].detach() for i in present], 2, dtype=dtype)
+        norms = torch._foreach_norm([_dense_values(tensors[i].detach()) for i in present], 2, dtype=dtype)
         out[present] = torch.stack(norms).square()
     return out

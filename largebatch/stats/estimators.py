@@ -82,16 +82,42 @@ def gain_ratio(A: Tensor, B: Tensor, n: int) -> Tensor:
     return ratio.nan_to_num(nan=1.0, posinf=float(n)).clamp(1.0, float(n))
 
 
+def _ratio_or_nan(variance: Tensor, grad_sq: Tensor) -> Tensor:
+    """tr(Sigma) / |G|^2 where |G|^2 > 0, else NaN; a rounding-negative tr(Sigma) counts as 0.
+
+    |G|^2 <= 0 means the noise in these samples hides the mean gradient
+    (B_noise is beyond what they can resolve); NaN says "not measurable
+    here" where a negative ratio would read as a number.
+    """
+    ratio = variance.clamp_min(0) / grad_sq
+    return torch.where(grad_sq > 0, ratio, torch.full_like(ratio, math.nan))
+
+
 def noise_scale(A: Tensor, B: Tensor, n: int, examples_per_sample: float | Tensor) -> Tensor:
     """Simple gradient noise scale B_noise = tr(Sigma) / |G|^2, in examples.
 
     McCandlish et al. 2018, Eq. 2.8 and App. A.1: with b examples per sample,
     the per-example covariance trace is b * sample_variance and |G|^2 is
-    ``true_grad_sq_norm``. The raw ratio is noisy (|G|^2 may be <= 0); the
-    paper smooths numerator and denominator separately before dividing, which
-    callers can do with ``sample_variance`` and ``true_grad_sq_norm``.
+    ``true_grad_sq_norm``.
+
+    NaN where it is undefined: n = 1 (no variance from one sample), or the
+    unbiased |G|^2 is <= 0 (noise dominates the samples, so B_noise is larger
+    than one step's samples can measure). Never negative: a tr(Sigma) below 0
+    (rounding; A >= B exactly) counts as 0. The paper smooths numerator and
+    denominator separately over steps before dividing, which callers can do
+    with ``sample_variance`` and ``true_grad_sq_norm``.
     """
-    return sample_variance(A, B, n) * examples_per_sample / true_grad_sq_norm(A, B, n)
+    return _ratio_or_nan(sample_variance(A, B, n) * examples_per_sample, true_grad_sq_norm(A, B, n))
+
+
+def _unless_single(estimate, num_examples: int | Tensor, like: Tensor) -> Tensor:
+    """``estimate(N)``, NaN where N = 1 (N - 1 degrees of freedom); a tensor N is tested on device."""
+    N = num_examples
+    if not isinstance(N, Tensor):
+        _check_n(N, "num_examples")
+        return torch.full_like(like, math.nan) if N == 1 else estimate(N)
+    value = estimate(N)  # inf or NaN where N = 1, replaced below
+    return torch.where(N > 1, value, torch.full_like(value, math.nan))
 
 
 def example_variance(example_sq_norm_mean: Tensor, B: Tensor, num_examples: int | Tensor) -> Tensor:
@@ -99,30 +125,25 @@ def example_variance(example_sq_norm_mean: Tensor, B: Tensor, num_examples: int 
 
     E = (1/N) sum_j ||grad f_j||^2 and B = ||gbar||^2, the mean of the N
     per-example gradients: the estimator above with n = N, N - 1 degrees of
-    freedom.
+    freedom. NaN for N = 1.
     """
-    N = num_examples
-    if not isinstance(N, Tensor):
-        _check_n(N, "num_examples")
-        if N == 1:
-            return torch.full_like(B, math.nan)
-    return (example_sq_norm_mean - B) * (N / (N - 1))
+    return _unless_single(lambda N: (example_sq_norm_mean - B) * (N / (N - 1)), num_examples, B)
 
 
 def example_true_grad_sq_norm(example_sq_norm_mean: Tensor, B: Tensor, num_examples: int | Tensor) -> Tensor:
-    """Unbiased ||E grad f||^2 from per-example norms: (N B - E)/(N - 1)."""
-    N = num_examples
-    if not isinstance(N, Tensor):
-        _check_n(N, "num_examples")
-        if N == 1:
-            return torch.full_like(B, math.nan)
-    return (B * N - example_sq_norm_mean) / (N - 1)
+    """Unbiased ||E grad f||^2 from per-example norms: (N B - E)/(N - 1); NaN for N = 1."""
+    return _unless_single(lambda N: (B * N - example_sq_norm_mean) / (N - 1), num_examples, B)
 
 
 def example_noise_scale(example_sq_norm_mean: Tensor, B: Tensor, num_examples: int | Tensor) -> Tensor:
-    """B_noise = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from per-example norms."""
-    return example_variance(example_sq_norm_mean, B, num_examples) / example_true_grad_sq_norm(
-        example_sq_norm_mean, B, num_examples
+    """B_noise = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from per-example norms, in examples.
+
+    NaN where undefined (N = 1) or noise-dominated (|G|^2 <= 0), never
+    negative, as for ``noise_scale``.
+    """
+    return _ratio_or_nan(
+        example_variance(example_sq_norm_mean, B, num_examples),
+        example_true_grad_sq_norm(example_sq_norm_mean, B, num_examples),
     )
 
 

@@ -11,10 +11,24 @@ Bu et al. 2022, arXiv 2210.00038).
 Supported layers: ``nn.Linear`` (any number of leading dims), ``nn.Conv1d/2d/3d``
 (strides, padding modes, dilation, groups, depthwise), ``nn.Embedding``
 (``padding_idx``; not ``scale_grad_by_freq``), ``nn.LayerNorm``, ``nn.GroupNorm``,
-``nn.RMSNorm``, BatchNorm (see *BatchNorm policy*), and any other module with
-parameters of its own through a ``torch.func`` per-module fallback. Subclasses
-that override ``forward`` use the fallback. Dimension 0 of every layer input is
-the example dimension.
+``nn.RMSNorm``, BatchNorm (see *BatchNorm policy*), ``nn.MultiheadAttention``
+(hence ``nn.TransformerEncoderLayer``/``DecoderLayer`` in training, see
+*Attention*), ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (padded batches, no inter-layer
+dropout in train mode; torch.func one example at a time, so B small re-runs of
+the module per backward), and any other module with parameters of its own
+through a ``torch.func`` per-module fallback, which may return a tuple or other
+container of tensors and must be deterministic (no dropout in train mode).
+Subclasses that override ``forward`` use the fallback. Parameters of any shape,
+0-dim ones (a learnable temperature) included. Dimension 0 of every layer input
+is the example dimension, except in ``batch_first=False`` attention, recurrent
+and transformer layers, whose layouts are known. Errors name the module's path.
+
+Attention. ``nn.MultiheadAttention`` computes its projections with ``F.linear``
+inside ``F.multi_head_attention_forward``; a ``TorchFunctionMode`` active
+during the call hooks each projection's output, and each projection gets the
+Linear layer's rule (rows of ``in_proj_weight`` used by the q, k, v projections
+form one factored gradient). Exact with attention dropout, masks, ``kdim``/``vdim``
+and ``add_bias_kv``; needs ``torch.overrides.redispatch_function``.
 
 Combining uses. A parameter used more than once in one forward pass (a module
 called twice, or one ``nn.Parameter`` shared by several modules, e.g. an
@@ -23,7 +37,7 @@ its uses' per-example gradients, through the cross inner products
 ``<L_u L_v^T, R_u R_v^T>`` (``||a + b||^2 != ||a||^2 + ||b||^2``, so the uses are
 never simply added in norm). A tied weight must be used through modules: a
 parameter that receives a gradient but was used by no hooked module call (e.g.
-``F.linear(h, emb.weight)``, or ``nn.MultiheadAttention.out_proj``) raises a
+``F.linear(h, emb.weight)``) raises a
 ``RuntimeError`` naming it; a parameter used both through a module and
 functionally cannot be detected and gets only the module's share.
 
@@ -63,9 +77,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.nn.utils.rnn import PackedSequence
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import _ghost
 
@@ -84,18 +101,32 @@ _KINDS = (
     (nn.RMSNorm, "norm"),
     (_BATCH_NORM, "batchnorm"),
 )
+# Fused recurrent kernels: the torch.func fallback, one example at a time (they have no vmap rule).
+_RNNS = (nn.RNN, nn.GRU, nn.LSTM)
+# Runs a __torch_function__ implementation with the mode still seeing the ops inside it;
+# the attention rule needs it (see _AttentionTap).
+_REDISPATCH = getattr(torch.overrides, "redispatch_function", None)
 _STATIC_LABELS = {
     "embedding": "embedding",
     "norm": "norm-affine",
     "batchnorm": "batchnorm-contribution",
     "fallback": "func-fallback",
+    "rnn": "func-fallback",
 }
 _UNRESOLVED = "gram-or-direct"  # Linear/Conv weights before their first backward
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
 
 
 def _module_kind(module: nn.Module, tracked_names: set[str]) -> str | None:
     if isinstance(module, nn.SyncBatchNorm):
         return None  # batch statistics span workers; neither formula nor fallback is right
+    if _is_attention(module):
+        return "attention"
+    if any(isinstance(module, cls) and type(module).forward is cls.forward for cls in _RNNS):
+        return "rnn"
     for cls, kind in _KINDS:
         if isinstance(module, cls) and type(module).forward is cls.forward:
             if not tracked_names <= {"weight", "bias"}:
@@ -126,6 +157,26 @@ class _Call:
     bn_stats: tuple[Tensor, Tensor] | None = None
     moments: tuple[Tensor, Tensor] | None = None  # a LayerNorm's saved (mean, rstd)
     grad_shape: torch.Size | None = None  # set when the hook sits on the output's base
+    transposed: bool = False  # input and output are (L, B, ...), see _sequence_first_layers
+    # the fallback's example dimension of each argument and hooked output leaf (None: not batched)
+    arg_dims: tuple | None = None
+    kwarg_dims: dict | None = None
+    out_dims: dict[int, int] | None = None
+
+
+@dataclass(eq=False)
+class _Deferred:
+    """A call whose norms need the gradients of several tensors: its output leaves, or projections inside it.
+
+    ``entries[j]`` says what the gradient of hooked tensor ``j`` means;
+    the norms are formed when all have arrived, or at the end of the
+    backward from those that did (a tensor the loss does not reach adds 0).
+    """
+
+    call: _Call
+    entries: list = field(default_factory=list)
+    grads: dict = field(default_factory=dict)
+    done: bool = False
 
 
 class PerExampleNorms:
@@ -139,9 +190,9 @@ class PerExampleNorms:
         batchnorm: ``"contribution"`` or ``"error"`` (see the module docstring).
         fallback: use ``torch.func`` (``functional_call`` + ``vmap(grad)``) for
             modules with parameters of their own and no formula; if ``False``
-            such modules raise ``ValueError``. The fallback needs a
-            deterministic module returning one tensor; tensor arguments whose
-            dimension 0 is the batch size are treated as batched.
+            such modules raise ``ValueError`` (RNN/GRU/LSTM included). The
+            fallback needs a deterministic module; tensor arguments and output
+            tensors whose dimension 0 is the batch size are treated as batched.
         params: the parameters to track, in this order; default: the model's
             trainable parameters, deduplicated.
         method: ``"auto"`` (cheaper of Gram and direct per layer call, from the
@@ -208,31 +259,44 @@ class PerExampleNorms:
         self._suspended: set[nn.Module] = set()  # Linear layers running with their weight's requires_grad off
         self._tapped_now = 0
         self.tapped_calls = 0
+        self._deferred: list[_Deferred] = []  # those that received a gradient in this backward
+        self._taps: dict[nn.Module, list[_AttentionTap]] = defaultdict(list)
+        self._module_names: dict[nn.Module, str] = {}
         self._plan_modules(model)
         self._register(model)
 
     # ------------------------------------------------------------ set-up
 
     def _plan_modules(self, model: nn.Module) -> None:
+        # nn.MultiheadAttention uses its out_proj's parameters functionally: they are planned with it.
+        absorbed = {module.out_proj for module in model.modules() if _is_attention(module)}
+        self._sequence_first = _sequence_first_layers(model)
         for module_name, module in model.named_modules():
             if isinstance(module, _BATCH_NORM) and self.batchnorm == "error":
                 _refuse_train_batchnorm(module, module_name)
-            tracked = {
-                n: self._index[id(p)]
-                for n, p in module.named_parameters(recurse=False)
-                if id(p) in self._index
-            }
+            if module in absorbed:
+                continue
+            members = list(module.named_parameters(recurse=False))
+            if _is_attention(module):
+                members += list(module.out_proj.named_parameters(prefix="out_proj", recurse=False))
+            tracked = {n: self._index[id(p)] for n, p in members if id(p) in self._index}
             if not tracked:
                 continue
             kind = _module_kind(module, set(tracked))
             label = module_name or type(module).__name__
+            self._module_names[module] = label
+            if kind == "attention" and _REDISPATCH is None:
+                raise ValueError(
+                    f"module {label!r} (MultiheadAttention): its per-example norms need "
+                    "torch.overrides.redispatch_function, which this PyTorch lacks; upgrade PyTorch"
+                )
             if kind is None:
                 raise ValueError(
                     f"module {label!r} ({type(module).__name__}) is not supported: no per-example "
                     "gradient exists for it (SyncBatchNorm couples examples across workers; "
                     "Embedding(scale_grad_by_freq=True) scales by counts over the whole batch)"
                 )
-            if kind == "fallback" and not self.fallback:
+            if kind in ("fallback", "rnn") and not self.fallback:
                 raise ValueError(
                     f"module {label!r} ({type(module).__name__}) has no per-example norm formula "
                     "and fallback=False; pass fallback=True to use torch.func for it"
@@ -241,6 +305,8 @@ class PerExampleNorms:
             for pname, k in tracked.items():
                 self._owners[k] += 1
                 if pname == "bias" and kind in ("linear", "conv"):
+                    self._labels[k] = "direct"
+                elif kind == "attention" and not pname.endswith("weight"):
                     self._labels[k] = "direct"
                 elif kind in _STATIC_LABELS:
                     self._labels[k] = _STATIC_LABELS[kind]
@@ -252,15 +318,22 @@ class PerExampleNorms:
         self._tappable = [
             module
             for module, (kind, tracked) in self._plan.items()
-            if kind == "linear" and "weight" in tracked and all(self._owners[k] == 1 for k in tracked.values())
+            if kind == "linear"
+            and "weight" in tracked
+            and all(self._owners[k] == 1 for k in tracked.values())
+            and module not in self._sequence_first
         ]
 
     def _register(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward))
         for module in self._tappable:
             self._handles.append(module.register_forward_pre_hook(self._before_linear))
-        for module in self._plan:
-            self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        for module, (kind, _) in self._plan.items():
+            if kind == "attention":
+                self._handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._after_attention, always_call=True))
+            else:
+                self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
         for module in self._tappable:  # if the forward raised, _on_forward did not run
             self._handles.append(module.register_forward_hook(self._on_forward_error, always_call=True))
         if self.batchnorm == "error":
@@ -275,11 +348,25 @@ class PerExampleNorms:
     # ------------------------------------------------------------ public API
 
     def reset(self) -> None:
-        """Zero the accumulators (start of an optimiser step)."""
+        """Zero the accumulators and forget any backward in flight (start of an optimiser step).
+
+        A backward that raised (a user hook, a NaN guard, KeyboardInterrupt,
+        out of memory) never runs its end-of-backward callback, so its
+        partial uses and the "callback queued" flag are dropped here too;
+        otherwise no later backward would queue one.
+        """
         self._norm_sum.zero_()
         self._sq_sum.zero_()
         self._count.zero_()
         self._backwards = 0
+        self._queued = False
+        self._pending = {}
+        self._seen = set()
+        self._deferred = []
+        self._forward = None
+        self._tapped_now = 0
+        for module in list(self._suspended):  # a forward interrupted between its hooks
+            self._resume_weight(module)
 
     def remove(self) -> None:
         """Remove every hook this object registered."""
@@ -362,35 +449,32 @@ class PerExampleNorms:
         if not tapped and (not self._active or not torch.is_grad_enabled()):
             return None
         kind, _ = self._plan[module]
-        if not isinstance(output, Tensor):
-            if any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
-                raise TypeError(
-                    f"{type(module).__name__} returns {type(output).__name__}; per-example norms "
-                    "need modules with parameters to return a single tensor"
-                )
-            return None
+        if kind in ("fallback", "rnn"):
+            return self._on_fallback_forward(module, kind, args, kwargs, output)
+        if not isinstance(output, Tensor):  # (not from the modules with formulas)
+            raise TypeError(f"{self._describe(module)} returned {type(output).__name__}, not a tensor")
         if not output.requires_grad and not tapped:  # (a tapped output requires grad once tapped)
             return None
         layer_input = args[0] if args else None
-        if kind == "fallback":
-            args, kwargs = tree_map(_detach, args), tree_map(_detach, kwargs)
-        else:  # the formulas read only the first input
-            args, kwargs = (args[0].detach(),) if args else (), {}
+        args, kwargs = (args[0].detach(),) if args else (), {}  # the formulas read only the first input
+        moments = _layer_norm_moments(output, args[0]) if isinstance(module, nn.LayerNorm) else None
+        transposed = module in self._sequence_first
+        if transposed:  # (L, B, ...): the examples first for the formulas
+            args = (args[0].transpose(0, 1),)
+            moments = None if moments is None else tuple(t.transpose(0, 1) for t in moments)
         batch = _batch_size(args, kwargs)
         if batch is None:
-            raise RuntimeError(f"{type(module).__name__} was called without a batched tensor input")
-        if self._forward is None:
-            self._forward = _Forward()
-        self._forward.calls[module] += 1
+            raise RuntimeError(f"{self._describe(module)} was called without a batched tensor input")
         call = _Call(
             module=module,
             kind=kind,
             args=args,
             kwargs=kwargs,
             batch=batch,
-            forward=self._forward,
+            forward=self._count_call(module),
             bn_stats=_eval_batchnorm_stats(module) if kind == "batchnorm" else None,
-            moments=_layer_norm_moments(output, args[0]) if isinstance(module, nn.LayerNorm) else None,
+            moments=moments,
+            transposed=transposed,
         )
         if tapped:
             return self._tap_weight_gradient(call, layer_input, output)
@@ -403,6 +487,93 @@ class PerExampleNorms:
                 target = replacement = output.clone()
         target.register_hook(functools.partial(self._on_output_grad, call))
         return replacement
+
+    def _describe(self, module: nn.Module) -> str:
+        return f"module {self._module_names[module]!r} ({type(module).__name__})"
+
+    def _count_call(self, module: nn.Module) -> _Forward:
+        if self._forward is None:
+            self._forward = _Forward()
+        self._forward.calls[module] += 1
+        return self._forward
+
+    def _on_fallback_forward(self, module: nn.Module, kind: str, args: tuple, kwargs: dict, output):
+        """Hook every output leaf that requires grad; torch.func runs once their gradients are in."""
+        leaves, spec = tree_flatten(output)
+        hooked = [j for j, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
+        if not hooked:
+            return None
+        args, kwargs = tree_map(_detach, args), tree_map(_detach, kwargs)
+        if kind == "rnn":
+            batch, arg_dims, kwarg_dims, out_dims = self._rnn_dims(module, args, kwargs, hooked)
+        else:
+            batch = _batch_size(args, kwargs)
+            if batch is None:
+                raise RuntimeError(f"{self._describe(module)} was called without a batched tensor input")
+            dims = lambda tree: tree_map(  # noqa: E731
+                lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch else None, tree
+            )
+            arg_dims, kwarg_dims, out_dims = dims(args), dims(kwargs), {j: 0 for j in hooked}
+            for j in hooked:
+                if leaves[j].dim() == 0 or leaves[j].shape[0] != batch:
+                    raise RuntimeError(
+                        f"{self._describe(module)} returned a tensor of shape {tuple(leaves[j].shape)} "
+                        f"that requires grad, without the example dimension (dimension 0, size {batch})"
+                    )
+        call = _Call(module=module, kind=kind, args=args, kwargs=kwargs, batch=batch, forward=self._count_call(module))
+        call.arg_dims, call.kwarg_dims, call.out_dims = arg_dims, kwarg_dims, out_dims
+        record = _Deferred(call, entries=hooked)
+        replaced = False
+        for slot, j in enumerate(hooked):
+            if leaves[j]._base is not None:  # a hook on a view is dropped if the view is modified in place
+                leaves[j], replaced = leaves[j].clone(), True
+            leaves[j].register_hook(functools.partial(self._on_deferred_grad, record, slot))
+        return tree_unflatten(leaves, spec) if replaced else None
+
+    def _rnn_dims(self, module: nn.RNNBase, args: tuple, kwargs: dict, hooked: list[int]):
+        """(batch, arg dims, kwarg dims, output dims) of an RNN/GRU/LSTM call; refuses what cannot be exact."""
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, PackedSequence):
+            raise ValueError(
+                f"{self._describe(module)}: per-example norms need a padded batch, not a PackedSequence"
+            )
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"{self._describe(module)}: per-example norms need a batched (3-d) input")
+        if module.training and module.dropout > 0 and module.num_layers > 1:
+            raise RuntimeError(
+                f"{self._describe(module)} applies dropout between its layers in train mode; its per-example "
+                "gradients come from re-running it, which would draw other masks (use dropout=0)"
+            )
+        dim = 0 if module.batch_first else 1
+        batch = x.shape[dim]
+        # The input has the batch at `dim`; every hidden state (h_0, c_0, h_n, c_n) at 1.
+        first = [True]
+
+        def arg_dim(t):
+            if not isinstance(t, Tensor):
+                return None
+            is_input, first[0] = first[0], False
+            return dim if is_input else 1
+
+        arg_dims = tree_map(arg_dim, args)
+        kwarg_dims = {name: tree_map(lambda t: 1 if isinstance(t, Tensor) else None, v) for name, v in kwargs.items()}
+        if "input" in kwargs:
+            kwarg_dims["input"] = dim
+        out_dims = {j: dim if j == 0 else 1 for j in hooked}
+        return batch, arg_dims, kwarg_dims, out_dims
+
+    def _before_attention(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+        """Watch the projections inside this call (see _AttentionTap)."""
+        if not self._active or not torch.is_grad_enabled():
+            return
+        call = _Call(module=module, kind="attention", args=(), kwargs={}, batch=0, forward=self._count_call(module))
+        tap = _AttentionTap(self, _Deferred(call))
+        tap.__enter__()
+        self._taps[module].append(tap)
+
+    def _after_attention(self, module: nn.MultiheadAttention, args: tuple, output) -> None:
+        if self._taps[module]:  # always_call: also when the forward raised
+            self._taps[module].pop().__exit__(None, None, None)
 
     def _tap_weight_gradient(self, call: _Call, x: Tensor, output: Tensor):
         """Attach the tap that will supply the weight gradient of this call (see _before_linear).
@@ -461,6 +632,8 @@ class PerExampleNorms:
         g = g.detach()
         if call.grad_shape is not None:
             g = g.reshape(call.grad_shape)
+        if call.transposed:
+            g = g.transpose(0, 1)
         pending = self._pending.setdefault(call.forward, {})
         single_call = call.forward.calls[call.module] == 1
         _, tracked = self._plan[call.module]
@@ -470,12 +643,42 @@ class PerExampleNorms:
             for name, k in tracked.items():
                 pending[k] = (*results[name], call.batch)
             return
-        for k, use, label in self._uses(call, g):
+        self._add_uses(call, self._uses(call, g))
+
+    def _add_uses(self, call: _Call, uses: list[tuple[int, _ghost.Use, str | None]]) -> None:
+        """Measure a parameter's only use now; keep uses to be combined for the end of the backward."""
+        pending = self._pending.setdefault(call.forward, {})
+        single_call = call.forward.calls[call.module] == 1
+        for k, use, label in uses:
             if single_call and self._owners[k] == 1:
                 sq, name = _ghost.sq_norm(use, self.method)
                 pending[k] = (sq, label or name, call.batch)
             else:
                 pending.setdefault(k, []).append((use, label, call.batch))
+
+    def _on_deferred_grad(self, record: _Deferred, slot: int, g: Tensor) -> None:
+        self._ensure_finalize()
+        if record.done:
+            raise RuntimeError(
+                f"{self._describe(record.call.module)}: a gradient reached it after its per-example norms "
+                "were formed (flush() came too early in the backward)"
+            )
+        if not record.grads:
+            self._deferred.append(record)
+        record.grads[slot] = g.detach()
+        if len(record.grads) == len(record.entries):
+            self._complete(record)
+
+    def _complete(self, record: _Deferred) -> None:
+        record.done = True
+        call = record.call
+        _, tracked = self._plan[call.module]
+        if call.kind == "attention":
+            uses = _attention_uses(call, tracked, record)
+        else:
+            grads = self._fallback_grads(call, record, list(tracked))
+            uses = [(k, grads[name], "func-fallback") for name, k in tracked.items()]
+        self._add_uses(call, uses)
 
     def _uses(self, call: _Call, g: Tensor) -> list[tuple[int, _ghost.Use, str | None]]:
         kind, tracked = self._plan[call.module]
@@ -495,9 +698,6 @@ class PerExampleNorms:
             weight, bias = _ghost.batch_norm_uses(module, x, g, call.bn_stats)
             label = "batchnorm-contribution" if call.bn_stats is None else "norm-affine"
             found = {"weight": (weight, label), "bias": (bias, label)}
-        else:
-            grads = self._fallback_grads(call, g, list(tracked))
-            found = {name: (grads[name], "func-fallback") for name in tracked}
         return [(k, *found[name]) for name, k in tracked.items() if name in found]
 
     @contextlib.contextmanager
@@ -508,29 +708,56 @@ class PerExampleNorms:
         finally:
             self._active = active
 
-    def _fallback_grads(self, call: _Call, g: Tensor, names: list[str]) -> dict[str, Tensor]:
-        """Per-example gradients of <module(x_i), g_i> by torch.func (functional_call + vmap(grad))."""
+    def _fallback_grads(self, call: _Call, record: _Deferred, names: list[str]) -> dict[str, Tensor]:
+        """Per-example gradients of sum_j <out_j(x_i), g_ij> over the output leaves j, by torch.func.
+
+        ``functional_call`` + ``vmap(grad)``; for RNN/GRU/LSTM, whose fused
+        kernels have no vmap rule, ``grad`` one example at a time.
+        """
         module, batch = call.module, call.batch
-        params = {name: getattr(module, name).detach() for name in names}
-        dims = lambda tree: tree_map(  # noqa: E731
-            lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch else None, tree
-        )
-        arg_dims, kwarg_dims = dims(call.args), dims(call.kwargs)
+        params = {name: module.get_parameter(name).detach() for name in names}
+        leaf_of = {slot: record.entries[slot] for slot in record.grads}
+        gs = {slot: g for slot, g in record.grads.items()}
+        g_dims = {slot: call.out_dims[leaf_of[slot]] for slot in gs}
 
-        def contribution(p, args, kwargs, g_i):
-            args = tree_map(_unsqueeze_batched, args, arg_dims)
-            kwargs = tree_map(_unsqueeze_batched, kwargs, kwarg_dims)
-            out = functional_call(module, p, args, kwargs)
-            return (out * g_i.unsqueeze(0)).sum()
+        def contribution(p, args, kwargs, gs):  # every batched tensor with an example dimension of size 1
+            leaves = tree_flatten(functional_call(module, p, args, kwargs))[0]
+            return sum((leaves[leaf_of[slot]] * g).sum() for slot, g in gs.items())
 
-        with self._paused(), torch.enable_grad():
-            return vmap(grad(contribution), in_dims=(None, arg_dims, kwarg_dims, 0))(
-                params, call.args, call.kwargs, g
-            )
+        def one_example(p, args, kwargs, gs):  # under vmap: the example dimensions are gone
+            args = tree_map(_unsqueeze_batched, args, call.arg_dims)
+            kwargs = tree_map(_unsqueeze_batched, kwargs, call.kwarg_dims)
+            return contribution(p, args, kwargs, {slot: g.unsqueeze(g_dims[slot]) for slot, g in gs.items()})
+
+        try:
+            with self._paused(), torch.enable_grad():
+                if call.kind != "rnn":
+                    return vmap(grad(one_example), in_dims=(None, call.arg_dims, call.kwarg_dims, g_dims))(
+                        params, call.args, call.kwargs, gs
+                    )
+                per_example = [
+                    grad(contribution)(
+                        params,
+                        tree_map(functools.partial(_narrow, i), call.args, call.arg_dims),
+                        tree_map(functools.partial(_narrow, i), call.kwargs, call.kwarg_dims),
+                        {slot: g.narrow(g_dims[slot], i, 1) for slot, g in gs.items()},
+                    )
+                    for i in range(batch)
+                ]
+                return {name: torch.stack([grads[name] for grads in per_example]) for name in names}
+        except Exception as error:  # name the module: torch.func's messages do not
+            raise RuntimeError(
+                f"{self._describe(module)}: its per-example gradients by torch.func failed (the fallback "
+                f"needs a deterministic module: no dropout in train mode): {error}"
+            ) from error
 
     def _finalize(self) -> None:
         """End of a backward pass: combine each parameter's uses and accumulate."""
         self._queued = False
+        deferred, self._deferred = self._deferred, []
+        for record in deferred:  # some of their tensors got no gradient: those add 0
+            if not record.done:
+                self._complete(record)
         pending, self._pending = self._pending, {}
         seen, self._seen = self._seen, set()
         reached = set()
@@ -560,7 +787,7 @@ class PerExampleNorms:
             names = ", ".join(repr(self._names[k]) for k in sorted(missing))
             raise RuntimeError(
                 f"parameters {names} received gradients without a call of a hooked module "
-                "(used functionally, e.g. F.linear(x, emb.weight) or nn.MultiheadAttention); "
+                "(used functionally, e.g. F.linear(x, emb.weight)); "
                 "use them through modules so their per-example norms can be formed"
             )
         if pending:  # (a flushed backward's own end-of-backward callback finds nothing)
@@ -609,6 +836,138 @@ class _WeightGradientTap(torch.autograd.Function):
             term = (g.detach().reshape(-1, g.shape[-1]) @ weight).reshape(x.shape)
             grad_x = term - term.detach()
         return g, grad_weight, grad_x, None, None
+
+
+class _AttentionTap(TorchFunctionMode):
+    """Sees the projections inside one ``nn.MultiheadAttention`` call.
+
+    ``F.multi_head_attention_forward`` forms q, k, v = x W^T + b from rows of
+    ``in_proj_weight`` (or ``q/k/v_proj_weight``) and the output o W_o^T + b_o,
+    each with ``F.linear``. A linear map's per-example weight gradient is
+    G_i^T X_i, as for a Linear layer, so hooking each ``F.linear`` output
+    whose weight is (a block of rows of) a tracked parameter gives exact
+    per-example norms, whatever dropout does between the projections.
+    ``bias_k``/``bias_v`` reach the keys through ``repeat``, one copy per
+    example. ``redispatch_function`` keeps this mode active inside the
+    functional (a mode otherwise sees only the functional's own call).
+    """
+
+    def __init__(self, norms: PerExampleNorms, record: _Deferred):
+        super().__init__()
+        self.norms, self.record = norms, record
+        module = record.call.module
+        _, tracked = norms._plan[module]
+        self.params = {name: module.get_parameter(name) for name in tracked}
+        self.params = {name: p for name, p in self.params.items() if p.requires_grad}
+        self.inside = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward and not self.inside:
+            query = args[0] if args else kwargs["query"]
+            if query.dim() != 3:
+                raise ValueError(
+                    f"{self.norms._describe(self.record.call.module)}: per-example norms need a batched (3-d) input"
+                )
+            self.record.call.batch = query.shape[1]  # the functional's layout: (L, B, E)
+            self.inside = True
+            with self:
+                return _REDISPATCH(func, types, args, kwargs)
+        out = func(*args, **kwargs)
+        if self.inside and isinstance(out, Tensor) and out.requires_grad:
+            if func is F.linear:
+                self._linear(out, *args, **kwargs)
+            elif func is Tensor.repeat and any(args[0] is p for p in self.params.values()):
+                self._hook(out, (None, self._block(args[0]), None))
+        return out
+
+    def _linear(self, out: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> None:
+        entry = (input.detach(), self._block(weight), None if bias is None else self._block(bias))
+        if entry[1] is not None or entry[2] is not None:
+            self._hook(out, entry)
+
+    def _hook(self, out: Tensor, entry: tuple) -> None:
+        slot = len(self.record.entries)
+        self.record.entries.append(entry)
+        out.register_hook(functools.partial(self.norms._on_deferred_grad, self.record, slot))
+
+    def _block(self, t: Tensor) -> tuple[str, int] | None:
+        """(name, first row) of the tracked parameter of which ``t`` is a block of whole rows; None if untracked."""
+        for name, p in self.params.items():
+            if t is p:
+                return name, 0
+            if t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+                continue
+            offset = t.storage_offset() - p.storage_offset()
+            if t.shape[1:] == p.shape[1:] and t.stride() == p.stride() and offset % p.stride(0) == 0:
+                return name, offset // p.stride(0)
+            raise RuntimeError(
+                f"{self.norms._describe(self.record.call.module)}: {name} is used in a way the attention "
+                "rule does not know (not a block of its rows)"
+            )
+        return None
+
+
+def _attention_uses(call: _Call, tracked: dict[str, int], record: _Deferred) -> list:
+    """Per-example uses of an attention call's parameters from its projections' inputs and output gradients.
+
+    Projection j uses rows r_j .. r_j + m_j of a weight: its per-example
+    gradient is G_ij^T X_ij in those rows. All of a weight's projections are
+    one factored gradient L_i^T R_i with L_i the G_ij placed in their rows
+    (zeros elsewhere) and stacked along positions, R_i the X_ij stacked
+    likewise: exact, with no cross terms to add.
+    """
+    module, batch = call.module, call.batch
+    weights: dict[str, list] = defaultdict(list)
+    biases: dict[str, Tensor] = {}
+    for slot, g in record.grads.items():
+        x, weight, bias = record.entries[slot]
+        if x is None:  # bias_k / bias_v repeated to (1, B, E): example i's copy is column i
+            name = weight[0]
+            biases[name] = g.transpose(0, 1).reshape(batch, *module.get_parameter(name).shape)
+            continue
+        dtype = _ghost._compute_dtype(x, g)
+        g, x = _examples_first(g, batch).to(dtype), _examples_first(x, batch).to(dtype)
+        if weight is not None:
+            weights[weight[0]].append((g, x, weight[1]))
+        if bias is not None:
+            name, row = bias
+            if name not in biases:
+                biases[name] = g.new_zeros(batch, module.get_parameter(name).shape[0])
+            biases[name][:, row : row + g.shape[-1]] += g.sum(1)
+    uses = []
+    for name, parts in weights.items():
+        rows = module.get_parameter(name).shape[0]
+        left = torch.cat([F.pad(g, (row, rows - row - g.shape[-1])) for g, _, row in parts], 1)
+        right = torch.cat([x for _, x, _ in parts], 1)
+        uses.append((tracked[name], _ghost.Factored(left=left, right=right, m=rows), None))
+    uses += [(tracked[name], value, "direct") for name, value in biases.items()]
+    return uses
+
+
+def _examples_first(t: Tensor, batch: int) -> Tensor:
+    """(L, B, n), or (L * B, n) with rows position-major (the output projection's input), to (B, L, n)."""
+    if t.dim() == 2:
+        t = t.reshape(-1, batch, t.shape[-1])
+    return t.transpose(0, 1)
+
+
+def _sequence_first_layers(model: nn.Module) -> set[nn.Module]:
+    """The Linear and LayerNorm children of ``batch_first=False`` transformer layers: their example dimension is 1.
+
+    ``nn.TransformerEncoderLayer``/``DecoderLayer`` (and the final norm of
+    ``nn.TransformerEncoder``/``Decoder``) apply them to (L, B, E) tensors.
+    """
+    found = set()
+    for module in model.modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            if not module.self_attn.batch_first:
+                found.update(c for n, c in module.named_children() if n.startswith(("linear", "norm")))
+        elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and module.norm is not None:
+            attention = getattr(module.layers[0], "self_attn", None) if len(module.layers) else None
+            if isinstance(attention, nn.MultiheadAttention) and not attention.batch_first:
+                found.add(module.norm)
+    return found
 
 
 def _refuse_train_batchnorm(module: nn.Module, name: str = "") -> None:
@@ -660,7 +1019,12 @@ def _detach(t):
 
 
 def _unsqueeze_batched(t, dim):
-    return t.unsqueeze(0) if dim == 0 else t
+    return t if dim is None else t.unsqueeze(dim)
+
+
+def _narrow(i: int, t, dim):
+    """Example ``i`` of a batched tensor, keeping its example dimension."""
+    return t if dim is None else t.narrow(dim, i, 1)
 
 
 def _is_reshape_of_base(view: Tensor) -> bool:
