@@ -7,6 +7,7 @@ Scaling rules and warm-up: :func:`linear_scaling`, :func:`sqrt_scaling`,
 Parameter groups with the two exclusion masks (weight decay, adaptation):
 :func:`param_groups`, :func:`plan_param_groups`.
 Gradient statistics: :class:`GradientStatistics`.
+Batch-size advice for your own model: :func:`advise` (the gradient noise scale).
 """
 
 from .optim import CLARS, LAMB, LARS, LENA, AdaScale, ProgressLR
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaScale",
+    "advise",
     "CLARS",
     "LAMB",
     "LENA",
@@ -33,3 +35,12 @@ __all__ = [
     "sqrt_scaling",
     "warmup_then",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: largebatch.train imports this package's version.
+    if name == "advise":
+        from .train.advise import advise
+
+        return advise
+    raise AttributeError(f"module 'largebatch' has no attribute {name!r}")

@@ -13,11 +13,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
 from .data import DATASETS, DatasetNotFoundError, IdxFormatError
 from .models import MODELS
+
+# Kept in step with largebatch.train.config (not imported: `largebatch --help` stays free of torch).
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_CHECKPOINT_EVERY = 100
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +70,8 @@ def _config_from(args: argparse.Namespace, **overrides):
         dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
         val_size=args.val_size, warmup_fraction=args.warmup_fraction, warmup=args.warmup,
         decay_to=None if args.decay == "none" else args.decay_to, eval_every=args.eval_every,
-        layer_every=args.layer_every, progress=not args.no_progress,
+        layer_every=args.layer_every, progress=not args.no_progress, device=args.device,
+        precision=args.precision, threads=args.threads,
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -85,12 +92,15 @@ def _train(args: argparse.Namespace) -> int:
     config = _config_from(
         args, method=args.method, batch=args.batch, lr=args.lr, seed=args.seed, run_dir=args.run_dir,
         dataset=_dataset_name(args), checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
-        resume=args.resume, tensorboard=args.tensorboard,
+        resume=args.resume, overwrite=args.overwrite, tensorboard=args.tensorboard,
     )
     summary = train(config)
-    if summary is not None and _is_main_process():
-        print(f"{config.method} batch {config.batch}: test accuracy {100 * summary['final_test_accuracy']:.2f}% "
-              f"after {summary['steps']} steps ({summary['train_seconds']:.1f} s training); run in {config.run_dir}")
+    if summary is None or not _is_main_process():
+        return 0  # stopped by --max-steps: the runner said where
+    if summary.get("diverged_at_step") is not None:
+        return 1  # the runner said at which step
+    print(f"{config.method} batch {config.batch}: test accuracy {100 * summary['final_test_accuracy']:.2f}% "
+          f"after {summary['steps']} steps ({summary['train_seconds']:.1f} s training); run in {config.run_dir}")
     return 0
 
 
@@ -139,7 +149,8 @@ def _study(args: argparse.Namespace) -> int:
     from .train.study import StudySpec, collect, estimate, run_study
 
     spec = StudySpec.load(args.spec, args.preset, run_dir=args.run_dir, artifacts=args.artifacts, out=args.out,
-                          progress=True if args.progress else None)
+                          progress=True if args.progress else None, device=args.device, precision=args.precision,
+                          threads=args.threads)
     if args.report_only:
         from .report.study import write_study_report
 
@@ -156,14 +167,14 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from .train.advise import AdviseConfig, advise, format_advice
+    from .train.advise import AdviseConfig, advise_run, format_advice
 
     config = AdviseConfig(
         model=args.model, batch=args.batch, micro_batch=args.micro_batch, steps=args.steps, lr=args.lr,
         seed=args.seed, dataset=_dataset_name(args), data_dir=args.data_dir, train_limit=args.train_limit,
-        run_dir=args.run_dir,
+        run_dir=args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
     )
-    print(format_advice(advise(config)))
+    print(format_advice(advise_run(config)))
     return 0
 
 
@@ -217,9 +228,20 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay", choices=("exp", "none"), default="exp", help="decay schedule after warm-up")
     p.add_argument("--decay-to", type=float, default=0.01, help="exponential decay to this fraction of the peak")
     p.add_argument("--eval-every", type=int, default=0, help="also check test accuracy every k steps")
-    p.add_argument("--layer-every", type=int, default=10, help="per-layer statistics every k steps")
+    p.add_argument("--layer-every", type=int, default=None,
+                   help="per-layer statistics every k steps (default 10, every step in runs of under 2,000 steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_machine_arguments(p)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32; bf16: bfloat16 autocast; fp16: float16 autocast with a GradScaler")
     _add_data_arguments(p)
+
+
+def _add_machine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (under torchrun: each rank's local GPU) or cuda:N (default: a GPU if there is one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: the cores available, shared by a machine's ranks)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="base rate at --base-batch (default: the method's)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--run-dir", required=True)
-    train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every k steps (0: at the end)")
+    train.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                       help=f"checkpoint every k steps (default {DEFAULT_CHECKPOINT_EVERY}; 0: only at the end); "
+                       "also at the current step on Ctrl-C (SIGINT) or SIGTERM")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     _add_run_arguments(train)
     train.set_defaults(func=_train)
@@ -279,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--collect-only", action="store_true", help="rewrite summaries.json from the run directories")
     study.add_argument("--commit", action="store_true", help="git-commit the summaries after each phase")
     study.add_argument("--progress", action="store_true", help="a progress bar per run")
+    _add_machine_arguments(study)
+    study.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="fp32, bf16 or fp16 (default: the specification's, else fp32)")
     study.set_defaults(func=_study)
 
     advise = sub.add_parser("advise", help="measure the gradient noise scale and say which batch sizes pay")
@@ -288,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--steps", type=int, default=30, help="training steps to measure over")
     advise.add_argument("--lr", type=float, default=0.05, help="momentum-SGD rate during the measurement")
     advise.add_argument("--seed", type=int, default=0)
+    advise.add_argument("--checkpoint", default=None,
+                        help="a run directory or its checkpoint.pt: measure that model at that point of its "
+                        "training (model and data from the run; --steps batches, no updates)")
     advise.add_argument("--run-dir", default=None, help="also write advice.json here")
+    _add_machine_arguments(advise)
     _add_data_arguments(advise)
     advise.set_defaults(func=_advise)
 
@@ -321,14 +353,62 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    made = _new_directory(getattr(args, "run_dir", None))
+    code = 1
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `largebatch advise | head`: the reader has gone; the rest of the output is not wanted.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+        return code
+    finally:
+        if code != 0 and made is not None:
+            _remove_if_empty(made)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .train.runner import Interrupted
+
     try:
         return args.func(args)
     except (DatasetNotFoundError, IdxFormatError, ValueError) as e:
         print(f"largebatch: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"largebatch: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("largebatch: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+
+
+def _new_directory(path: str | None) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None: it all exists)."""
+    if not path:
+        return None
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_if_empty(top: Path) -> None:
+    """Remove ``top`` if it holds nothing but empty directories (what a failed command made)."""
+    if not top.is_dir():
+        return
+    for directory, subdirs, files in os.walk(top, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 if __name__ == "__main__":

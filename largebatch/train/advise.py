@@ -12,20 +12,35 @@ The paper's model of the trade-off, with S steps and E examples to a given
 loss: S = S_min (1 + B_noise / B), E = E_min (1 + B / B_noise). Below about
 B_noise / 2 a doubled batch still nearly halves the steps; beyond 2 B_noise
 it buys little and costs nearly twice the examples.
+
+Two ways in:
+
+- :func:`advise` measures the caller's own model, loss and batches at its
+  current parameters (no update is made; buffers such as BatchNorm's running
+  statistics and ``p.grad`` are left as they were): what batch sizes pay at
+  this point of training.
+- :func:`advise_run` (``largebatch advise``) measures a built-in model either
+  over a short momentum-SGD run from scratch, or, with ``checkpoint``, at the
+  checkpoint of a ``largebatch train`` run, on that run's model and data.
+
+The noise scale grows as the loss falls, so advice taken early in training
+understates the batch that pays later.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..data import load_dataset
 from ..models import MODELS, build_model
 from .loop import accumulate_gradients, batch_indices, epoch_permutation
-from .metrics import write_json
+from .metrics import CONFIG, read_json, write_json
 from .runner import prepare_run_dir
 
 PAYS, DIMINISHING, DOES_NOT_PAY = "pays (near-linear speed-up)", "diminishing returns", "does not pay"
@@ -43,8 +58,13 @@ class AdviseConfig:
     data_dir: str | None = None
     train_limit: int | None = None
     run_dir: str | None = None
+    checkpoint: str | None = None  # a run directory or its checkpoint.pt: measure that model, no updates
+    device: str | None = None
+    threads: int | None = None
 
     def validate(self) -> None:
+        from .config import check_device
+
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.micro_batch < 1 or self.batch % self.micro_batch or self.batch // self.micro_batch < 2:
@@ -54,16 +74,28 @@ class AdviseConfig:
             )
         if self.steps < 1:
             raise ValueError(f"--steps must be a positive integer, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ValueError(f"--train-limit must be a positive integer, got {self.train_limit}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {self.threads}")
+        check_device(self.device)
 
 
 @dataclass
 class Advice:
-    config: AdviseConfig
     noise_scale: float  # model-level B_noise in examples (inf: the gradient is not resolved)
     layer_noise_scales: dict[str, float]
-    trace_sigma: float
-    grad_sq_norm: float
-    batches: list[dict]
+    trace_sigma: float  # per-example tr(Sigma), averaged over the measured batches
+    grad_sq_norm: float  # |G|^2, averaged likewise
+    batches: list[dict]  # the trade-off at powers of two
+    largest_paying_batch: int | None  # the largest power of two <= B_noise / 2 (None: not even 1; inf noise: none)
+    batch: int  # examples per measured batch
+    micro_batch: int  # examples per gradient sample
+    measured_batches: int
+    measured: str  # what was measured, in words
+    settings: dict = field(default_factory=dict)
 
 
 def verdict(batch: float, noise_scale: float) -> str:
@@ -85,57 +117,199 @@ def tradeoff(batch: int, noise_scale: float) -> dict:
     }
 
 
+def largest_paying(noise_scale: float) -> int | None:
+    """The largest power-of-two batch up to B_noise / 2 (None when B_noise / 2 < 1 or B_noise is not finite)."""
+    if not math.isfinite(noise_scale) or noise_scale / 2 < 1:
+        return None
+    return 2 ** int(math.floor(math.log2(noise_scale / 2)))
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     # |G|^2 <= 0: the mean gradient is not resolved from the noise; no batch is too large yet.
     return numerator / denominator if denominator > 0 else math.inf
 
 
-def measure(config: AdviseConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Per-layer tr(Sigma) (per example) and |G|^2, each averaged over the steps."""
-    from ..stats import GradientStatistics
+class _Accumulator:
+    """Per-layer tr(Sigma) (per example) and |G|^2 summed over steps, from GradientStatistics summaries."""
 
+    def __init__(self, model: nn.Module):
+        from ..stats import GradientStatistics
+
+        self.stats = GradientStatistics(model)
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.trace = torch.zeros(len(self.names), dtype=torch.float64)
+        self.grad_sq = torch.zeros(len(self.names), dtype=torch.float64)
+        self.steps = 0
+
+    def add(self) -> None:
+        summary = self.stats.summary()
+        self.trace += (summary.variance() * summary.examples_per_sample).double().cpu()
+        self.grad_sq += summary.true_grad_sq_norm().double().cpu()
+        self.stats.reset()
+        self.steps += 1
+
+    def close(self) -> None:
+        self.stats.remove()
+
+    def advice(self, batch: int, micro_batch: int, measured: str, settings: dict | None = None) -> Advice:
+        if not self.steps:
+            raise ValueError("no batch was measured (the batches were empty)")
+        trace, grad_sq = self.trace / self.steps, self.grad_sq / self.steps
+        noise = _ratio(float(trace.sum()), float(grad_sq.sum()))
+        layers = {name: _ratio(float(t), float(g)) for name, t, g in zip(self.names, trace, grad_sq)}
+        pays = largest_paying(noise)
+        low = min(32, pays or 1)
+        top = max(4 * batch, 2 * noise if math.isfinite(noise) else 0, 4096)
+        candidates = [2**k for k in range(int(math.log2(low)), int(math.log2(top)) + 2)]
+        return Advice(noise, layers, float(trace.sum()), float(grad_sq.sum()),
+                      [tradeoff(b, noise) for b in candidates], pays, batch, micro_batch, self.steps, measured,
+                      settings or {})
+
+
+def advise(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    micro_batch: int,
+    max_batches: int | None = None,
+) -> Advice:
+    """Which batch sizes pay for ``model`` at its current parameters.
+
+    Args:
+        model: the model, at the point of training to advise on (its mode is
+            kept: train mode measures the gradients training uses).
+        loss_fn: ``loss_fn(model(inputs), targets)``, the mean loss of a micro-batch.
+        batches: ``(inputs, targets)`` pairs, on the model's device; each is
+            split into micro-batches of ``micro_batch`` examples along dim 0,
+            and needs at least two of them. Use a few batches of at least
+            1,000 examples for a stable estimate; the estimate averages
+            tr(Sigma) and |G|^2 over them before dividing.
+        micro_batch: examples per gradient sample.
+        max_batches: stop after this many batches.
+
+    No update is made: the parameters, ``p.grad`` and the buffers (BatchNorm
+    running statistics) are as before the call.
+    """
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch}")
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    grads = {p: p.grad for p in model.parameters()}
+    accumulator = _Accumulator(model)
+    size = None
+    try:
+        for i, (inputs, targets) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            size = len(inputs)
+            if size < 2 * micro_batch:
+                raise ValueError(f"a batch of {size} examples gives fewer than 2 micro-batches of {micro_batch}: "
+                                 "the noise scale needs two or more gradient samples")
+            for p in grads:
+                p.grad = None
+            accumulate_gradients(model, inputs, targets, micro_batch, loss_fn=loss_fn)
+            accumulator.add()
+    finally:
+        accumulator.close()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+        for p, g in grads.items():
+            p.grad = g
+    return accumulator.advice(size or 0, micro_batch,
+                              f"at the model's current parameters, over {accumulator.steps} batch(es) of {size}")
+
+
+def advise_run(config: AdviseConfig) -> Advice:
+    """``largebatch advise``: a built-in model from scratch, or a run's checkpoint."""
+    config.validate()
+    from .runner import run_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(run_threads(config.threads))
+    try:
+        if config.run_dir is not None:
+            prepare_run_dir(config.run_dir, 0)
+        advice = _from_checkpoint(config) if config.checkpoint else _from_scratch(config)
+    finally:
+        torch.set_num_threads(previous)
+    if config.run_dir is not None:
+        write_json(Path(config.run_dir) / "advice.json", asdict(advice))
+    return advice
+
+
+def _device(config: AdviseConfig) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _from_scratch(config: AdviseConfig) -> Advice:
+    """Per-layer statistics over a short momentum-SGD run from initialisation, averaged over its steps."""
     data = load_dataset(config.dataset, data_dir=config.data_dir, train_limit=config.train_limit)
     if len(data.train) < config.batch:
         raise ValueError(f"--batch {config.batch} is larger than the training set ({len(data.train)} images)")
+    device = _device(config)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.num_classes, data.image_shape[0], data.image_shape[-1])
+    model = build_model(config.model, data.num_classes, data.image_shape[0], data.image_shape[-1]).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
-    stats = GradientStatistics(model)
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    trace = torch.zeros(len(names), dtype=torch.float64)
-    grad_sq = torch.zeros(len(names), dtype=torch.float64)
+    accumulator = _Accumulator(model)
     step, epoch = 0, 0
-    while step < config.steps:
-        order = epoch_permutation(len(data.train), config.seed, epoch)
-        for indices in batch_indices(order, config.batch):
-            optimizer.zero_grad(set_to_none=True)
-            accumulate_gradients(model, data.train.images[indices], data.train.labels[indices], config.micro_batch)
-            summary = stats.summary()
-            trace += (summary.variance() * summary.examples_per_sample).double()
-            grad_sq += summary.true_grad_sq_norm().double()
-            optimizer.step()
-            stats.reset()
-            step += 1
-            if step == config.steps:
-                break
-        epoch += 1
-    stats.remove()
-    return trace / step, grad_sq / step, names
+    try:
+        while step < config.steps:
+            order = epoch_permutation(len(data.train), config.seed, epoch)
+            for indices in batch_indices(order, config.batch):
+                optimizer.zero_grad(set_to_none=True)
+                accumulate_gradients(model, data.train.images[indices].to(device),
+                                     data.train.labels[indices].to(device), config.micro_batch)
+                accumulator.add()
+                optimizer.step()
+                step += 1
+                if step == config.steps:
+                    break
+            epoch += 1
+    finally:
+        accumulator.close()
+    measured = (f"{config.model} on {config.dataset}, over the first {config.steps} steps of momentum SGD "
+                f"(rate {config.lr:g}) from initialisation")
+    return accumulator.advice(config.batch, config.micro_batch, measured, asdict(config))
 
 
-def advise(config: AdviseConfig) -> Advice:
-    config.validate()
-    if config.run_dir is not None:
-        prepare_run_dir(config.run_dir, 0)
-    trace, grad_sq, names = measure(config)
-    noise = _ratio(float(trace.sum()), float(grad_sq.sum()))
-    layers = {name: _ratio(float(t), float(g)) for name, t, g in zip(names, trace, grad_sq)}
-    top = max(4 * config.batch, 2 * noise if math.isfinite(noise) else 0, 4096)
-    candidates = [2**k for k in range(5, int(math.log2(top)) + 2)]
-    advice = Advice(config, noise, layers, float(trace.sum()), float(grad_sq.sum()),
-                    [tradeoff(b, noise) for b in candidates])
-    if config.run_dir is not None:
-        write_json(Path(config.run_dir) / "advice.json", asdict(advice))
+def _from_checkpoint(config: AdviseConfig) -> Advice:
+    """The run's model at its checkpoint, on the run's training data, over ``steps`` batches; no updates."""
+    from . import checkpoint as ckpt
+    from .runner import load_data, make_model
+    from .config import TrainConfig
+
+    path = Path(config.checkpoint)
+    if path.is_dir():
+        path = ckpt.checkpoint_path(path)
+    if not path.exists():
+        raise ValueError(f"--checkpoint {config.checkpoint}: no {path.name} there")
+    if not (path.parent / CONFIG).exists():
+        raise ValueError(f"--checkpoint {config.checkpoint}: no {CONFIG} beside it (not a largebatch run)")
+    run = read_json(path.parent / CONFIG)["config"]
+    payload = ckpt.load(path)
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    train_config = TrainConfig(**{k: v for k, v in run.items() if k in known})
+    data = load_data(train_config)
+    if len(data.train) < config.batch:
+        raise ValueError(f"--batch {config.batch} is larger than the run's training set ({len(data.train)} images)")
+    device = _device(config)
+    model = make_model(train_config, data, device)
+    model.load_state_dict(payload["model"])
+    model.train()
+    step = payload["position"]["step"]
+    order = epoch_permutation(len(data.train), config.seed, 0)
+    batches = ((data.train.images[i].to(device), data.train.labels[i].to(device))
+               for i in batch_indices(order, config.batch))
+    advice = advise(model, nn.functional.cross_entropy, batches, micro_batch=config.micro_batch,
+                    max_batches=config.steps)
+    advice.measured = (f"{train_config.model} on {train_config.dataset} at step {step} of the run in {path.parent} "
+                       f"({train_config.method}, batch {train_config.batch}), over {advice.measured_batches} "
+                       "batch(es), no updates")
+    advice.settings = {**asdict(config), "run": run, "step": step}
     return advice
 
 
@@ -143,11 +317,26 @@ def _examples(value: float) -> str:
     return "unresolved (noise dominates: larger batches still pay)" if math.isinf(value) else f"{value:,.0f}"
 
 
+def conclusion(noise_scale: float) -> str:
+    """What the noise scale says about batch sizes, in one or two sentences; never "up to about none"."""
+    if math.isinf(noise_scale):
+        return ("The mean gradient is not resolved from the noise (|G|^2 estimated <= 0): every batch in the "
+                "table still pays at this point of training; measure over more steps for a bound.")
+    if math.isnan(noise_scale):
+        return "The noise scale could not be estimated (no finite statistics)."
+    pays = largest_paying(noise_scale)
+    critical = (f"around {noise_scale:,.0f} (the critical batch) returns diminish; beyond {2 * noise_scale:,.0f} "
+                "a larger batch buys little.")
+    if pays is None:
+        return (f"At this point of training no batch larger than 1 pays (B_noise = {noise_scale:.2g} examples): "
+                + critical)
+    return f"At this point of training, batches up to about {pays:,} still pay; {critical}"
+
+
 def format_advice(advice: Advice) -> str:
-    c = advice.config
     lines = [
-        f"Gradient noise scale (McCandlish et al. 2018) of {c.model} on {c.dataset}, measured over {c.steps} "
-        f"steps at batch {c.batch} ({c.batch // c.micro_batch} micro-batches of {c.micro_batch}):",
+        f"Gradient noise scale (McCandlish et al. 2018) of {advice.measured}, at batch {advice.batch} "
+        f"({advice.batch // max(1, advice.micro_batch)} micro-batches of {advice.micro_batch}):",
         f"  model: B_noise = tr(Sigma)/|G|^2 = {_examples(advice.noise_scale)} examples",
         "",
         f"  {'batch':>7}  {'steps / S_min':>13}  {'examples / E_min':>16}  verdict",
@@ -158,12 +347,9 @@ def format_advice(advice: Advice) -> str:
     lines += ["", "  per layer (a layer is one parameter tensor): B_noise, and the largest power-of-two batch "
               "that still pays"]
     for name, value in advice.layer_noise_scales.items():
-        pays = max((r["batch"] for r in advice.batches if verdict(r["batch"], value) == PAYS), default=None)
-        lines.append(f"  {name:<28} {_examples(value):>12}   {'below 32' if pays is None else pays}")
-    if math.isfinite(advice.noise_scale):
-        best = max((r["batch"] for r in advice.batches if r["verdict"] == PAYS), default=None)
-        lines += ["", f"Batches up to about {best or 'none of the listed'} still pay; around "
-                  f"{advice.noise_scale:,.0f} (the critical batch) returns diminish; beyond "
-                  f"{2 * advice.noise_scale:,.0f} a larger batch buys little. The noise scale grows as "
-                  "training proceeds: measure again later in training."]
+        pays = largest_paying(value)
+        text = "any" if math.isinf(value) else "none above 1" if pays is None else f"{pays:,}"
+        lines.append(f"  {name:<28} {_examples(value):>12}   {text}")
+    lines += ["", conclusion(advice.noise_scale) + " The noise scale grows as training proceeds: measure again "
+              "later in training (largebatch advise --checkpoint RUN_DIR)."]
     return "\n".join(lines)

@@ -68,11 +68,13 @@ def save_atomic(payload: dict, path: Path) -> None:
         raise
 
 
-def make_payload(model, optimizer, scheduler, position: Position, rng_states: list, identity: dict) -> dict:
+def make_payload(model, optimizer, scheduler, position: Position, rng_states: list, identity: dict,
+                 scaler=None) -> dict:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "position": asdict(position),
         "rng_states": rng_states,
         "run": identity,
@@ -80,23 +82,42 @@ def make_payload(model, optimizer, scheduler, position: Position, rng_states: li
     }
 
 
+REQUIRED = ("model", "optimizer", "scheduler", "position", "rng_states", "run")
+
+
+class CheckpointError(ValueError):
+    """A file named checkpoint.pt that is not a complete checkpoint of a run."""
+
+
 def load(path: Path) -> dict:
-    # Our own files: they hold numpy RNG states and plain Python objects.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint at ``path``; CheckpointError (one line) if it is empty, cut short or not ours."""
+    try:
+        # Our own files: they hold numpy RNG states and plain Python objects.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many kinds (pickle, zip, EOF, runtime) for a damaged file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(".")
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(f"{path} is not a readable checkpoint ({size} bytes; {reason[:120]})") from None
+    missing = [k for k in REQUIRED if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of a largebatch run (no {', '.join(missing)})")
+    return payload
 
 
-def restore(payload: dict, model, optimizer, scheduler, rank: int) -> Position:
+def restore(payload: dict, model, optimizer, scheduler, rank: int, scaler=None) -> Position:
     """Load the states into the live objects; returns the position to continue from."""
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler") is not None:
+        scaler.load_state_dict(payload["scaler"])
     states = payload["rng_states"]
     set_rng_state(states[rank] if rank < len(states) else states[0])
     return Position(**payload["position"])
 
 
-def differences(saved: dict, current: dict) -> list[str]:
-    """The settings in which a resumed run differs from the checkpointed one."""
-    keys = sorted(set(saved) | set(current))
+def differences(saved: dict, current: dict, ignored: tuple[str, ...] = ()) -> list[str]:
+    """The settings in which a resumed run differs from the checkpointed one (``ignored``: never compared)."""
+    keys = sorted((set(saved) | set(current)) - set(ignored))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -8,6 +8,8 @@ same one.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 
 from ..data import DATASETS
@@ -15,7 +17,16 @@ from ..models import MODELS
 from .methods import DEFAULT_DECAY_TO, DEFAULT_WARMUP_FRACTION, WARMUP_MODES, get_method
 
 # Fields that may differ between a run and its resumption.
-NOT_PART_OF_THE_RUN = ("resume", "progress", "checkpoint_every", "tensorboard", "run_dir", "max_steps")
+# The device and thread count change the last bits of the arithmetic, not what the run is (a run may be
+# resumed on another machine); layer_every only what is logged.
+NOT_PART_OF_THE_RUN = ("resume", "overwrite", "progress", "checkpoint_every", "tensorboard", "run_dir", "max_steps",
+                       "device", "threads", "layer_every")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_CHECKPOINT_EVERY = 100
+# Per-layer records: every layer_every steps, or with layer_every None at least this many per run (every step
+# when the run has fewer updates), so short large-batch runs still give curves.
+LAYER_RECORDS_PER_RUN = 200
+DEFAULT_LAYER_EVERY = 10
 
 
 @dataclass
@@ -39,12 +50,22 @@ class TrainConfig:
     warmup: str = "default"  # none | fixed | state-aware | default (the method's own)
     decay_to: float | None = DEFAULT_DECAY_TO
     eval_every: int = 0  # also evaluate every k steps (0: once per epoch only)
-    layer_every: int = 10  # per-layer statistics every k steps
-    checkpoint_every: int = 0  # steps; 0: only at the end
-    max_steps: int | None = None  # stop early (for tests and interruption experiments)
+    layer_every: int | None = None  # per-layer statistics every k steps (None: see effective_layer_every)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast and GradScaler)
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # steps; 0: only at the end and when interrupted
+    max_steps: int | None = None  # stop after this many steps in all (resumable)
     resume: bool = False
+    overwrite: bool = False  # replace a run already in run_dir
     progress: bool = True
     tensorboard: bool = False
+    device: str | None = None  # cpu, cuda, cuda:N; None: the local GPU if there is one, else the CPU
+    threads: int | None = None  # torch threads per process; None: the cores available to it
+
+    def effective_layer_every(self, total_steps: int) -> int:
+        """layer_every, or by default every 10 steps but every step of a short run (at least 200 records)."""
+        if self.layer_every is not None:
+            return self.layer_every
+        return max(1, min(DEFAULT_LAYER_EVERY, total_steps // LAYER_RECORDS_PER_RUN))
 
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else get_method(self.method).default_base_lr
@@ -52,8 +73,11 @@ class TrainConfig:
     def run_identity(self) -> dict:
         """The fields a resumed run must share with the run it continues."""
         identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_PART_OF_THE_RUN}
+        # checkpoints written before these options existed still resume
         if identity["warmup"] == "default":
-            del identity["warmup"]  # checkpoints written before the option existed still resume
+            del identity["warmup"]
+        if identity["precision"] == "fp32":
+            del identity["precision"]
         return identity
 
     def validate(self, world_size: int = 1) -> None:
@@ -63,20 +87,27 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        for name in ("batch", "micro_batch", "epochs", "base_batch", "layer_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("batch", "micro_batch", "epochs", "base_batch", "layer_every", "max_steps", "train_limit",
+                     "test_limit", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        for name in ("eval_every", "checkpoint_every", "val_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: give one")
+        check_device(self.device)
         per_step = self.micro_batch * world_size
         if self.batch % per_step:
             raise ValueError(
                 f"--batch {self.batch} is not divisible by micro-batch x world size "
                 f"({self.micro_batch} x {world_size} = {per_step})"
             )
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
         if self.decay_to is not None and not 0 < self.decay_to <= 1:
             raise ValueError(f"--decay-to must be in (0, 1], got {self.decay_to}")
         if self.warmup not in WARMUP_MODES:
@@ -85,3 +116,33 @@ class TrainConfig:
             raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.train_limit is not None and self.train_limit < self.batch:
             raise ValueError(f"--train-limit {self.train_limit} is smaller than one batch ({self.batch})")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, in one line naming ``--device``."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if parsed.type == "cpu":
+        if parsed.index not in (None, 0):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+        return
+    if parsed.type != "cuda":
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

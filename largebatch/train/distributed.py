@@ -59,23 +59,28 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup() -> Context:
-    """Join the process group the environment describes, or run as a single process."""
-    use_cuda = torch.cuda.is_available()
+def setup(device: str | None = None) -> Context:
+    """Join the process group the environment describes, or run as a single process.
+
+    ``device``: ``cpu``, ``cuda`` (under a launcher: the GPU of the local
+    rank), ``cuda:N`` (one process only) or None (a GPU if there is one).
+    NCCL joins GPU ranks, gloo CPU ranks.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        return Context(rank, world, local_rank, _device(use_cuda, local_rank), owns_group=False)
+        return Context(rank, world, local_rank, _device(use_cuda, local_rank, device, world), owns_group=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Context(device=_device(use_cuda, 0))
+        chosen = _device(use_cuda, 0, device, 1)
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        return Context(device=chosen)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = _device(use_cuda, local_rank, device, world)
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-    else:
-        # Share the cores between the ranks on this machine instead of oversubscribing.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.cuda.set_device(chosen)
     timeout = _timeout()
     store = _store_for_this_start(rank, world, timeout)
     if store is None:
@@ -83,7 +88,12 @@ def setup() -> Context:
     else:
         dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timeout)
-    return Context(rank, world, local_rank, _device(use_cuda, local_rank), owns_group=True)
+    return Context(rank, world, local_rank, chosen, owns_group=True)
+
+
+def local_world_size() -> int:
+    """The processes a launcher started on this machine (1 without one)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def _timeout() -> timedelta | None:
@@ -186,8 +196,14 @@ def teardown(context: Context) -> None:
         dist.destroy_process_group()
 
 
-def _device(use_cuda: bool, local_rank: int) -> torch.device:
-    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+def _device(use_cuda: bool, local_rank: int, requested: str | None = None, world: int = 1) -> torch.device:
+    if not use_cuda:
+        return torch.device("cpu")
+    index = torch.device(requested).index if requested else None
+    if index is not None and world > 1:
+        raise ValueError(f"--device {requested}: with several ranks each takes the GPU of its local rank; "
+                         "use --device cuda")
+    return torch.device("cuda", local_rank if index is None else index)
 
 
 def rank_slice(indices: torch.Tensor, context: Context) -> torch.Tensor:

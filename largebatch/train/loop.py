@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -34,21 +34,46 @@ def accumulate_gradients(
     micro_batch_size: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
     no_sync: Callable[[], ContextManager] | None = None,
+    autocast: Callable[[], ContextManager] | None = None,
+    scaler: Any = None,
 ) -> torch.Tensor:
     """Backpropagate the mean loss of a global batch in micro-batches; returns the loss (0-d, on device).
 
     ``no_sync`` (e.g. DDP's ``model.no_sync``) wraps every micro-batch but the
     last, so data-parallel workers reduce their gradients once per step.
+    ``autocast`` (see :func:`precision_context`) wraps each forward and loss;
+    ``scaler`` (a ``torch.amp.GradScaler``) scales each backward. The loss
+    returned is unscaled, in float32.
     """
     chunks = list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
     total = torch.zeros((), device=images.device)
     for i, (x, y) in enumerate(chunks):
         last = i == len(chunks) - 1
         with contextlib.nullcontext() if no_sync is None or last else no_sync():
-            loss = loss_fn(model(x), y) * (len(y) / len(labels))
-            loss.backward()
-        total += loss.detach()
+            with contextlib.nullcontext() if autocast is None else autocast():
+                loss = loss_fn(model(x), y) * (len(y) / len(labels))
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        total += loss.detach().float()
     return total
+
+
+def precision_context(precision: str, device: torch.device) -> Callable[[], ContextManager] | None:
+    """A factory of autocast contexts for ``fp32`` (None), ``bf16`` or ``fp16``, on any device type."""
+    if precision == "fp32":
+        return None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device):
+    """A ``torch.amp.GradScaler`` for fp16 (the loss scale keeps small gradients from underflowing), else None."""
+    if precision != "fp16":
+        return None
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError, AttributeError) as e:
+        raise ValueError(f"--precision fp16 needs a GradScaler on {device.type}, which this torch lacks ({e}); "
+                         "use --precision bf16") from None
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -73,12 +98,16 @@ def batch_indices(order: torch.Tensor, batch_size: int, start_step: int = 0) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2048) -> float:
-    """Top-1 accuracy on a split (one host sync at the end)."""
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2048,
+             autocast: Callable[[], ContextManager] | None = None) -> float:
+    """Top-1 accuracy on a split, on the model's device (one host sync at the end)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.long)
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in zip(split.images.split(batch_size), split.labels.split(batch_size)):
-        correct += (model(x).argmax(1) == y).sum()
+        with contextlib.nullcontext() if autocast is None else autocast():
+            logits = model(x.to(device, non_blocking=True))
+        correct += (logits.argmax(1) == y.to(device, non_blocking=True)).sum()
     model.train(was_training)
     return correct.item() / len(split)

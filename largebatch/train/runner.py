@@ -13,11 +13,15 @@ it, and the resumed run rebuilds the permutation and skips those steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,9 +34,17 @@ from ..data import ImageDataset, load_dataset
 from ..models import build_model
 from . import checkpoint as ckpt
 from . import distributed
-from .config import TrainConfig
+from .config import NOT_PART_OF_THE_RUN, TrainConfig, available_cores
 from .distributed import Context
-from .loop import accumulate_gradients, batch_indices, epoch_permutation, epoch_seed, evaluate
+from .loop import (
+    accumulate_gradients,
+    batch_indices,
+    epoch_permutation,
+    epoch_seed,
+    evaluate,
+    grad_scaler,
+    precision_context,
+)
 from .methods import RunShape, build, get_method, peak_lr, warmup_steps
 from .metrics import (
     CONFIG,
@@ -43,6 +55,7 @@ from .metrics import (
     TensorBoard,
     layer_names,
     layer_record,
+    read_json,
     read_jsonl,
     tensorboard_installed,
     truncate_after,
@@ -52,22 +65,80 @@ from .metrics import (
 LAYER_DEFINITION = "one parameter tensor (keyed by its name in model.named_parameters())"
 CRASH_AT_STEP_ENV = "LARGEBATCH_TEST_CRASH_AT_STEP"  # fault injection for the resume tests
 CRASH_RANK_ENV = "LARGEBATCH_TEST_CRASH_RANK"
+SIGNAL_AT_STEP_ENV = "LARGEBATCH_TEST_SIGNAL_AT_STEP"  # "k" or "k:TERM": this process signals itself during step k
 
 
 class RunDirError(ValueError):
     """The run directory cannot be used."""
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step; its checkpoint at that step was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}; "
+                         "continue with --resume")
+
+
 def train(config: TrainConfig) -> dict | None:
-    """Run (or resume) one training run; returns its summary (None if stopped early)."""
+    """Run (or resume) one training run; returns its summary (None if ``max_steps`` stopped it first).
+
+    A diverged run (a non-finite loss) stops at that step; its summary has
+    ``diverged_at_step``. SIGINT or SIGTERM stop the run after the current
+    step, write a checkpoint at it and raise :class:`Interrupted`.
+    """
     config.validate(distributed.launched_world_size())
     if config.tensorboard and not tensorboard_installed():
         raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
-    context = distributed.setup()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(run_threads(config.threads))
     try:
-        return _train(config, context)
+        context = distributed.setup(config.device)
+        try:
+            return _train(config, context)
+        finally:
+            distributed.teardown(context)
     finally:
-        distributed.teardown(context)
+        torch.set_num_threads(threads)
+
+
+def run_threads(threads: int | None = None) -> int:
+    """torch threads per process: ``threads`` (--threads), else the cores available shared by this machine's ranks."""
+    if threads is not None:
+        return threads
+    import torch.distributed as dist
+
+    local = distributed.local_world_size()
+    if dist.is_available() and dist.is_initialized() and "LOCAL_WORLD_SIZE" not in os.environ:
+        local = dist.get_world_size()
+    return max(1, available_cores() // max(1, local))
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (None where the system does not tell)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def holds_a_run(run_dir: Path) -> str | None:
+    """What run ``run_dir`` holds, in a few words (None: nothing a new run would destroy)."""
+    if (run_dir / SUMMARY).exists():
+        try:
+            summary = read_json(run_dir / SUMMARY)
+            if summary.get("diverged_at_step") is not None:
+                return f"diverged at step {summary['diverged_at_step']}"
+            return f"finished after {summary['steps']} steps"
+        except (ValueError, KeyError, OSError):
+            return "finished"
+    logged = [r["step"] for r in read_jsonl(run_dir / METRICS) if "step" in r]
+    if ckpt.checkpoint_path(run_dir).exists():
+        return "a checkpoint" + (f", logged up to step {max(logged)}" if logged else "")
+    if logged:
+        return f"logs up to step {max(logged)}"
+    return None
 
 
 def prepare_run_dir(path: str | Path, rank: int) -> Path:
@@ -123,9 +194,17 @@ class _Run:
         self.model = make_model(config, self.data, context.device)
         self.wrapped = self._wrap(self.model)
         self.optimizer, self.scheduler = build(self.method, self.model, self.shape, self.wrapped)
+        self.autocast = precision_context(config.precision, context.device)
+        self.scaler = grad_scaler(config.precision, context.device)
         self.names = layer_names(self.model)
+        self.layer_every = config.effective_layer_every(self.shape.total_steps)
         self.position = ckpt.Position(epoch_seed=epoch_seed(config.seed, 0))
         self.evals: list[dict] = []
+        self.diverged_at: int | None = None
+        self.diverged_loss = math.nan
+        self.load_start = load_average()
+        self.signal: int | None = None  # the first SIGINT/SIGTERM received
+        self.finished_summary: dict | None = None  # set by start() when resuming a finished run
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.context.distributed:
@@ -135,24 +214,45 @@ class _Run:
 
     # -- start: fresh or resumed ---------------------------------------------
     def start(self) -> None:
-        path = ckpt.checkpoint_path(self.run_dir)
-        if self.config.resume and path.exists():
+        config, path = self.config, ckpt.checkpoint_path(self.run_dir)
+        held = holds_a_run(self.run_dir)
+        if held and not (config.resume or config.overwrite):
+            raise RunDirError(f"{self.run_dir} already holds a run ({held}): pass --resume to continue it or "
+                              "--overwrite to replace it")
+        if config.resume and path.exists():
             self._resume(path)
-        elif self.context.is_main:
-            path.unlink(missing_ok=True)  # a stale checkpoint must not be resumed into this run
-            for name in (METRICS, LAYERS, SUMMARY):
-                (self.run_dir / name).unlink(missing_ok=True)
+        else:
+            if config.resume and self.context.is_main:
+                print(f"largebatch: nothing to resume in {self.run_dir} (no {ckpt.CHECKPOINT_NAME}): starting at "
+                      "step 0", file=sys.stderr, flush=True)
+            if self.context.is_main:
+                path.unlink(missing_ok=True)  # a stale checkpoint must not be resumed into this run
+                for name in (METRICS, LAYERS, SUMMARY):
+                    (self.run_dir / name).unlink(missing_ok=True)
         if self.context.is_main:
             write_json(self.run_dir / CONFIG, self.describe())
 
     def _resume(self, path: Path) -> None:
-        payload = ckpt.load(path)
-        changed = ckpt.differences(payload["run"], self.config.run_identity())
+        try:
+            payload = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            raise RunDirError(f"{e}: nothing was changed; move it away to keep it, or pass --overwrite instead of "
+                              "--resume to start the run again") from None
+        changed = ckpt.differences(payload["run"], self.config.run_identity(), ignored=NOT_PART_OF_THE_RUN)
         if changed:
             raise ValueError(
                 f"{path} belongs to a different run ({'; '.join(changed)}); use a new --run-dir or drop --resume"
             )
-        self.position = ckpt.restore(payload, self.model, self.optimizer, self.scheduler, self.context.rank)
+        summary_path = self.run_dir / SUMMARY
+        if summary_path.exists():
+            # Finished (or diverged) already: the checkpoint is its last state; nothing to train.
+            self.finished_summary = read_json(summary_path)
+            if self.context.is_main:
+                print(f"largebatch: {self.run_dir} has finished already; nothing to resume", file=sys.stderr,
+                      flush=True)
+            return
+        self.position = ckpt.restore(payload, self.model, self.optimizer, self.scheduler, self.context.rank,
+                                     self.scaler)
         if self.context.is_main:
             for name in (METRICS, LAYERS):
                 truncate_after(self.run_dir / name, self.position.step)
@@ -175,6 +275,9 @@ class _Run:
             "world_size": self.context.world_size,
             "micro_batches_per_rank": self.config.batch // (self.config.micro_batch * self.context.world_size),
             "device": str(self.context.device),
+            "precision": self.config.precision,
+            "threads": torch.get_num_threads(),
+            "layer_every": self.layer_every,
             "layer": LAYER_DEFINITION,
             "layers": list(self.names.values()),
             "dataset": {
@@ -195,6 +298,8 @@ class _Run:
 
     # -- the step loop -----------------------------------------------------------
     def run(self) -> dict | None:
+        if self.finished_summary is not None:
+            return self.finished_summary
         config, context = self.config, self.context
         main = context.is_main
         metrics = JsonlLog(self.run_dir / METRICS, enabled=main)
@@ -205,37 +310,78 @@ class _Run:
             desc=f"{config.method} B={config.batch}", unit="step", dynamic_ncols=True,
         )
         self.model.train()
-        stopped_early = False
+        outcome = "finished"
         try:
-            while self.position.epoch < config.epochs:
-                if not self._run_epoch(metrics, layers, board, bar):
-                    stopped_early = True
-                    break
+            with self._stop_on_signals():
+                while self.position.epoch < config.epochs:
+                    outcome = self._run_epoch(metrics, layers, board, bar)
+                    if outcome != "finished":
+                        break
+                if outcome == "diverged":
+                    # The model as the run left it (what its summary's accuracy describes).
+                    self._evaluate(metrics, board, bar, with_val=True)
         finally:
             bar.close()
             metrics.close()
             layers.close()
             board.close()
-        self._save_checkpoint()
-        if stopped_early:
+        if outcome != "diverged":
+            # A diverged run keeps its last finite checkpoint.
+            self._save_checkpoint()
+        if outcome == "interrupted":
+            raise Interrupted(self.signal or signal.SIGINT, self.position.step, ckpt.checkpoint_path(self.run_dir))
+        if outcome == "max_steps":
+            if main:
+                print(f"largebatch: stopped at step {self.position.step} of {self.shape.total_steps} "
+                      f"(--max-steps {config.max_steps}); checkpoint in {self.run_dir}, continue with --resume",
+                      file=sys.stderr, flush=True)
             return None
         summary = self.summary()
         if main:
             write_json(self.run_dir / SUMMARY, summary)
+            if outcome == "diverged":
+                print(f"largebatch: {config.method} batch {config.batch} diverged at step {self.diverged_at} "
+                      f"(loss {summary['diverged_loss']}); stopped, summary in {self.run_dir}",
+                      file=sys.stderr, flush=True)
         return summary
 
-    def _run_epoch(self, metrics: JsonlLog, layers: JsonlLog, board: TensorBoard, bar: tqdm) -> bool:
-        """Finish the current epoch; False when ``max_steps`` stopped the run inside it."""
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT/SIGTERM: finish the current step, then stop with a checkpoint; a second signal aborts."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signum
+            if self.context.is_main:
+                print(f"\nlargebatch: {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                      "(again to abort without one)", file=sys.stderr, flush=True)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _run_epoch(self, metrics: JsonlLog, layers: JsonlLog, board: TensorBoard, bar: tqdm) -> str:
+        """Finish the current epoch ("finished"), or stop inside it: "max_steps", "interrupted", "diverged"."""
         config, position = self.config, self.position
         order = epoch_permutation(len(self.data.train), config.seed, position.epoch)
         for indices in batch_indices(order, config.batch, position.step_in_epoch):
-            record = self._step(indices)
+            record, stop = self._step(indices)
             metrics.write(record)
             board.scalars(record, position.step)
-            if position.step % config.layer_every == 0 and self._layer_values:
+            if position.step % self.layer_every == 0 and self._layer_values:
                 layers.write({"step": position.step, "epoch": position.epoch, **self._layer_values})
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", refresh=False)
+            if not math.isfinite(record["loss"]):
+                self.diverged_at, self.diverged_loss = position.step, record["loss"]
+                return "diverged"
             _maybe_crash(position.step, self.context, self.run_dir)
             end_of_epoch = position.step_in_epoch == self.steps_per_epoch
             if end_of_epoch or (config.eval_every and position.step % config.eval_every == 0):
@@ -244,36 +390,50 @@ class _Run:
                 position.epoch += 1
                 position.step_in_epoch = 0
                 position.epoch_seed = epoch_seed(config.seed, position.epoch)
+            if stop:
+                return "interrupted"
+            if config.max_steps is not None and position.step >= config.max_steps:
+                return "max_steps"
             if config.checkpoint_every and position.step % config.checkpoint_every == 0:
                 self._save_checkpoint()
-            if config.max_steps is not None and position.step >= config.max_steps:
-                return False
-        return True
+        return "finished"
 
-    def _step(self, indices: torch.Tensor) -> dict:
+    def _step(self, indices: torch.Tensor) -> tuple[dict, bool]:
+        """One update; returns its record and whether any rank was asked to stop (SIGINT/SIGTERM)."""
+        _maybe_signal(self.position.step + 1, self.context)
         started = time.perf_counter()
         config, context = self.config, self.context
         local = distributed.rank_slice(indices, context)
-        images = self.data.train.images[local].to(context.device)
-        labels = self.data.train.labels[local].to(context.device)
+        images = self.data.train.images[local].to(context.device, non_blocking=True)
+        labels = self.data.train.labels[local].to(context.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         no_sync = self.wrapped.no_sync if context.distributed else None
-        loss = accumulate_gradients(self.wrapped, images, labels, config.micro_batch, no_sync=no_sync)
+        loss = accumulate_gradients(self.wrapped, images, labels, config.micro_batch, no_sync=no_sync,
+                                    autocast=self.autocast, scaler=self.scaler)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # unscales first; skips a step with inf/NaN gradients
+            self.scaler.update()
         # Read before the scheduler moves the rates: the values of this step.
-        due = (self.position.step + 1) % config.layer_every == 0
+        due = (self.position.step + 1) % self.layer_every == 0
         self._layer_values = layer_record(self.optimizer, self.names) if due and context.is_main else {}
         if self.scheduler is not None:
             self.scheduler.step()
-        loss = distributed.mean_over_ranks(loss, context).item()
+        # The stop request rides on the loss's all-reduce, so every rank stops after the same step.
+        stop = torch.tensor(0.0 if self.signal is None else 1.0, device=loss.device)
+        loss, stop = distributed.mean_over_ranks(torch.stack([loss, stop]), context).tolist()
         self.position.step += 1
         self.position.step_in_epoch += 1
         self.position.train_seconds += time.perf_counter() - started
-        return {
+        record = {
             "kind": "step", "step": self.position.step, "epoch": self.position.epoch, "loss": loss,
             "lr": lr, "train_seconds": self.position.train_seconds,
         }
+        if self.scaler is not None:
+            record["loss_scale"] = float(self.scaler.get_scale())
+        return record, stop > 0
 
     def _evaluate(self, metrics: JsonlLog, board: TensorBoard, bar: tqdm, with_val: bool) -> None:
         if not self.context.is_main:
@@ -283,10 +443,10 @@ class _Run:
             "kind": "eval", "step": position.step,
             "epoch": position.epoch + position.step_in_epoch / self.steps_per_epoch,
             "train_seconds": position.train_seconds,
-            "test_accuracy": evaluate(self.model, self.data.test),
+            "test_accuracy": evaluate(self.model, self.data.test, autocast=self.autocast),
         }
         if with_val and len(self.data.val):
-            record["val_accuracy"] = evaluate(self.model, self.data.val)
+            record["val_accuracy"] = evaluate(self.model, self.data.val, autocast=self.autocast)
         self.evals.append(record)
         metrics.write(record)
         board.scalars(record, position.step)
@@ -296,7 +456,8 @@ class _Run:
         states = distributed.gather_objects(ckpt.rng_state(), self.context)
         if self.context.is_main:
             payload = ckpt.make_payload(
-                self.model, self.optimizer, self.scheduler, self.position, states, self.config.run_identity()
+                self.model, self.optimizer, self.scheduler, self.position, states, self.config.run_identity(),
+                self.scaler,
             )
             ckpt.save_atomic(payload, ckpt.checkpoint_path(self.run_dir))
 
@@ -309,11 +470,22 @@ class _Run:
             "steps": self.position.step, "train_seconds": self.position.train_seconds,
             "final_test_accuracy": final.get("test_accuracy"),
             "final_val_accuracy": val[-1] if val else None,
+            "diverged_at_step": self.diverged_at,
+            "diverged_loss": None if self.diverged_at is None else str(self.diverged_loss),
             "world_size": self.context.world_size,
+            "machine": {
+                "device": str(self.context.device), "precision": self.config.precision,
+                "threads": torch.get_num_threads(), "cores_available": available_cores(),
+                "cpus": os.cpu_count(),
+                # 1, 5 and 15 minute load averages at the start and the end of this (part of the) run: a
+                # machine busy with other work makes the times to target longer than the method's.
+                "load_average_start": self.load_start, "load_average_end": load_average(),
+            },
             "evals": [
                 {k: r[k] for k in ("step", "epoch", "train_seconds", "test_accuracy")} for r in self.evals
             ],
         }
+
 
 
 def _train(config: TrainConfig, context: Context) -> dict | None:
@@ -333,3 +505,13 @@ def _maybe_crash(step: int, context: Context, run_dir: Path) -> None:
         return
     marker.write_text("")
     os._exit(17)
+
+
+def _maybe_signal(step: int, context: Context) -> None:
+    """Send this process SIGINT (or SIGTERM) during the given step (for the interruption tests)."""
+    at = os.environ.get(SIGNAL_AT_STEP_ENV)
+    if at is None:
+        return
+    when, _, name = at.partition(":")
+    if int(when) == step and context.is_main:
+        os.kill(os.getpid(), getattr(signal, f"SIG{name or 'INT'}"))

@@ -44,7 +44,7 @@ import torch
 from .config import TrainConfig
 from .methods import WARMUP_MODES, get_method
 from .metrics import LAYERS, METRICS, SUMMARY, read_json, read_jsonl
-from .sweep import BASELINE_METHOD, SweepSpec, is_finished, run_sweep
+from .sweep import BASELINE_METHOD, Progress, SweepSpec, is_finished, outcome, run_sweep
 from .runner import load_data, train
 
 SUMMARIES = "summaries.json"
@@ -105,7 +105,10 @@ class StudySpec:
     val_size: int = 5000
     split_seed: int = 0
     warmup_fraction: float | None = None  # None: the library default (5.5% of the epochs)
-    layer_every: int = 10
+    layer_every: int | None = None  # None: every 10 steps, every step in short runs (TrainConfig)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (part of every run)
+    device: str | None = None  # where the runs train (not part of a run: --device)
+    threads: int | None = None  # torch threads (not part of a run: --threads)
     budget_hours: float = 2.0
     run_dir: str = "runs/study"
     artifacts: str = "results/study"
@@ -153,6 +156,8 @@ class StudySpec:
             raise ValueError("a study needs models, seeds, batches and a tune_grid")
         if self.base_batch not in self.batches:
             raise ValueError(f"the base batch {self.base_batch} must be one of the batches")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision {self.precision!r}: use fp32, bf16 or fp16")
         for model in self.models:
             if model.epochs < 1:
                 raise ValueError(f"model {model.name}: epochs must be a positive integer")
@@ -182,6 +187,7 @@ def template(spec: StudySpec, model: ModelBudget) -> TrainConfig:
         model=model.name, micro_batch=spec.micro_batch, epochs=model.epochs, base_batch=spec.base_batch,
         dataset=spec.dataset, data_dir=spec.data_dir, train_limit=spec.train_limit, test_limit=spec.test_limit,
         val_size=spec.val_size, split_seed=spec.split_seed, layer_every=spec.layer_every, progress=spec.progress,
+        precision=spec.precision, device=spec.device, threads=spec.threads,
     )
     if spec.warmup_fraction is not None:
         fields["warmup_fraction"] = spec.warmup_fraction
@@ -379,7 +385,10 @@ def run_study(spec: StudySpec, log: Callable[[str], None] = print, commit: bool 
         run_sweep(sweep, log=_then_collect(spec, log))
         _commit(spec, commit, f"{model.name}: tuning and main sweep", log)
         log(f"== {model.name}: warm-up ablation at batches {spec.ablation_batch_sizes()}")
-        for run in ablation_runs(spec):
+        runs = ablation_runs(spec)
+        progress = Progress(sum(r.same_as is None and not is_finished(Path(ablation_config(sweep, r).run_dir))
+                                for r in runs))
+        for k, run in enumerate(runs, 1):
             config = ablation_config(sweep, run)
             label = f"ablation {run.method} --warmup {run.mode} batch {run.batch} seed {run.seed}"
             if run.same_as is not None:
@@ -387,8 +396,9 @@ def run_study(spec: StudySpec, log: Callable[[str], None] = print, commit: bool 
             elif is_finished(Path(config.run_dir)):
                 log(f"{label}: finished, skipped")
             else:
-                summary = train(config)
-                log(f"{label}: test accuracy {100 * summary['final_test_accuracy']:.2f}%")
+                log(f"{label}: training, run {k} of {len(runs)}{progress.eta()}")
+                summary = progress.timed(train, config)
+                log(f"{label}: {outcome(summary)}")
                 collect(spec)
         collect(spec)
         _commit(spec, commit, f"{model.name}: warm-up ablation", log)
@@ -403,7 +413,7 @@ def _then_collect(spec: StudySpec, log: Callable[[str], None]) -> Callable[[str]
     # run_sweep logs once per run: refresh summaries.json then, so a stopped study loses nothing committed.
     def log_and_collect(line: str) -> None:
         log(line)
-        if not line.endswith("finished, skipped"):
+        if not line.endswith("finished, skipped") and ": training" not in line:
             collect(spec)
 
     return log_and_collect
@@ -486,6 +496,8 @@ def _read_run_record(directory: Path, model: str, phase: str) -> dict:
         "final_test_accuracy": summary["final_test_accuracy"], "final_val_accuracy": summary["final_val_accuracy"],
         "warmup_steps": config["method"].get("warmup_steps"), "run": directory.name,
     }
+    if summary.get("diverged_at_step") is not None:
+        record["diverged_at_step"] = summary["diverged_at_step"]
     if phase != "tune":
         record["evals"] = _compact_evals(summary["evals"], read_jsonl(directory / METRICS))
         ends = _final_warmup_ends(directory) if get_method(summary["method"]).own_state_aware_warmup else None

@@ -17,6 +17,7 @@ are skipped, unfinished ones resumed from their checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,15 +125,57 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
         "base_batch": spec.template.base_batch, "baseline_method": BASELINE_METHOD,
         "template": dataclasses.asdict(spec.template), "protocol": spec.protocol(tuned),
     })
-    for method, batch, seed in spec.runs():
+    runs = spec.runs()
+    progress = Progress(sum(not is_finished(Path(spec.config(*run).run_dir)) for run in runs))
+    for k, (method, batch, seed) in enumerate(runs, 1):
         config = spec.config(method, batch, seed)
+        label = f"run {k} of {len(runs)}: {method} batch {batch} seed {seed}"
         if is_finished(Path(config.run_dir)):
-            log(f"{method} batch {batch} seed {seed}: finished, skipped")
+            log(f"{label}: finished, skipped")
             continue
-        summary = train(config)
-        log(f"{method} batch {batch} seed {seed}: test accuracy {100 * summary['final_test_accuracy']:.2f}% "
-            f"after {summary['steps']} steps ({summary['train_seconds']:.1f} s)")
+        log(f"{label}: training{progress.eta()}")
+        summary = progress.timed(train, config)
+        log(f"{label}: {outcome(summary)}")
     return root
+
+
+def outcome(summary: dict) -> str:
+    """One line on a finished run: its accuracy, or where it diverged."""
+    text = (f"test accuracy {100 * summary['final_test_accuracy']:.2f}% after {summary['steps']} steps "
+            f"({summary['train_seconds']:.1f} s)")
+    if summary.get("diverged_at_step") is not None:
+        return f"diverged at step {summary['diverged_at_step']} (loss {summary.get('diverged_loss')}); {text}"
+    return text
+
+
+class Progress:
+    """Runs left to train and an estimate of the time they take, from the runs trained so far.
+
+    Every run of a sweep trains the same number of epochs on the same data, so
+    the mean wall time of the runs done (evaluation included) times the runs
+    left is the estimate.
+    """
+
+    def __init__(self, to_train: int):
+        self.left = to_train
+        self.seconds: list[float] = []
+
+    def timed(self, fn, *args):
+        started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds.append(time.monotonic() - started)
+            self.left -= 1
+
+    def eta(self) -> str:
+        if not self.seconds:
+            return f" ({self.left} to train; the time left is estimated after the first)"
+        from tqdm import tqdm
+
+        per_run = sum(self.seconds) / len(self.seconds)
+        return (f" ({self.left} to train, about {tqdm.format_interval(per_run * self.left)} left at "
+                f"{tqdm.format_interval(per_run)} per run)")
 
 
 def tune_families(spec: SweepSpec, log: Callable[[str], None] = print, *, with_baseline: bool = True) -> dict:
@@ -159,14 +202,17 @@ def tune(spec: SweepSpec, method: str, tune_root: Path, log: Callable[[str], Non
     """Train ``method`` at the base batch for every rate of the grid; best validation accuracy wins."""
     base, seed = spec.template.base_batch, spec.seeds[0]
     scores: dict[str, float] = {}
-    for lr in spec.tune_grid:
+    for k, lr in enumerate(spec.tune_grid, 1):
         config = dataclasses.replace(
             spec.config(method, base, seed, lr=lr),
             run_dir=str(tune_root / f"{get_method(method).family}-lr{lr:g}"),
         )
         summary = read_json(Path(config.run_dir) / SUMMARY) if is_finished(Path(config.run_dir)) else train(config)
         scores[f"{lr:g}"] = summary["final_val_accuracy"]
-        log(f"tune {method} lr {lr:g} at batch {base}: validation accuracy {100 * scores[f'{lr:g}']:.2f}%")
+        diverged = summary.get("diverged_at_step")
+        note = f" (diverged at step {diverged})" if diverged is not None else ""
+        log(f"tune {method} lr {lr:g} at batch {base}: validation accuracy {100 * scores[f'{lr:g}']:.2f}%{note} "
+            f"[rate {k} of {len(spec.tune_grid)}]")
     best = max(spec.tune_grid, key=lambda lr: scores[f"{lr:g}"])
     how = (f"tuned with {method} at batch {base}, seed {seed}, {spec.template.epochs} epochs: best validation "
            f"accuracy over {', '.join(f'{lr:g}' for lr in spec.tune_grid)}")
