@@ -1,0 +1,65 @@
+"""Every ```python block of README.md and docs/guide.md runs as written.
+
+The blocks of one file run in order in one fresh interpreter (a later block
+may use what an earlier one defined, as a reader following the page would),
+with the installed package and nothing else: no names are supplied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _cli_data import FASHION_MNIST, needs_fashion_mnist
+from _dist import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ["README.md", "docs/guide.md"]
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
+
+# Runs the blocks it is given, each compiled under its own name, in one namespace.
+RUNNER = """
+import json, sys
+blocks = json.load(sys.stdin)
+namespace = {"__name__": "__main__"}
+for name, code in blocks:
+    print(f"--- {name}", flush=True)
+    exec(compile(code, name, "exec"), namespace)
+"""
+
+
+def python_blocks(page: str) -> list[tuple[str, str]]:
+    """(name, code) of each ```python block: name gives the page and the block's first line."""
+    text = (ROOT / page).read_text()
+    blocks = []
+    for match in FENCE.finditer(text):
+        if match.group(1) == "python":
+            line = text.count("\n", 0, match.start()) + 2  # the code's first line, 1-based
+            blocks.append((f"{page}:{line}", match.group(2)))
+    return blocks
+
+
+def test_pages_have_python_blocks():
+    for page in PAGES:
+        assert python_blocks(page), f"{page} has no ```python block"
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("page", PAGES)
+def test_python_blocks_run_in_order(page, tmp_path):
+    blocks = python_blocks(page)
+    env = {**os.environ, "LARGEBATCH_DATA_DIR": FASHION_MNIST, "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(blocks), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    ran = re.findall(r"^--- (\S+)$", done.stdout, re.M)
+    assert done.returncode == 0, (
+        f"block {ran[-1] if ran else '?'} failed\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    )
+    assert ran == [name for name, _ in blocks]
