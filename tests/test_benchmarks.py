@@ -1,0 +1,67 @@
+"""The benchmark scripts run and write what their READMEs promise (smallest configurations; nothing is timed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from _dist import run_command
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def optimizer_step():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import optimizer_step
+
+        yield optimizer_step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_each_optimiser_of_a_comparison_steps_its_own_parameters(optimizer_step, monkeypatch):
+    """The contender and its reference never share parameters, gradients or state."""
+    built = []
+    original = optimizer_step.build
+    monkeypatch.setattr(optimizer_step, "build", lambda name, params: built.append(original(name, params)) or built[-1])
+    result = optimizer_step.measure_pair("tiny", "lamb/adamw", pairs=2, warmup=1, threads=None, steady=False)
+    contender, reference = built
+    assert (type(contender).__name__, type(reference).__name__) == ("LAMB", "AdamW")
+    ids = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in built]
+    assert ids[0] and not ids[0] & ids[1]
+    grads = [{id(p.grad) for g in opt.param_groups for p in g["params"]} for opt in built]
+    assert not grads[0] & grads[1]
+    assert len(result["paired_ms"]["contender"]) == len(result["paired_ms"]["reference"]) == 2
+
+
+def test_the_smallest_configuration_writes_paired_ratios_threads_and_load(tmp_path):
+    out = tmp_path / "optimizer_step.json"
+    done = run_command(
+        [sys.executable, str(BENCHMARKS / "optimizer_step.py"), "--lists", "tiny", "--pairs", "3",
+         "--fused-lists", "", "--comparisons", "lars/sgd,lars_loop/lars", "--output", str(out)],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["pairs"] == 3 and results["threads"] >= 1 and "fresh process" in results["methodology"]
+    assert set(results["load_average"]) == {"before", "after"}
+    tiny = results["lists"]["tiny"]
+    assert tiny["tensors"] == len(tiny["shapes"]) == 16
+    assert list(tiny["comparisons"]) == ["lars/sgd", "lars_loop/lars"]
+    lars = tiny["comparisons"]["lars/sgd"]
+    assert (lars["contender"], lars["reference"], lars["target"]) == ("lars", "sgd", "<= 1.2")
+    assert lars["pairs"] == 3 and len(lars["paired_ms"]["contender"]) == 3 and lars["threads"] >= 1
+    low, high = lars["ratio_quartiles"]
+    assert lars["ratio_min_max"][0] <= low <= lars["ratio_median"] <= high <= lars["ratio_min_max"][1]
+    assert len(lars["load_average"]["before"]) == len(lars["load_average"]["after"]) == 3
+    assert lars["malloc"] == "glibc default" and "compile_seconds" not in lars
+    assert "lars/sgd" in done.stdout and "wrote" in done.stdout
+
+
+def test_an_unknown_comparison_is_refused(optimizer_step):
+    with pytest.raises(SystemExit):
+        optimizer_step.parse_args(["--comparisons", "lars/adamw"])
