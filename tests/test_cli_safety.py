@@ -280,3 +280,16 @@ def test_study_takes_device_precision_and_threads():
     assert (args.precision, args.device, args.threads) == ("fp16", "cpu", 2)
     with pytest.raises(ValueError, match="precision 'fp8'"):
         StudySpec.load(preset="paper-small", precision="fp8")
+
+
+@pytest.mark.parametrize("method", ["lena", "adascale", "clars"])
+def test_fp16_statistics_methods_see_the_loss_scale(method, tmp_path):
+    """With a GradScaler the statistics carry S^2: the engine must know the scaler, or the gains are off."""
+    from largebatch.train.config import TrainConfig
+    from largebatch.train.runner import _Run
+    from largebatch.train.distributed import Context
+
+    config = TrainConfig(method=method, batch=256, epochs=1, run_dir=str(tmp_path / "run"), precision="fp16",
+                         train_limit=1024, test_limit=500, val_size=500, progress=False)
+    run = _Run(config, Context())
+    assert run.scaler is not None and run.optimizer.stats.grad_scaler is run.scaler

@@ -48,9 +48,10 @@ def _inferred_sweep(runs: list[RunResult], root: Path) -> dict:
 
 def _header(sweep: dict, runs: list[RunResult], target_of: dict[int, float]) -> list[str]:
     template, protocol = sweep.get("template", {}), sweep.get("protocol", {})
+    epochs = template.get("epochs", "?")
     lines = [
         f"# Large-batch training: {template.get('model', '?')} on {template.get('dataset', '?')}, "
-        f"{template.get('epochs', '?')} epochs",
+        f"{epochs} epoch{'' if epochs == 1 else 's'}",
         "",
         "## Protocol",
         "",
@@ -67,8 +68,17 @@ def _header(sweep: dict, runs: list[RunResult], target_of: dict[int, float]) -> 
         "- Time: " + protocol.get("time", "training wall-clock seconds, evaluation excluded") + ".",
         "- The test set is never used for tuning; base rates are chosen on the validation split.",
         f"- A layer is {LAYER_DEFINITION}.",
-        "",
     ]
+    loads = [r.load_average[0] for r in runs if r.load_average]
+    if loads:
+        lines.append(f"- Machine load (1-minute load average as each run ended): {min(loads):.1f} to "
+                     f"{max(loads):.1f}; times are comparable only between runs on an equally loaded machine "
+                     "(each summary.json has its machine's load at the start and end).")
+    diverged = [r for r in runs if r.diverged_at_step is not None]
+    for r in diverged:
+        lines.append(f"- {r.method} at batch {r.batch}, seed {r.seed}: diverged at step {r.diverged_at_step} (a "
+                     "non-finite training loss); the run stopped there.")
+    lines.append("")
     if target_of:
         lines.append("Targets: " + ", ".join(f"seed {s}: {100 * a:.2f}%" for s, a in sorted(target_of.items())))
     else:
@@ -102,9 +112,21 @@ def _plots(runs: list[RunResult], target_of: dict[int, float], root: Path) -> li
     lines = ["## Plots", ""]
     mean_target = sum(target_of.values()) / len(target_of) if target_of else None
     for batch in sorted({r.batch for r in runs}):
-        path = plots.accuracy_vs_iterations([r for r in runs if r.batch == batch], mean_target, batch,
-                                            root / f"accuracy-b{batch}.png")
-        lines += [f"![test accuracy vs iterations, batch {batch}]({path.name})", ""]
+        at_batch = [r for r in runs if r.batch == batch]
+        if any(len(r.evals) > 1 for r in at_batch):
+            path, notes = plots.accuracy_vs_iterations(at_batch, mean_target, batch, root / f"accuracy-b{batch}.png")
+            lines += [f"![test accuracy vs iterations, batch {batch}]({path.name})", ""]
+            lines += [f"Drawn on top of each other: {'; '.join(notes)} (hollow markers).", ""] if notes else []
+        else:
+            checks = ", ".join(f"{r.method} seed {r.seed}: {100 * r.evals[-1]['test_accuracy']:.2f}% at step "
+                               f"{r.evals[-1]['step']}" for r in at_batch if r.evals)
+            lines += [f"Batch {batch}: test accuracy was checked once per run ({checks}); no curve to draw "
+                      "(`--eval-every k` checks it every k steps).", ""]
+        loss = plots.loss_vs_iterations(at_batch, batch, root / f"loss-b{batch}.png")
+        if loss is not None:
+            path, notes = loss
+            lines += [f"![training loss vs iterations, batch {batch}]({path.name})", ""]
+            lines += [f"Drawn on top of each other: {'; '.join(notes)} (hollow markers).", ""] if notes else []
     first_seed = min(r.seed for r in runs)
     for run in (r for r in runs if r.seed == first_seed):
         name = f"{run.method}-b{run.batch}"
@@ -114,4 +136,8 @@ def _plots(runs: list[RunResult], target_of: dict[int, float], root: Path) -> li
         ends = plots.warmup_end_points(run, root / f"warmup-{name}.png")
         if ends is not None:
             lines += [f"![per-layer warm-up end points, {run.method}, batch {run.batch}]({ends.name})", ""]
+            missing = [layer for layer, end in plots.warmup_ends(run).items() if end is None]
+            if missing:
+                lines += [f"Warm-up not reached by the last step ({run.steps}) in {run.method}, batch {run.batch}: "
+                          f"{', '.join(missing)}.", ""]
     return lines

@@ -1,10 +1,15 @@
 """PNG plots of runs, drawn with matplotlib's object API on the Agg canvas (no display needed).
 
-- accuracy vs iterations: one figure per batch size, one colour per method, one
-  line per seed, the target dashed;
+- accuracy vs iterations: one figure per batch size, one colour and marker per
+  method, one line per seed, the target dashed; a curve that coincides with
+  another method's is drawn with hollow, larger markers and its legend entry
+  says which it lies on; a diverged run ends in a cross;
+- training loss vs iterations (from metrics.jsonl), one figure per batch size,
+  likewise;
 - per-layer effective rates over time (from layers.jsonl), one figure per run;
 - per-layer warm-up end points (LENA paper, fig. 7), when the method records
-  a per-layer warm-up quantity.
+  a per-layer warm-up quantity; a layer whose warm-up had not ended when the
+  run stopped is drawn as a hatched bar to the last step, marked "not reached".
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from ..train.metrics import LAYERS, read_jsonl
+from ..train.metrics import LAYERS, METRICS, read_jsonl
 from .results import RunResult
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -25,22 +33,85 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def accuracy_vs_iterations(runs: list[RunResult], target: float | None, batch: int, path: Path) -> Path:
+def _curves_plot(ax, curves: list[tuple[RunResult, list[float], list[float]]]) -> list[str]:
+    """One line per run: colour and marker per method, label on its first seed; returns notes on overlaps.
+
+    A run whose curve equals (to the plotted precision) that of a method drawn
+    before it would be hidden: it is drawn with hollow markers twice the size,
+    dashed, and its label names the method it lies on.
+    """
+    styles: dict[str, tuple[str, str]] = {}
+    drawn: list[tuple[str, list[float], list[float]]] = []
+    labelled: set[str] = set()
+    notes = []
+    for run, xs, ys in curves:
+        colour, marker = styles.setdefault(run.method, (f"C{len(styles) % 10}", MARKERS[len(styles) % len(MARKERS)]))
+        under = next((m for m, x, y in drawn if m != run.method and x == xs and _same(y, ys)), None)
+        drawn.append((run.method, xs, ys))
+        label = None
+        if run.method not in labelled:
+            labelled.add(run.method)
+            label = run.method + (f" (same curve as {under})" if under else "")
+        if under:
+            notes.append(f"{run.method} (seed {run.seed}) lies exactly on {under}")
+            ax.plot(xs, ys, color=colour, marker=marker, markersize=8, markerfacecolor="none", linestyle="--",
+                    linewidth=1.2, label=label, zorder=3)
+        else:
+            ax.plot(xs, ys, color=colour, marker=marker, markersize=3, linewidth=1.2, label=label, zorder=2)
+        if run.diverged_at_step is not None and xs:
+            # at the step that diverged, level with the last finite value
+            ax.plot([max(xs[-1], run.diverged_at_step)], [ys[-1]], marker="x", markersize=10, color=colour,
+                    linestyle="none", zorder=4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if any(run.diverged_at_step is not None for run, _, _ in curves):
+        ax.plot([], [], marker="x", color="black", linestyle="none", label="diverged (run stopped)")
+    return notes
+
+
+def _same(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(
+        (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-6) for x, y in zip(a, b))
+
+
+def accuracy_vs_iterations(runs: list[RunResult], target: float | None, batch: int, path: Path) -> tuple[Path, list[str]]:
+    """Test accuracy at every evaluation; returns the PNG and notes on curves drawn on top of each other."""
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    colours = {}
-    for run in sorted(runs, key=lambda r: (r.method, r.seed)):
-        colour = colours.setdefault(run.method, f"C{len(colours)}")
-        steps = [0] + [e["step"] for e in run.evals]
-        accuracy = [math.nan] + [100 * e["test_accuracy"] for e in run.evals]
-        label = run.method if run.seed == min(r.seed for r in runs if r.method == run.method) else None
-        ax.plot(steps[1:], accuracy[1:], marker="o", markersize=3, color=colour, label=label)
+    curves = [(run, [e["step"] for e in run.evals], [100 * e["test_accuracy"] for e in run.evals])
+              for run in sorted(runs, key=lambda r: (r.method, r.seed))]
+    notes = _curves_plot(ax, curves)
     if target is not None:
         ax.axhline(100 * target, color="black", linestyle="--", linewidth=1, label="target")
-    ax.set(xlabel="iterations", ylabel="test accuracy (%)", title=f"batch {batch}")
+    ax.set(xlabel="iteration (update)", ylabel="test accuracy (%)", title=f"Test accuracy, batch {batch}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return _save(fig, path), notes
+
+
+def training_losses(run_dir: Path) -> tuple[list[int], list[float]]:
+    steps = [r for r in read_jsonl(run_dir / METRICS) if r.get("kind") == "step"]
+    return [r["step"] for r in steps], [float(r["loss"]) for r in steps]
+
+
+def loss_vs_iterations(runs: list[RunResult], batch: int, path: Path) -> tuple[Path, list[str]] | None:
+    """Training loss of every step (mean over the global batch); a non-finite loss ends the curve in a cross."""
+    curves = []
+    for run in sorted(runs, key=lambda r: (r.method, r.seed)):
+        steps, losses = training_losses(run.run_dir)
+        finite = [(s, v) for s, v in zip(steps, losses) if math.isfinite(v)]
+        if finite:
+            curves.append((run, [s for s, _ in finite], [v for _, v in finite]))
+    if not curves:
+        return None
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    notes = _curves_plot(ax, curves)
+    positive = all(v > 0 for _, _, ys in curves for v in ys)
+    ax.set(xlabel="iteration (update)", ylabel="training loss (mean over the batch)",
+           yscale="log" if positive else "linear", title=f"Training loss, batch {batch}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path), notes
 
 
 def layer_series(run_dir: Path, quantity: str) -> tuple[list[int], dict[str, list[float]]]:
@@ -63,10 +134,13 @@ def layer_rates(run: RunResult, path: Path) -> Path | None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for i, (layer, values) in enumerate(series.items()):
-        ax.plot(steps[: len(values)], values, label=layer, color=f"C{i % 10}", linewidth=1)
+        # Layers share rates (one per group): a marker per layer keeps a line drawn over another visible.
+        ax.plot(steps[: len(values)], values, label=layer, color=f"C{i % 10}", linewidth=1,
+                marker=MARKERS[i % len(MARKERS)], markersize=3 + 5 * (len(series) - 1 - i) / max(1, len(series) - 1),
+                markerfacecolor="none", markevery=max(1, len(steps) // 12))
     positive = all(v > 0 for values in series.values() for v in values)
-    ax.set(xlabel="iterations", ylabel="effective learning rate", yscale="log" if positive else "linear",
-           title=f"{run.method}, batch {run.batch}, seed {run.seed}: per-layer rates")
+    ax.set(xlabel="iteration (update)", ylabel="effective learning rate", yscale="log" if positive else "linear",
+           title=f"{run.method}, batch {run.batch}, seed {run.seed}: per-layer effective rates")
     ax.grid(alpha=0.3)
     if len(series) <= 16:
         ax.legend(fontsize="x-small", ncol=2)
@@ -86,8 +160,8 @@ def warmup_quantity(run_dir: Path) -> str | None:
     return None
 
 
-def warmup_ends(run: RunResult) -> dict[str, float]:
-    """Per layer, the iteration at which its warm-up ended.
+def warmup_ends(run: RunResult) -> dict[str, float | None]:
+    """Per layer, the iteration at which its warm-up ended (None: not reached when the run stopped).
 
     A quantity named like ``warmup_end*`` holds the end points themselves (last
     record wins; negative or NaN: not ended); any other (a warm-up factor or
@@ -98,25 +172,31 @@ def warmup_ends(run: RunResult) -> dict[str, float]:
         return {}
     steps, series = layer_series(run.run_dir, quantity)
     if "end" in quantity:
-        return {layer: v[-1] for layer, v in series.items() if v and v[-1] >= 0 and not math.isnan(v[-1])}
-    return {
-        layer: next(s for s, v in zip(steps, values) if v >= 1.0)
-        for layer, values in series.items()
-        if any(v >= 1.0 for v in values)
-    }
+        return {layer: v[-1] if v and v[-1] >= 0 and not math.isnan(v[-1]) else None for layer, v in series.items()}
+    return {layer: next((s for s, v in zip(steps, values) if v >= 1.0), None) for layer, values in series.items()}
 
 
 def warmup_end_points(run: RunResult, path: Path) -> Path | None:
     ends = warmup_ends(run)
     if not ends:
         return None
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
-    ax.bar(range(len(ends)), list(ends.values()), color="C0")
-    ax.set_xticks(range(len(ends)), list(ends), rotation=90, fontsize="x-small")
-    ax.set(xlabel="layer", ylabel="iteration its warm-up ended",
-           title=f"{run.method}, batch {run.batch}: per-layer warm-up end points")
+    xs = range(len(ends))
+    reached = [v if v is not None else 0 for v in ends.values()]
+    ax.bar(xs, reached, color="C0", label="warm-up ended")
+    missing = [x for x, v in zip(xs, ends.values()) if v is None]
+    if missing:
+        ax.bar(missing, [run.steps] * len(missing), color="none", edgecolor="C3", hatch="//",
+               label=f"not reached by the last step ({run.steps})")
+        for x in missing:
+            ax.text(x, run.steps / 2, "not reached", rotation=90, ha="center", va="center", fontsize="x-small",
+                    color="C3")
+    ax.set_xticks(list(xs), list(ends), rotation=90, fontsize="x-small")
+    ax.set(xlabel="layer (parameter tensor)", ylabel="iteration its warm-up ended",
+           title=f"{run.method}, batch {run.batch}, seed {run.seed}: per-layer warm-up end points")
     ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="x-small")
     return _save(fig, path)
 
 
@@ -137,7 +217,8 @@ def early_epochs(curves: dict[str, list[tuple[list[float], list[float]]]], targe
         xs = [xs[j] for j in keep]
         per_point = [[100 * acc[j] for _, acc in seeds] for j in keep]
         mean = [sum(v) / len(v) for v in per_point]
-        ax.plot(xs, mean, marker="o", markersize=3, color=f"C{i}", label=method)
+        ax.plot(xs, mean, marker=MARKERS[i % len(MARKERS)], markersize=8 - 2 * (i % 3), markerfacecolor="none",
+                color=f"C{i}", label=method)
         if len(seeds) > 1:
             ax.fill_between(xs, [min(v) for v in per_point], [max(v) for v in per_point], color=f"C{i}", alpha=0.15)
     if target is not None:

@@ -25,12 +25,15 @@ class RunResult:
     train_seconds: float
     evals: list[dict]
     run_dir: Path
+    diverged_at_step: int | None = None  # the step whose training loss was not finite (the run stopped there)
+    load_average: list[float] | None = None  # the machine's 1/5/15-minute load averages when the run ended
 
     @classmethod
     def load(cls, run_dir: Path) -> RunResult:
         s = read_json(run_dir / SUMMARY)
         return cls(s["method"], s["batch"], s["seed"], s["final_test_accuracy"], s["steps"],
-                   s["train_seconds"], s["evals"], run_dir)
+                   s["train_seconds"], s["evals"], run_dir, s.get("diverged_at_step"),
+                   (s.get("machine") or {}).get("load_average_end"))
 
     def reaches(self, target: float) -> dict | None:
         """The first evaluation at or above ``target`` (None: never)."""
@@ -57,14 +60,26 @@ class Cell:
     accuracies: list[float] = field(default_factory=list)
     iterations: list[int | None] = field(default_factory=list)  # None: never reached
     seconds: list[float | None] = field(default_factory=list)
+    diverged: list[int] = field(default_factory=list)  # the steps at which seeds diverged
 
     def add(self, run: RunResult, target: float | None) -> None:
         self.accuracies.append(run.final_test_accuracy)
+        if run.diverged_at_step is not None:
+            self.diverged.append(run.diverged_at_step)
         hit = run.reaches(target) if target is not None else None
         self.iterations.append(hit["step"] if hit else None)
         self.seconds.append(hit["train_seconds"] if hit else None)
 
     def text(self) -> str:
+        return self._text() + self.diverged_note()
+
+    def diverged_note(self) -> str:
+        if not self.diverged:
+            return ""
+        seeds = "" if len(self.accuracies) == 1 else f"{len(self.diverged)}/{len(self.accuracies)} seeds "
+        return f" ({seeds}diverged at step {', '.join(map(str, sorted(self.diverged)))})"
+
+    def _text(self) -> str:
         acc = _mean_spread([100 * a for a in self.accuracies], "{:.2f}") + "%"
         reached = [i for i in self.iterations if i is not None]
         if not reached:

@@ -46,7 +46,8 @@ def _result(record: dict) -> RunResult:
         for s, e, t, a in zip(evals["step"], evals["epoch"], evals["seconds"], evals["accuracy"])
     ]
     return RunResult(record["method"], record["batch"], record["seed"], record["final_test_accuracy"],
-                     record["steps"], record["train_seconds"], rows, Path(record["run"]))
+                     record["steps"], record["train_seconds"], rows, Path(record["run"]),
+                     record.get("diverged_at_step"))
 
 
 def _mean_sd(values: list[float], fmt: str = "{:.2f}") -> str:

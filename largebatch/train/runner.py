@@ -196,6 +196,10 @@ class _Run:
         self.optimizer, self.scheduler = build(self.method, self.model, self.shape, self.wrapped)
         self.autocast = precision_context(config.precision, context.device)
         self.scaler = grad_scaler(config.precision, context.device)
+        stats = getattr(self.optimizer, "stats", None)
+        if self.scaler is not None and hasattr(stats, "grad_scaler"):
+            # The statistics carry the loss scale the backwards ran with; the optimiser divides it out.
+            stats.grad_scaler = self.scaler
         self.names = layer_names(self.model)
         self.layer_every = config.effective_layer_every(self.shape.total_steps)
         self.position = ckpt.Position(epoch_seed=epoch_seed(config.seed, 0))
