@@ -65,3 +65,25 @@ def test_the_smallest_configuration_writes_paired_ratios_threads_and_load(tmp_pa
 def test_an_unknown_comparison_is_refused(optimizer_step):
     with pytest.raises(SystemExit):
         optimizer_step.parse_args(["--comparisons", "lars/adamw"])
+
+
+@pytest.mark.distributed
+def test_statistics_overhead_smallest_configuration_writes_every_python_path_row(tmp_path):
+    """grad_stats_ddp.py: one process and 2-process DDP, the MLP only, a few pairs."""
+    out = tmp_path / "grad_stats_ddp.json"
+    done = run_command(
+        [sys.executable, str(BENCHMARKS / "grad_stats_ddp.py"), "--models", "mlp", "--steps", "3",
+         "--ddp-steps", "3", "--output", str(out)],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["single_process_accumulation"]) == ["mlp/applied_norm=backward", "mlp/applied_norm=summary"]
+    assert list(report["ddp_gloo_2_processes"]) == ["mlp/worker", "mlp/micro_batch"]
+    assert set(report["load_average"]) == {"before", "after"} and report["threads_per_process"] == 1
+    worker = report["ddp_gloo_2_processes"]["mlp/worker"]
+    assert worker["steps"] == 3 and worker["target"] == "<= 1.10" and worker["micro_batches_per_worker"] == 1
+    for rows in (report["single_process_accumulation"], report["ddp_gloo_2_processes"]):
+        for row in rows.values():
+            assert not any("native" in key for key in row)
+            assert {"reference_ms", "engine_ms", "ratio_median", "ratio_quartiles", "cpu_ratio_median"} <= set(row)
