@@ -69,7 +69,7 @@ def main(argv=None):
     stats = largebatch.GradientStatistics(ddp)  # the DDP module: its comm hook sees every worker's gradient
     total_steps = steps_per_epoch * args.epochs
     opt = largebatch.LENA(
-        largebatch.param_groups(model, weight_decay=5e-4),
+        largebatch.param_groups(model, weight_decay=5e-4, no_adapt=()),  # no decay on biases; every tensor its gain
         lr=0.1,  # the rate tuned at the base batch; LENA scales it per layer by its gain
         stats=stats,
         base_iterations=total_steps * args.batch // args.micro_batch,  # T1: iterations at the base batch
