@@ -229,7 +229,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay-to", type=float, default=0.01, help="exponential decay to this fraction of the peak")
     p.add_argument("--eval-every", type=int, default=0, help="also check test accuracy every k steps")
     p.add_argument("--layer-every", type=int, default=None,
-                   help="per-layer statistics every k steps (default 10, every step in runs of under 2,000 steps)")
+                   help="per-layer statistics every k steps (default 10, less in runs of under 2,000 steps so that "
+                   "each run has at least 200 records: every step under 400)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_machine_arguments(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",

@@ -122,3 +122,26 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path):
     resumed, whole = step_records(run), step_records(single)
     assert [r["step"] for r in resumed] == [r["step"] for r in whole] == list(range(1, 9))
     torch.testing.assert_close([r["loss"] for r in resumed], [r["loss"] for r in whole], rtol=1e-4, atol=1e-5)
+
+
+def train_until_signalled(rank: int, world_size: int, run_dir: str) -> int:
+    """Rank 1 alone gets SIGTERM during step 3; returns the step each rank stopped at."""
+    from largebatch.train.runner import SIGNAL_AT_STEP_ENV, Interrupted
+
+    os.environ[SIGNAL_AT_STEP_ENV], os.environ["LARGEBATCH_TEST_CRASH_RANK"] = "3:TERM", "1"
+    try:
+        train(TrainConfig(method="lsw", run_dir=run_dir, checkpoint_every=0, **SMALL))
+    except Interrupted as e:
+        return e.step
+    finally:
+        del os.environ[SIGNAL_AT_STEP_ENV], os.environ["LARGEBATCH_TEST_CRASH_RANK"]
+    return -1
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    from _dist import run_in_group
+
+    run = tmp_path / "ddp"
+    assert run_in_group(train_until_signalled, str(run), world_size=2, timeout=180) == [3, 3]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["position"]["step"] == 3
+    assert max(r["step"] for r in step_records(run)) == 3

@@ -512,10 +512,13 @@ def _maybe_crash(step: int, context: Context, run_dir: Path) -> None:
 
 
 def _maybe_signal(step: int, context: Context) -> None:
-    """Send this process SIGINT (or SIGTERM) during the given step (for the interruption tests)."""
+    """Send this process SIGINT (or SIGTERM) during the given step (for the interruption tests).
+
+    Only the rank ``LARGEBATCH_TEST_CRASH_RANK`` (default 0) is signalled: the others must stop with it.
+    """
     at = os.environ.get(SIGNAL_AT_STEP_ENV)
     if at is None:
         return
     when, _, name = at.partition(":")
-    if int(when) == step and context.is_main:
+    if int(when) == step and context.rank == int(os.environ.get(CRASH_RANK_ENV, "0")):
         os.kill(os.getpid(), getattr(signal, f"SIG{name or 'INT'}"))
