@@ -364,3 +364,23 @@ def test_sparse_embedding_statistics_equal_dense(per_example):
     torch.testing.assert_close(sparse.mean_grad_sq_norm, dense.mean_grad_sq_norm, rtol=1e-12, atol=0)
     if per_example:
         torch.testing.assert_close(sparse.example_sq_norm_mean, dense.example_sq_norm_mean, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ parametrized weights
+
+
+@pytest.mark.parametrize(
+    "make", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm]
+)
+def test_parametrized_weights_are_refused_at_construction(make):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    model.add_module("head", make(nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"'head'.*'weight'.*parametrization.*parametrizations\.weight\.original"):
+        PerExampleNorms(model)
+    with pytest.raises(ValueError, match=r"'head'.*parametrization"):
+        GradientStatistics(model, per_example=True)
+    # Left untracked, the rest is measured as usual (the head's bias included).
+    params = [p for n, p in model.named_parameters() if ".original" not in n]
+    norms = PerExampleNorms(model, params=params)
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    assert norms.accumulators()[2] == 5

@@ -93,7 +93,11 @@ class GradientSummary:
         return estimators.gain_ratio(*self._pair(total), self.n)
 
     def noise_scale(self, total: bool = False) -> Tensor:
-        """McCandlish et al. (2018) B_noise in examples, per layer or model."""
+        """McCandlish et al. (2018) B_noise in examples, per layer or model.
+
+        NaN where undefined: n = 1, or |G|^2 <= 0 (noise-dominated); never
+        negative (estimators.noise_scale).
+        """
         self._require_examples()
         return estimators.noise_scale(*self._pair(total), self.n, self.examples_per_sample)
 
@@ -108,7 +112,7 @@ class GradientSummary:
         return estimators.example_variance(*self._example_pair(total), self.num_examples)
 
     def example_noise_scale(self, total: bool = False) -> Tensor:
-        """B_noise from per-example norms (N - 1 degrees of freedom)."""
+        """B_noise from per-example norms (N - 1 degrees of freedom); NaN where undefined, as noise_scale."""
         return estimators.example_noise_scale(*self._example_pair(total), self.num_examples)
 
     def _require_examples(self) -> None:
@@ -235,9 +239,14 @@ class GradientStatistics:
         if per_example:
             from .per_example import PerExampleNorms
 
-            self.per_example = PerExampleNorms(
-                self.module, loss_reduction=loss_reduction, batchnorm=batchnorm, fallback=per_example_fallback, params=self.params
-            )
+            try:
+                self.per_example = PerExampleNorms(
+                    self.module, loss_reduction=loss_reduction, batchnorm=batchnorm, fallback=per_example_fallback, params=self.params
+                )
+            except BaseException:  # a refused model keeps no hook of a half-built engine
+                for handle in self._handles:
+                    handle.remove()
+                raise
         self._active = True
         self._group = None
         self._world: int | None = None

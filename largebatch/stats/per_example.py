@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -276,6 +277,7 @@ class PerExampleNorms:
                 _refuse_train_batchnorm(module, module_name)
             if module in absorbed:
                 continue
+            self._refuse_tracked_parametrization(module, module_name)
             members = list(module.named_parameters(recurse=False))
             if _is_attention(module):
                 members += list(module.out_proj.named_parameters(prefix="out_proj", recurse=False))
@@ -323,6 +325,27 @@ class PerExampleNorms:
             and all(self._owners[k] == 1 for k in tracked.values())
             and module not in self._sequence_first
         ]
+
+    def _refuse_tracked_parametrization(self, module: nn.Module, module_name: str) -> None:
+        """Refuse a tracked parameter behind ``torch.nn.utils.parametrize`` (weight_norm, spectral_norm, ...).
+
+        The layer's formula gives the per-example gradient of the computed
+        weight, not of the parametrization's original tensors; spectral_norm
+        would also advance its power iteration if its weight were recomputed.
+        """
+        if not parametrize.is_parametrized(module):
+            return
+        for tensor_name, plist in module.parametrizations.items():
+            originals = [n for n, p in plist.named_parameters(recurse=False) if id(p) in self._index]
+            if originals:
+                kinds = ", ".join(type(f).__name__ for f in plist)
+                label = module_name or type(module).__name__
+                raise ValueError(
+                    f"module {label!r} ({type(module).__name__}): its {tensor_name!r} is computed by a "
+                    f"parametrization ({kinds}: weight_norm, spectral_norm, ...), which per-example norms do not "
+                    f"support; remove it (torch.nn.utils.parametrize.remove_parametrizations) or leave "
+                    f"{', '.join(f'parametrizations.{tensor_name}.{n}' for n in originals)} untracked (params=)"
+                )
 
     def _register(self, model: nn.Module) -> None:
         self._handles.append(model.register_forward_pre_hook(self._on_model_forward))
