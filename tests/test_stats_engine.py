@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -247,9 +248,9 @@ def test_applied_norm_backward_reads_gradients_once_per_step(monkeypatch):
         summary()
         per_step.append(len(reads))
         reads.clear()
-    # The first step cannot know which backward is its last; the accumulation
-    # hook takes ||p.grad||^2 as it accumulates, so it never reads p.grad.
-    assert per_step == [4, 1, 1]
+    # The first step cannot know which backward is its last (4 reads), and its
+    # summary reads p.grad once more, to report a GradScaler not given to the engine.
+    assert per_step == [5, 1, 1]
 
 
 def test_applied_norm_backward_refuses_a_short_step_with_changed_gradients():
@@ -637,3 +638,36 @@ def test_one_forward_backpropagated_twice_is_refused(run):
     model.zero_grad()
     _loss(model, x, y).backward()
     assert stats.summary().n == 1
+
+
+def test_a_grad_scaler_not_given_to_the_engine_is_reported_once():
+    # The statistics carry the loss scale; without grad_scaler= the
+    # optimisers cannot divide it out. The first summary says so.
+    model, (x, y) = _mlp(), _micro_batches(1)[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for given in (False, True):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        stats = GradientStatistics(model, grad_scaler=scaler if given else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                scaler.scale(_loss(model, x, y)).backward()
+                scaler.unscale_(optimizer)
+                stats.summary()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+                stats.reset()
+        reported = [w for w in caught if "grad_scaler=scaler" in str(w.message)]
+        assert len(reported) == (0 if given else 1)
+        stats.remove()
+
+
+def test_plain_training_and_clipping_are_not_reported():
+    model, (x, y) = _mlp(), _micro_batches(1)[0]
+    stats = GradientStatistics(model)
+    _loss(model, x, y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats.summary()

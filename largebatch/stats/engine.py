@@ -23,6 +23,7 @@ was unscaled before ``summary()``; gain ratios and noise scales are unaffected.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -255,6 +256,7 @@ class GradientStatistics:
         elif comm_hook is not None:
             raise ValueError("comm_hook: only meaningful when model is a DistributedDataParallel")
         self._backwards = 0
+        self._unscaling_checked = False
         self._backwards_last_step = 0  # where applied_norm="backward" expects a step's last backward
         self.reset()
 
@@ -346,6 +348,8 @@ class GradientStatistics:
                 norm_sum, sq_sum = extra[:K], extra[K : 2 * K]
             example_norm_mean = norm_sum.to(self._dtype) * per_example_scale / num_examples
             example_sq_norm_mean = sq_sum.to(self._dtype) * per_example_scale**2 / num_examples
+        if not self._unscaling_checked:
+            self._check_unscaling(B, grad_scale)
         return GradientSummary(
             n=n,
             sample_sq_norm_mean=A,
@@ -356,6 +360,34 @@ class GradientStatistics:
             grad_scale=grad_scale,
             loss_scale=self._loss_scale(),
         )
+
+    # A GradScaler's initial scale is 2^16: its unscaling shrinks ||p.grad||^2
+    # by 4e9. A factor of 1e4 (gradients 100x smaller than the backward left
+    # them) is far from either rounding or ordinary clipping.
+    _UNSCALED_RATIO = 1e4
+
+    def _check_unscaling(self, B: Tensor, grad_scale: float) -> None:
+        """Warn, on the first summary only (one host read), if p.grad was unscaled by a scaler we were not given.
+
+        Without ``grad_scaler=`` the statistics carry the loss scale S while
+        the optimisers apply the unscaled p.grad: CLARS's trust ratios would
+        be S times too small, silently. Later steps are not checked, so
+        that the step never waits for the host.
+        """
+        self._unscaling_checked = True
+        if self.grad_scaler is not None or self.applied_norm == "summary":
+            return
+        measured = B.sum() * grad_scale**2
+        now = sq_norms([p.grad for p in self.params], self._dtype, self._device).sum()
+        if bool(measured > self._UNSCALED_RATIO * now) and bool(now > 0):
+            warnings.warn(
+                f"GradientStatistics: p.grad is {float((measured / now).sqrt()):.3g} times smaller than "
+                "the backward left it. If a torch.amp.GradScaler scaled the loss, pass it as "
+                "GradientStatistics(grad_scaler=scaler): the statistics carry its scale, and the "
+                "optimisers divide it out only when they know it. (Gradient clipping by such a "
+                "factor also shows this; the statistics are then the unclipped gradients', as intended.)",
+                stacklevel=3,
+            )
 
     def _loss_scale(self) -> float | Tensor:
         """The scaler's current scale tensor (the one this step's backwards used: ``update()``
