@@ -54,6 +54,12 @@ def makers():
                                  stats=GradientStatistics(m, per_example=True)),
         "lena": lambda m: LENA(m.parameters(), lr=lr, stats=GradientStatistics(m), base_iterations=10),
         "adascale": lambda m: AdaScale(m.parameters(), lr=lr, momentum=0.9, stats=GradientStatistics(m)),
+        # gains from per-example norms: n = N/b is a tensor on device (the example count)
+        "lena-example": lambda m: LENA(m.parameters(), lr=lr, stats=GradientStatistics(m, per_example=True),
+                                       base_iterations=10, statistics="example", base_batch=2),
+        "adascale-example": lambda m: AdaScale(m.parameters(), lr=lr, momentum=0.9,
+                                               stats=GradientStatistics(m, per_example=True),
+                                               statistics="example", base_batch=2),
     }
 
 
@@ -67,7 +73,7 @@ def step(model, opt, generator, scaler=None):
 
 
 @pytest.mark.parametrize("layout", ["tensors", "stacked"])
-@pytest.mark.parametrize("name", ["lars", "lamb", "clars", "lena", "adascale"])
+@pytest.mark.parametrize("name", ["lars", "lamb", "clars", "lena", "adascale", "lena-example", "adascale-example"])
 def test_backward_and_step_never_read_a_tensor_on_the_host(name, layout):
     model = net() if layout == "tensors" else small_tensors()
     opt = makers()[name](model)

@@ -10,9 +10,11 @@
   progress clock, with :class:`ProgressLR` to drive a schedule by it.
 
 CLARS, LENA and AdaScale read their statistics from
-:class:`largebatch.stats.GradientStatistics`.
+:class:`largebatch.stats.GradientStatistics`; LENA and AdaScale from micro-batch
+(or worker) samples, or with ``statistics="example"`` from per-example norms.
 """
 
+from ._methods import SingleSampleWarning
 from ._sharded import layer_sq_norms
 from .adascale import AdaScale, ProgressLR, adascale_gain
 from .clars import CLARS, clars_trust_ratios
@@ -27,6 +29,7 @@ __all__ = [
     "LARS",
     "LENA",
     "ProgressLR",
+    "SingleSampleWarning",
     "adascale_gain",
     "clars_trust_ratios",
     "lamb",

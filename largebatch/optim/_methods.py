@@ -14,6 +14,7 @@ layouts' ``per_layer`` scales, and that is all.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 from itertools import repeat
 
@@ -26,6 +27,13 @@ from ._stacked import StackedLayout
 from ._trust import Workspace, check_bool, check_lr, check_range, into
 
 METHOD_KEY = "method"
+STATISTICS_KEY = "statistics"
+#: where LENA and AdaScale take their gradient samples from
+STATISTICS = ("micro_batch", "example")
+
+
+class SingleSampleWarning(UserWarning):
+    """LENA or AdaScale measured n = 1 gradient sample per step: every gain is 1 by construction."""
 
 
 # -- arguments ---------------------------------------------------------------------------
@@ -57,6 +65,52 @@ def check_source(stats, method: str, need_per_example: bool = False) -> None:
     for attr in ("summary", "index_of"):
         if not callable(getattr(stats, attr, None)):
             raise ValueError(f"stats must provide {attr}(); got {type(stats).__name__}")
+
+
+def check_statistics(statistics: str, stats, base_batch, method: str) -> None:
+    """The statistics source of LENA and AdaScale: ``"micro_batch"`` samples, or ``"example"``
+    norms with a base batch (ValueError naming the argument)."""
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+    if statistics == "micro_batch":
+        if base_batch is not None:
+            raise ValueError(
+                "base_batch is only used with statistics='example' (with micro-batch statistics "
+                "each micro-batch is a base-size sample)"
+            )
+        return
+    check_base_batch(base_batch)
+    # GradientStatistics without per_example=True has per_example None; another source is
+    # checked at its first summary
+    if getattr(stats, "per_example", True) is None:
+        raise ValueError(
+            f"{method}(statistics='example') needs per-example norms: build the source as "
+            "GradientStatistics(model, per_example=True)"
+        )
+
+
+def check_group_base_batch(optimizer, group: dict) -> None:
+    """A new group's ``base_batch``: with example statistics one positive integer shared by every
+    group (n = N/b is one per step); with micro-batch statistics None."""
+    if getattr(optimizer, "statistics", "micro_batch") != "example":
+        if group.get("base_batch") is not None:
+            raise ValueError("base_batch is only used with statistics='example'")
+        return
+    check_base_batch(group["base_batch"])
+    first = optimizer.param_groups[0]["base_batch"]
+    if group["base_batch"] != first:
+        raise ValueError(
+            f"base_batch: every parameter group needs the same base batch (n = N/b is one per step), "
+            f"got {first} and {group['base_batch']}"
+        )
+
+
+def check_base_batch(base_batch) -> None:
+    if isinstance(base_batch, bool) or not isinstance(base_batch, int) or base_batch < 1:
+        raise ValueError(
+            "base_batch: statistics='example' needs the base batch b (a positive integer, the batch "
+            f"the base rate was tuned at), got {base_batch!r}"
+        )
 
 
 # -- the statistics source -----------------------------------------------------------------
@@ -130,6 +184,31 @@ def sample_statistics(summary, index: StatisticsIndex, params: Sequence[Tensor],
     return A / scale_sq, B / scale_sq
 
 
+def example_statistics(
+    summary, index: StatisticsIndex, params: Sequence[Tensor], dtype, base_batch: int
+) -> tuple[Tensor, Tensor, float | Tensor]:
+    """``(A_eq, B, n_eff)`` of ``params`` from per-example norms (``estimators.example_gain_statistics``).
+
+    The base-batch samples the step's N examples amount to: n_eff = N/b and
+    E[A_eq] = tr(Sigma)/b + ||G||^2, as for n_eff micro-batches of b; on the
+    mean-gradient scale (divided by S^2), as ``sample_statistics``. n_eff is
+    a 0-d tensor when the source counts examples on device: no host sync.
+    """
+    from ..stats.estimators import example_gain_statistics
+
+    if getattr(summary, "example_sq_norm_mean", None) is None:
+        raise RuntimeError(
+            "statistics='example': the statistics summary has no per-example norms; build the source as "
+            "GradientStatistics(model, per_example=True)"
+        )
+    E = index.gather(summary.example_sq_norm_mean, params).to(dtype)
+    B = index.gather(summary.mean_grad_sq_norm, params).to(dtype)
+    scale_sq = loss_scale_sq(summary, dtype, E.device)
+    E, B = E / scale_sq, B / scale_sq
+    A, n = example_gain_statistics(E, B, summary.num_examples, base_batch)
+    return A, B, n
+
+
 def summary_n(summary) -> int:
     n = summary.n
     if isinstance(n, Tensor):  # the interface says int; tolerate a 0-d tensor once per step
@@ -141,9 +220,21 @@ def summary_n(summary) -> int:
 
 # -- moving averages -------------------------------------------------------------------------
 
-def smoothing(n: int) -> float:
-    """Moving-average factor max(1 - n/1000, 0) (AdaScale; LENA Eq. 8), guarded for n > 1000."""
+def smoothing(n: int | float | Tensor) -> float | Tensor:
+    """Moving-average factor max(1 - n/1000, 0) (AdaScale; LENA Eq. 8), guarded for n > 1000.
+
+    n is counted (an int), or with example statistics N/b, possibly a 0-d tensor (kept on device).
+    """
+    if isinstance(n, Tensor):
+        return (1.0 - n / 1000.0).clamp(min=0.0)
     return max(1.0 - n / 1000.0, 0.0)
+
+
+def clamp_gain(gain: Tensor, n: int | float | Tensor) -> Tensor:
+    """The gain limited to [1, n] (AdaScale; LENA Eq. 5); n may be a 0-d tensor (n >= 1)."""
+    if isinstance(n, Tensor):
+        return torch.minimum(gain.clamp(min=1.0), n.to(gain.dtype))
+    return gain.clamp(1.0, float(n))
 
 
 def ema_update(avg: Tensor, weight: Tensor, value: Tensor, c: float) -> tuple[Tensor, Tensor]:
@@ -606,6 +697,19 @@ class LayerIntrospection:
         return out
 
 
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside largebatch.optim and torch: the code that called
+    ``step()`` (through torch's decorators, a ``GradScaler``, ...)."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class StatisticsConsumer:
     """An optimiser that reads a statistics source at every step.
 
@@ -635,6 +739,29 @@ class StatisticsConsumer:
         summary = self.stats.summary()
         return loss, summary, summary_n(summary)
 
+    def _gain_statistics(self, summary, n: int, params: Sequence[Tensor], dtype) -> tuple:
+        """LENA's and AdaScale's ``(A, B, n)`` from the source, as ``self.statistics`` says.
+
+        ``"micro_batch"``: A and B of the n samples the source counted (warns once when
+        n = 1: every gain is then 1). ``"example"``: the base-batch equivalent of the
+        per-example norms, n = N/b (``example_statistics``).
+        """
+        if self.statistics == "example":
+            return example_statistics(summary, self._index, params, dtype, self.param_groups[0]["base_batch"])
+        if n == 1 and not getattr(self, "_warned_single_sample", False):
+            self._warned_single_sample = True
+            warnings.warn(
+                f"{type(self).__name__}: the statistics source measured n = 1 gradient sample in this step "
+                "(one micro-batch in one process, or sample='worker' with one worker), so every gain is 1 by "
+                "construction and the method reduces to momentum SGD. Split the batch into micro-batches of the base batch, or use "
+                f"{type(self).__name__}(..., statistics='example', base_batch=b) with "
+                "GradientStatistics(model, per_example=True).",
+                SingleSampleWarning,
+                stacklevel=_caller_level(),
+            )
+        A, B = sample_statistics(summary, self._index, params, dtype)
+        return A, B, n
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._reset_statistics()
@@ -644,11 +771,27 @@ class StatisticsConsumer:
             self.stats.reset()
 
     def state_dict(self) -> dict:
-        return tag_state_dict(super().state_dict(), self.method)
+        state_dict = tag_state_dict(super().state_dict(), self.method)
+        mode = getattr(self, "statistics", None)
+        if mode is not None:
+            state_dict[STATISTICS_KEY] = mode
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         check_state_dict(state_dict, self.method)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != METHOD_KEY})
+        mode = getattr(self, "statistics", None)
+        if mode is not None:
+            saved = state_dict.get(STATISTICS_KEY, "micro_batch")  # saved before the option existed
+            if saved != mode:
+                # example mode keeps base_batch in its groups, micro-batch mode has none to restore
+                raise ValueError(
+                    f"this state dict was saved with statistics={saved!r}, this optimiser uses "
+                    f"statistics={mode!r}; build it with statistics={saved!r} to resume"
+                )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in (METHOD_KEY, STATISTICS_KEY)})
+        if "base_batch" in self.defaults:
+            for group in self.param_groups:  # groups saved before the option existed
+                group.setdefault("base_batch", None)
         self._restore_per_layer_state(state_dict)
 
     #: 0-d per-layer state entries (averages, progress, clocks): kept in float32 or wider

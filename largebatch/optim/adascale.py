@@ -38,7 +38,14 @@ the backward and the step rescales ``p.grad``, and A and B stay the raw
 gradients'.
 
 Works with one process and accumulation (n = micro-batches) and under DDP
-(n = workers x micro-batches) through ``largebatch.stats``. The update is
+(n = workers x micro-batches) through ``largebatch.stats``. With
+``statistics="example"`` the samples are the step's N examples instead, read
+as n = N/b samples of the base batch b (per-example layer norms,
+``GradientStatistics(model, per_example=True)``): A is replaced by its
+unbiased base-batch equivalent, so that :math:`\hat\sigma^2` estimates the
+variance of a base-size batch and :math:`\hat\mu^2` the squared true
+gradient, N - 1 degrees of freedom, from one micro-batch per step
+(``largebatch.stats.estimators.example_gain_statistics``). The update is
 momentum SGD with the rate outside the buffer (``torch.optim.SGD``).
 """
 
@@ -55,13 +62,15 @@ from torch.optim.optimizer import Optimizer
 from ._methods import (
     LayerIntrospection,
     StatisticsConsumer,
+    check_group_base_batch,
     check_sgd_group,
     check_source,
+    check_statistics,
+    clamp_gain,
     ema_update,
     group_parts,
     group_vector,
     momentum_sgd_by_group,
-    sample_statistics,
     scalar_dtype,
     smoothing,
     stacked_state,
@@ -76,7 +85,7 @@ _STAT_KEYS = ("step", "var_avg", "sq_avg", "avg_weight", "progress")
 
 
 def adascale_gain(
-    sample_sq_norm: Tensor, mean_sq_norm: Tensor, state: dict[str, Tensor], *, n: int
+    sample_sq_norm: Tensor, mean_sq_norm: Tensor, state: dict[str, Tensor], *, n: int | float | Tensor
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     r"""The functional core of AdaScale (Johnson et al., ICML 2020, Algorithm 1): new state,
     model gain r_t (0-d) and per-layer gains.
@@ -88,6 +97,8 @@ def adascale_gain(
         \tau_{t+1} = \tau_t + r_t
 
     with bias-corrected moving averages (factor :math:`\max(1 - n/1000, 0)`); r = 1 when n = 1.
+    n may be a 0-d tensor (example statistics, n = N/b): then the n = 1 case is a
+    ``torch.where``, not a branch, and nothing is read back to the host.
 
     ``state`` holds stacked per-parameter vectors: the smoothed per-layer
     estimates (their sums over layers are the model's smoothed estimates,
@@ -95,7 +106,15 @@ def adascale_gain(
     """
     A, B = sample_sq_norm.to(state["progress"].dtype), mean_sq_norm.to(state["progress"].dtype)
     var_avg, sq_avg, weight = state["var_avg"], state["sq_avg"], state["avg_weight"]
-    if n > 1:
+    if isinstance(n, Tensor):
+        n = n.to(A.dtype)
+        several = n > 1
+        var = (A - B) * (n / torch.where(several, n - 1, torch.ones_like(n)))
+        sq = B - var / n
+        c = torch.where(several, smoothing(n), torch.ones_like(n))  # n = 1: averages unchanged, as below
+        var_avg, weight = ema_update(var_avg, weight, var, c)
+        sq_avg, _ = ema_update(sq_avg, state["avg_weight"], sq, c)
+    elif n > 1:
         var = (A - B) * (n / (n - 1))
         sq = B - var / n
         c = smoothing(n)
@@ -107,7 +126,7 @@ def adascale_gain(
         v, s = (v / safe_w).clamp(min=0), (s / safe_w).clamp(min=0)
         den = v / n + s
         r = torch.where((den > 0) & (w > 0), (v + s) / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
-        return r.clamp(1.0, float(n))
+        return clamp_gain(r, n)
 
     gain = ratio(var_avg.sum(), sq_avg.sum(), weight[0])
     layer_gain = ratio(var_avg, sq_avg, weight)
@@ -138,6 +157,16 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         stats: the statistics source (``largebatch.stats.GradientStatistics``);
             n, A and B come from its ``summary()``.
         reset_statistics: call ``stats.reset()`` after each step and in ``zero_grad()`` (default True).
+        statistics: ``"micro_batch"`` (default, the paper's: the source's n = workers x
+            micro-batches samples) or ``"example"`` (per-example norms of the step's N
+            examples read as n = N/b base-batch samples; the source needs
+            ``per_example=True``). Saved in ``state_dict()``; a state dict of the other
+            mode is refused.
+        base_batch: b, the batch ``lr`` was tuned at (``statistics="example"`` only; kept in
+            every parameter group, the same in all).
+
+    With n = 1 micro-batch statistics the gain is 1 by construction; the optimiser warns
+    once (``SingleSampleWarning``).
 
     ``progress`` (:math:`\tau`, 0-d tensor), ``done(T1)``, ``last_gain``
     (:math:`r_t`, 0-d), and per group ``last_layer_gains`` (each layer's gain
@@ -166,13 +195,18 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         stats: Any = None,
         decoupled_weight_decay: bool = False,
         reset_statistics: bool = True,
+        statistics: str = "micro_batch",
+        base_batch: int | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
         check_source(stats, "AdaScale")
+        check_statistics(statistics, stats, base_batch, "AdaScale")
+        self.statistics = statistics  # before the groups are added: they check base_batch by it
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
+            decoupled_weight_decay=decoupled_weight_decay, base_batch=base_batch, maximize=maximize,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
         self._attach_statistics(stats, reset_statistics)
@@ -183,6 +217,7 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         group = self.param_groups[-1]
         check_sgd_group(group)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+        check_group_base_batch(self, group)
         if group.get("adapt", True) is not True:
             # refused rather than ignored: largebatch.param_groups gives adapt=False to biases
             raise ValueError(
@@ -238,7 +273,8 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         # every parameter carries the model-wide clock, also those without a gradient now
         all_states = [self._init_state(p) for g in self.param_groups for p in g["params"]]
         states = [self.state[p] for p in params]
-        A, B = sample_statistics(summary, self._index, params, dtype)  # the averages never mix scales
+        # the averages never mix scales; example statistics: A_eq and n = N/b
+        A, B, n = self._gain_statistics(summary, n, params, dtype)
         # per-parameter entries are views of one vector per key (no stack, one copy_ per key): the
         # layer estimates over the stepped parameters, the model-wide clock over all parameters
         layers = stacked_state(self, "layers")

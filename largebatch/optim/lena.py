@@ -68,13 +68,15 @@ from ._methods import (
     LayerIntrospection,
     StatisticsConsumer,
     check_alpha,
+    check_group_base_batch,
     check_sgd_group,
     check_source,
+    check_statistics,
+    clamp_gain,
     ema_update,
     group_parts,
     group_vector,
     momentum_sgd_by_group,
-    sample_statistics,
     scalar_dtype,
     smoothing,
     stacked_state,
@@ -93,7 +95,7 @@ def lena_rates(
     mean_sq_norm: Tensor,
     state: dict[str, Tensor],
     *,
-    n: int,
+    n: int | float | Tensor,
     lr: Tensor,
     theta: Tensor,
     eps: Tensor,
@@ -111,7 +113,8 @@ def lena_rates(
         S_k \mathrel{+}= r_k,\qquad \eta_{t,k} = r_k\,\text{lr}\,\min(S_k/\theta, 1) \quad\text{(Eq. 6, 7)}
 
     Inputs are vectors over the P stepped parameters: this step's A and B per
-    parameter, the stacked state (keys ``_STAT_KEYS``), and per-parameter
+    parameter (with example statistics, ``A_eq`` and n = N/b, possibly a 0-d
+    tensor: ``largebatch.stats.estimators.example_gain_statistics``), the stacked state (keys ``_STAT_KEYS``), and per-parameter
     hyperparameters (``lr`` = eta0 * decay(t), ``theta`` = alpha * T1, ``eps``,
     ``warmup`` and ``adapt`` as bool; ``adapt`` False: gain 1 and no warm-up, momentum SGD at
     ``lr``; None: every layer adapted). ``layer_index`` maps each parameter to its layer
@@ -127,7 +130,7 @@ def lena_rates(
     c = smoothing(n)
     a_sum, weight = ema_update(state["sample_sq_norm_avg"], state["avg_weight"], A, c)
     b_sum, _ = ema_update(state["mean_sq_norm_avg"], state["avg_weight"], B, c)
-    gain = ((a_sum / weight + eps) / (b_sum / weight + eps)).clamp(1.0, float(n))
+    gain = clamp_gain((a_sum / weight + eps) / (b_sum / weight + eps), n)
     if adapt is not None:
         gain = torch.where(adapt, gain, torch.ones_like(gain))
         warmup = warmup & adapt
@@ -205,6 +208,20 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         layer_grouping: ``"parameter"`` (default) or ``"module"``.
         model: the model, for ``layer_grouping="module"`` (or pass named parameters).
         reset_statistics: call ``stats.reset()`` after each step and in ``zero_grad()`` (default True).
+        statistics: where the n gradient samples come from. ``"micro_batch"`` (default, the
+            paper's): the source's n = workers x micro-batches samples. ``"example"``: the
+            per-example layer norms of the step's N examples (the source built with
+            ``per_example=True``), read as n = N/b samples of the base batch b, with
+            :math:`A_k` replaced by its unbiased base-batch equivalent
+            :math:`B_k + \widehat{\mathrm{tr}\Sigma_k}(1/b - 1/N)`
+            (``largebatch.stats.estimators.example_gain_statistics``): the same gains in
+            expectation, from one micro-batch per step. Saved in ``state_dict()``; a state
+            dict of the other mode is refused.
+        base_batch: b, the batch ``lr`` was tuned at (``statistics="example"`` only; kept in
+            every parameter group, the same in all).
+
+    With n = 1 micro-batch statistics (one micro-batch in one process) every gain is 1 by
+    construction; the optimiser warns once (``SingleSampleWarning``).
 
     State per parameter (checkpointed): ``step``, the two moving averages and
     their weight, ``progress`` :math:`S_k`, ``warmup_end``, ``momentum_buffer``.
@@ -257,10 +274,14 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         layer_grouping: str = "parameter",
         model: nn.Module | None = None,
         reset_statistics: bool = True,
+        statistics: str = "micro_batch",
+        base_batch: int | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
         check_source(stats, "LENA")
+        check_statistics(statistics, stats, base_batch, "LENA")
+        self.statistics = statistics  # before the groups are added: they check base_batch by it
         if base_iterations is None:
             raise ValueError("base_iterations (T1, iterations of the base-batch schedule) is required")
         if layer_grouping not in ("parameter", "module"):
@@ -268,7 +289,8 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             base_iterations=base_iterations, alpha=alpha, eps=eps, warmup=warmup, adapt=adapt,
-            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
+            decoupled_weight_decay=decoupled_weight_decay, base_batch=base_batch, maximize=maximize,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
         self._attach_statistics(stats, reset_statistics)
@@ -295,6 +317,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         check_range("base_iterations", group["base_iterations"], 1e-12)  # T1 > 0
         for name in ("warmup", "adapt", "decoupled_weight_decay"):
             check_bool(name, group[name])
+        check_group_base_batch(self, group)
         if getattr(self, "_layer_key", None) is not None:
             raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
 
@@ -357,7 +380,8 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             return loss
         device, dtype = params[0].device, scalar_dtype(params)
         states = [self._init_state(p) for p in params]
-        A, B = sample_statistics(summary, self._index, params, dtype)  # mean-gradient scale: eps in its units
+        # mean-gradient scale, eps in its units; example statistics: A_eq and n = N/b
+        A, B, n = self._gain_statistics(summary, n, params, dtype)
         # the per-parameter entries are views of one vector per key: no stack, one copy_ per key
         stacked = stacked_state(self)
         new_state, intro = lena_rates(

@@ -18,7 +18,10 @@ Sources:
   LENA's layer-wise gain (Ko et al., WWW 2022, Eq. 4, 5) is the same per layer;
 - gradient noise scale: McCandlish et al. 2018, "An Empirical Model of
   Large-Batch Training", App. A.1 (unbiased |G|^2 and tr(Sigma) from two batch
-  sizes, here b and n*b).
+  sizes, here b and n*b);
+- base-batch statistics from per-example norms (``example_gain_statistics``):
+  the same unbiased tr(Sigma) and |G|^2, N - 1 degrees of freedom, restated as
+  the A of n = N/b samples of the base batch b.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "example_variance",
     "example_true_grad_sq_norm",
     "example_noise_scale",
+    "example_gain_statistics",
     "total",
 ]
 
@@ -145,6 +149,48 @@ def example_noise_scale(example_sq_norm_mean: Tensor, B: Tensor, num_examples: i
         example_variance(example_sq_norm_mean, B, num_examples),
         example_true_grad_sq_norm(example_sq_norm_mean, B, num_examples),
     )
+
+
+def example_gain_statistics(
+    example_sq_norm_mean: Tensor, B: Tensor, num_examples: int | Tensor, base_batch: int
+) -> tuple[Tensor, float | Tensor]:
+    """``(A_eq, n_eff)``: the base-batch sample statistics that per-example norms imply.
+
+    With N examples in the step, E = (1/N) sum_j ||grad f_j||^2 and
+    B = ||gbar||^2 (gbar their mean, the applied gradient):
+
+        tr(Sigma)_hat = N/(N-1) (E - B)                 (unbiased, N - 1 degrees of freedom)
+        A_eq = B + tr(Sigma)_hat (1/b - 1/N),   n_eff = N/b
+
+    so that E[A_eq] = tr(Sigma)/b + ||G||^2, the expectation of A over n_eff
+    samples of b examples each (E[B] = tr(Sigma)/N + ||G||^2). Every estimator
+    above then reads (A_eq, B, n_eff) as it reads micro-batch statistics:
+    ``sample_variance`` gives tr(Sigma)_hat / b (the variance of one base-size
+    sample), ``true_grad_sq_norm`` gives B - tr(Sigma)_hat / N (unbiased
+    ||G||^2), and ``gain_ratio`` AdaScale's r = (tr(Sigma)/b + ||G||^2) /
+    (tr(Sigma)/N + ||G||^2) (Johnson et al. 2020, Eq. 7; LENA Eq. 5 per layer)
+    in [1, N/b]. The micro-batch estimator is the case where each sample is a
+    base-size batch; both agree in expectation.
+
+    A step of at most b examples is one base-size sample: n_eff = 1, A_eq = B
+    (gain 1). ``num_examples`` may be a tensor (summed across workers): then
+    n_eff is a 0-d tensor and nothing is read back to the host.
+    """
+    if isinstance(base_batch, bool) or not isinstance(base_batch, int) or base_batch < 1:
+        raise ValueError(f"base_batch must be a positive integer, got {base_batch!r}")
+    N = num_examples
+    if not isinstance(N, Tensor):
+        _check_n(N, "num_examples")
+        if N <= base_batch:
+            return B.clone(), 1.0
+        variance = (example_sq_norm_mean - B) * (N / (N - 1))
+        return B + variance * (1.0 / base_batch - 1.0 / N), N / base_batch
+    N = N.to(device=B.device, dtype=B.dtype).reshape(())
+    several = N > base_batch  # then N >= 2: the divisions below are finite
+    safe_N = torch.where(several, N, torch.full_like(N, 2.0 * base_batch))
+    variance = (example_sq_norm_mean - B) * (safe_N / (safe_N - 1))
+    A_eq = torch.where(several, B + variance * (1.0 / base_batch - 1.0 / safe_N), B)
+    return A_eq, torch.where(several, N / base_batch, torch.ones_like(N))
 
 
 def total(per_layer: Tensor) -> Tensor:
