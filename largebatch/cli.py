@@ -71,7 +71,7 @@ def _config_from(args: argparse.Namespace, **overrides):
         val_size=args.val_size, warmup_fraction=args.warmup_fraction, warmup=args.warmup,
         decay_to=None if args.decay == "none" else args.decay_to, eval_every=args.eval_every,
         layer_every=args.layer_every, progress=not args.no_progress, device=args.device,
-        precision=args.precision, threads=args.threads,
+        precision=args.precision, threads=args.threads, statistics=args.statistics,
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -225,6 +225,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", choices=("default", "none", "fixed", "state-aware"), default="default",
                    help="warm-up mode for any method (default: the method's own; see `largebatch methods`)")
     p.add_argument("--warmup-fraction", type=float, default=0.055, help="warm-up length as a fraction of the epochs")
+    p.add_argument("--statistics", choices=("micro_batch", "example"), default="micro_batch",
+                   help="where LENA and AdaScale measure the gradient noise: micro_batch (default, the papers': "
+                   "n = ranks x micro-batches samples, so micro-batches of --base-batch) or example (per-example "
+                   "norms, n = batch / base batch with any --micro-batch, e.g. one micro-batch per step)")
     p.add_argument("--decay", choices=("exp", "none"), default="exp", help="decay schedule after warm-up")
     p.add_argument("--decay-to", type=float, default=0.01, help="exponential decay to this fraction of the peak")
     p.add_argument("--eval-every", type=int, default=0, help="also check test accuracy every k steps")

@@ -755,7 +755,7 @@ class StatisticsConsumer:
                 "(one micro-batch in one process, or sample='worker' with one worker), so every gain is 1 by "
                 "construction and the method reduces to momentum SGD. Split the batch into micro-batches of the base batch, or use "
                 f"{type(self).__name__}(..., statistics='example', base_batch=b) with "
-                "GradientStatistics(model, per_example=True).",
+                "GradientStatistics(model, per_example=True) (largebatch train --statistics example).",
                 SingleSampleWarning,
                 stacklevel=_caller_level(),
             )

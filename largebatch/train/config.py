@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..data import DATASETS
 from ..models import MODELS
-from .methods import DEFAULT_DECAY_TO, DEFAULT_WARMUP_FRACTION, WARMUP_MODES, get_method
+from .methods import DEFAULT_DECAY_TO, DEFAULT_WARMUP_FRACTION, STATISTICS_MODES, WARMUP_MODES, get_method, methods
 
 # Fields that may differ between a run and its resumption.
 # The device and thread count change the last bits of the arithmetic, not what the run is (a run may be
@@ -48,6 +48,7 @@ class TrainConfig:
     split_seed: int = 0  # the train/validation split, the same for every run of a sweep
     warmup_fraction: float = DEFAULT_WARMUP_FRACTION
     warmup: str = "default"  # none | fixed | state-aware | default (the method's own)
+    statistics: str = "micro_batch"  # LENA and AdaScale: micro_batch samples | example (per-example norms)
     decay_to: float | None = DEFAULT_DECAY_TO
     eval_every: int = 0  # also evaluate every k steps (0: once per epoch only)
     layer_every: int | None = None  # per-layer statistics every k steps (None: see effective_layer_every)
@@ -78,6 +79,8 @@ class TrainConfig:
             del identity["warmup"]
         if identity["precision"] == "fp32":
             del identity["precision"]
+        if identity["statistics"] == "micro_batch":
+            del identity["statistics"]
         return identity
 
     def validate(self, world_size: int = 1) -> None:
@@ -112,6 +115,12 @@ class TrainConfig:
             raise ValueError(f"--decay-to must be in (0, 1], got {self.decay_to}")
         if self.warmup not in WARMUP_MODES:
             raise ValueError(f"--warmup must be one of {', '.join(WARMUP_MODES)}, got {self.warmup!r}")
+        if self.statistics not in STATISTICS_MODES:
+            raise ValueError(f"--statistics must be one of {', '.join(STATISTICS_MODES)}, got {self.statistics!r}")
+        if self.statistics == "example" and not get_method(self.method).example_statistics:
+            offered = ", ".join(m.name for m in methods().values() if m.example_statistics)
+            raise ValueError(f"--statistics example applies to the gain-ratio methods ({offered}), not to "
+                             f"{self.method}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.train_limit is not None and self.train_limit < self.batch:

@@ -45,6 +45,9 @@ CLARS, LENA and AdaScale read their statistics from a
 :class:`largebatch.stats.GradientStatistics` attached to the (DDP-wrapped)
 model; their n is the number of gradient samples per update, ranks x
 micro-batches, so the micro-batch should be the base batch for n = B / b.
+With ``RunShape.statistics = "example"`` (``--statistics example``) LENA and
+AdaScale take their samples from per-example norms instead, n = B / b
+whatever the micro-batch (``LENA(statistics="example", base_batch=b)``).
 LENA's T1 is the number of iterations of the base-batch run with the same
 epoch budget.
 
@@ -75,6 +78,7 @@ DEFAULT_WARMUP_FRACTION = 0.055  # LENA paper's LSW baseline: 5.5% of the epochs
 DEFAULT_DECAY_TO = 0.01  # LENA paper: exponential decay to 1% over the run
 STATE_AWARE_ALPHA = 0.05  # LENA paper: theta = 5% of the base-batch iterations
 WARMUP_MODES = ("default", "none", "fixed", "state-aware")
+STATISTICS_MODES = ("micro_batch", "example")  # where LENA and AdaScale take their gradient samples
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 
@@ -98,6 +102,7 @@ class RunShape:
     warmup_fraction: float = DEFAULT_WARMUP_FRACTION
     decay_to: float | None = DEFAULT_DECAY_TO  # None: constant rate after warm-up
     warmup: str = "default"  # one of WARMUP_MODES
+    statistics: str = "micro_batch"  # one of STATISTICS_MODES (LENA and AdaScale)
 
     @property
     def total_steps(self) -> int:
@@ -125,6 +130,7 @@ class Method:
     make_decay: Callable[[torch.optim.Optimizer, RunShape], LRScheduler | None] | None = None
     uses_statistics: bool = False
     own_state_aware_warmup: bool = False  # the optimiser warms up per layer itself (its warmup= option)
+    example_statistics: bool = False  # its gains can come from per-example norms (--statistics example)
 
 
 
@@ -155,14 +161,22 @@ def _layerwise(optimizer_class: type[torch.optim.Optimizer], **options):
 
 
 def _with_statistics(optimizer_class: type[torch.optim.Optimizer], per_example: bool = False,
-                     needs_t1: bool = False, own_warmup: bool = False, adapt_all: bool = False, **options):
-    """A method that reads per-layer gradient statistics from :mod:`largebatch.stats`."""
+                     needs_t1: bool = False, own_warmup: bool = False, adapt_all: bool = False,
+                     gains: bool = False, **options):
+    """A method that reads per-layer gradient statistics from :mod:`largebatch.stats`.
+
+    ``gains``: a gain-ratio method (LENA, AdaScale) that takes ``statistics=`` and
+    ``base_batch=``, from the run's ``RunShape.statistics``.
+    """
 
     def make(model: nn.Module, wrapped: nn.Module, lr: float, shape: RunShape) -> torch.optim.Optimizer:
         from ..stats import GradientStatistics
 
-        stats = GradientStatistics(wrapped, per_example=per_example)
+        example = gains and shape.statistics == "example"
+        stats = GradientStatistics(wrapped, per_example=per_example or example)
         extra = {}
+        if example:
+            extra.update(statistics="example", base_batch=shape.base_batch)
         if needs_t1:
             extra["base_iterations"] = base_iterations(shape)
         if own_warmup:  # the optimiser's own state-aware warm-up, on or off by the run's mode
@@ -214,12 +228,12 @@ _ALL_METHODS = (
            _with_statistics(CLARS, per_example=True, adapt_all=True, momentum=MOMENTUM), 
            default_base_lr=LARS_BASE_LR, uses_statistics=True),
     Method("lena", "LENA: per-layer gain + state-aware per-layer warm-up", "sgd", "none", "state-aware",
-           _with_statistics(LENA, needs_t1=True, own_warmup=True, adapt_all=True, momentum=MOMENTUM,
+           _with_statistics(LENA, needs_t1=True, own_warmup=True, adapt_all=True, gains=True, momentum=MOMENTUM,
                             weight_decay=WEIGHT_DECAY),
-           uses_statistics=True, own_state_aware_warmup=True),
+           uses_statistics=True, own_state_aware_warmup=True, example_statistics=True),
     Method("adascale", "AdaScale: gain ratio, decay on its tau clock", "sgd", "none", "none",
-           _with_statistics(AdaScale, adapt_all=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-           make_decay=_progress_decay, uses_statistics=True),
+           _with_statistics(AdaScale, adapt_all=True, gains=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+           make_decay=_progress_decay, uses_statistics=True, example_statistics=True),
 )
 
 

@@ -190,6 +190,7 @@ class _Run:
             base_lr=config.base_lr(), base_batch=config.base_batch, batch=config.batch,
             steps_per_epoch=self.steps_per_epoch, epochs=config.epochs,
             warmup_fraction=config.warmup_fraction, decay_to=config.decay_to, warmup=config.warmup,
+            statistics=config.statistics,
         )
         self.model = make_model(config, self.data, context.device)
         self.wrapped = self._wrap(self.model)
@@ -471,6 +472,7 @@ class _Run:
         return {
             "method": self.config.method, "model": self.config.model, "batch": self.config.batch,
             "seed": self.config.seed, "epochs": self.config.epochs, "base_lr": self.shape.base_lr,
+            "micro_batch": self.config.micro_batch, "statistics": self.config.statistics,
             "steps": self.position.step, "train_seconds": self.position.train_seconds,
             "final_test_accuracy": final.get("test_accuracy"),
             "final_val_accuracy": val[-1] if val else None,

@@ -5,7 +5,9 @@ Layout of a sweep directory::
     DIR/sweep.json                      the sweep's settings and protocol
     DIR/tune/<family>-lr<rate>/         tuning runs (with --tune)
     DIR/runs/<method>-b<batch>-s<seed>/ one training run each (summary.json when finished);
-                                        <method>-w<mode>-b... with a --warmup mode other than default
+                                        <method>-w<mode>-b... with a --warmup mode other than default,
+                                        <method>-sexample-b... for LENA and AdaScale with
+                                        --statistics example
     DIR/report.md, DIR/*.png            written by ``largebatch report DIR``
 
 The target of each seed is the final test accuracy of the baseline, momentum
@@ -57,12 +59,15 @@ class SweepSpec:
 
     def config(self, method: str, batch: int, seed: int, lr: float | None = None) -> TrainConfig:
         family = get_method(method).family
+        # the other methods (the baseline among them) have no per-example gains: their usual statistics
+        statistics = self.template.statistics if get_method(method).example_statistics else "micro_batch"
         return dataclasses.replace(
             self.template,
             method=method, batch=batch, seed=seed,
             micro_batch=min(self.template.micro_batch, batch),
             lr=lr if lr is not None else self.lrs.get(family, self.template.lr),
-            run_dir=str(run_path(self.run_dir, method, batch, seed, self.template.warmup)),
+            statistics=statistics,
+            run_dir=str(run_path(self.run_dir, method, batch, seed, self.template.warmup, statistics)),
             eval_every=self.eval_every(batch),
             resume=True,
         )
@@ -104,9 +109,11 @@ class SweepSpec:
         }
 
 
-def run_path(root: str | Path, method: str, batch: int, seed: int, warmup: str = "default") -> Path:
+def run_path(root: str | Path, method: str, batch: int, seed: int, warmup: str = "default",
+             statistics: str = "micro_batch") -> Path:
     mode = "" if warmup == "default" else f"-w{warmup}"
-    return Path(root) / "runs" / f"{method}{mode}-b{batch}-s{seed}"
+    source = "" if statistics == "micro_batch" else f"-s{statistics}"
+    return Path(root) / "runs" / f"{method}{mode}{source}-b{batch}-s{seed}"
 
 
 def is_finished(run_dir: Path) -> bool:
