@@ -87,3 +87,42 @@ def test_statistics_overhead_smallest_configuration_writes_every_python_path_row
         for row in rows.values():
             assert not any("native" in key for key in row)
             assert {"reference_ms", "engine_ms", "ratio_median", "ratio_quartiles", "cpu_ratio_median"} <= set(row)
+
+
+def test_example_statistics_smallest_configuration_writes_its_ratios(tmp_path):
+    """example_statistics.py: LENA with example against micro-batch statistics, one model, one batch, 2 rounds."""
+    out = tmp_path / "example_statistics.json"
+    done = run_command(
+        [sys.executable, str(BENCHMARKS / "example_statistics.py"), "--models", "mlp", "--batches", "256",
+         "--rounds", "2", "--threads", "1", "--output", str(out)],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["load_average"]) == {"before", "after"} and report["threads"] == 1
+    (row,) = report["rows"]
+    assert (row["model"], row["batch"], row["rounds"]) == ("mlp", 256, 2)
+    assert row["micro_batches"] == {"example": 1, "micro_batch": 2, "plain_one": 1, "plain_split": 2}
+    assert list(row["round_ratios"]) == ["example/micro_batch", "example/plain_one", "micro_batch/plain_split"]
+    assert "example/micro_batch" in done.stdout and "wrote" in done.stdout
+
+
+def test_lena_example_statistics_driver_trains_and_tabulates(tmp_path):
+    """lena_example_statistics.py on a slice of Fashion-MNIST: every variant, the table and the JSON."""
+    from _cli_data import FASHION_MNIST
+
+    if FASHION_MNIST is None:
+        pytest.skip("Fashion-MNIST idx files not installed")
+    out = tmp_path / "lena.json"
+    done = run_command(
+        [sys.executable, str(BENCHMARKS / "lena_example_statistics.py"), "--run-dir", str(tmp_path / "runs"),
+         "--epochs", "1", "--batches", "256", "--seeds", "0", "--single-sample", "--train-limit", "1024",
+         "--test-limit", "300", "--val-size", "300", "--threads", "1", "--output", str(out)],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    labels = [(r["label"], r["statistics"], r["micro_batch"]) for r in report["runs"]]
+    assert labels == [("baseline", "micro_batch", 128), ("example", "example", 256),
+                      ("micro_batch", "micro_batch", 128), ("single_sample", "micro_batch", 256)]
+    assert report["table"] in done.stdout and report["table"].count("\n| 256 |") == 3
