@@ -71,7 +71,7 @@ def _config_from(args: argparse.Namespace, **overrides):
         val_size=args.val_size, warmup_fraction=args.warmup_fraction, warmup=args.warmup,
         decay_to=None if args.decay == "none" else args.decay_to, eval_every=args.eval_every,
         layer_every=args.layer_every, progress=not args.no_progress, device=args.device,
-        precision=args.precision, threads=args.threads, statistics=args.statistics,
+        precision=args.precision, threads=args.threads, statistics=args.statistics, clock_cap=args.clock_cap,
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -229,6 +229,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="where LENA and AdaScale measure the gradient noise: micro_batch (default, the papers': "
                    "n = ranks x micro-batches samples, so micro-batches of --base-batch) or example (per-example "
                    "norms, n = batch / base batch with any --micro-batch, e.g. one micro-batch per step)")
+    p.add_argument("--clock-cap", type=float, default=3.0,
+                   help="adascale ends when its clock tau reaches T1 (the base-batch iterations of --epochs), "
+                   "at most this many times --epochs (default 3)")
     p.add_argument("--decay", choices=("exp", "none"), default="exp", help="decay schedule after warm-up")
     p.add_argument("--decay-to", type=float, default=0.01, help="exponential decay to this fraction of the peak")
     p.add_argument("--eval-every", type=int, default=0, help="also check test accuracy every k steps")

@@ -57,7 +57,7 @@ def test_sweep_gives_example_statistics_to_lena_only(tmp_path, capsys):
 def test_statistics_example_for_a_method_without_gains_is_one_line(tmp_path, capsys):
     assert main(args("train", tmp_path / "run", "--method", "lsw", "--batch", "256", "--statistics", "example")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--statistics example applies to the gain-ratio methods (lena, adascale)" in err
+    assert err.count("\n") == 1 and "--statistics example applies to the gain-ratio methods (lena, adascale, as)" in err
     with pytest.raises(SystemExit) as raised:
         build_parser().parse_args(args("train", tmp_path / "run", "--method", "lena", "--batch", "256",
                                        "--statistics", "examples"))

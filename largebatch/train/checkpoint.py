@@ -31,6 +31,7 @@ class Position:
     step: int = 0
     epoch_seed: int = 0
     train_seconds: float = 0.0  # training time so far, evaluation excluded
+    train_cpu_seconds: float = 0.0  # the process's CPU time of training so far (time.process_time)
 
 
 def rng_state() -> dict:

@@ -50,6 +50,7 @@ class TrainConfig:
     warmup: str = "default"  # none | fixed | state-aware | default (the method's own)
     statistics: str = "micro_batch"  # LENA and AdaScale: micro_batch samples | example (per-example norms)
     decay_to: float | None = DEFAULT_DECAY_TO
+    clock_cap: float = 3.0  # a method ending on its clock (AdaScale) trains at most clock_cap x epochs
     eval_every: int = 0  # also evaluate every k steps (0: once per epoch only)
     layer_every: int | None = None  # per-layer statistics every k steps (None: see effective_layer_every)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast and GradScaler)
@@ -81,6 +82,8 @@ class TrainConfig:
             del identity["precision"]
         if identity["statistics"] == "micro_batch":
             del identity["statistics"]
+        if not get_method(self.method).ends_on_clock:
+            del identity["clock_cap"]  # no effect on the other methods
         return identity
 
     def validate(self, world_size: int = 1) -> None:
@@ -121,6 +124,8 @@ class TrainConfig:
             offered = ", ".join(m.name for m in methods().values() if m.example_statistics)
             raise ValueError(f"--statistics example applies to the gain-ratio methods ({offered}), not to "
                              f"{self.method}")
+        if not (self.clock_cap >= 1 and math.isfinite(self.clock_cap)):
+            raise ValueError(f"--clock-cap must be a finite number >= 1, got {self.clock_cap}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.train_limit is not None and self.train_limit < self.batch:

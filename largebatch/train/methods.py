@@ -14,8 +14,19 @@ lars      ``largebatch.optim.LARS``           linear     gradual, 5.5% of epochs
 lamb      ``largebatch.optim.LAMB``           sqrt       gradual, 5.5% of epochs
 clars     ``largebatch.optim.CLARS``          linear     none (per-example norms)
 lena      ``largebatch.optim.LENA``           own gain   own per-layer warm-up
-adascale  ``largebatch.optim.AdaScale``       own gain   none; decay on its tau clock
+adascale  ``largebatch.optim.AdaScale``       own gain   none; decay on its tau clock, ends at T1
+as        ``largebatch.optim.AdaScale``       own gain   none; decay on the update count
 ========  =================================  =========  =========================
+
+``adascale`` is the published method (Johnson et al. 2020): its rate follows
+the decay schedule on the scale-invariant clock tau (``ProgressLR``) and the
+run ends when tau reaches T1, the base-batch iterations of the epoch budget,
+or at ``clock_cap`` times the epoch budget (``TrainConfig.clock_cap``,
+default 3), whichever comes first; its summary says which (``stopped``:
+``"t1"`` or ``"cap"``), with tau and the epochs used. ``as`` is the LENA
+paper's AdaScale baseline (its Table 1 and the authors' code): the same gain
+times the rate times the budget's decay on the update count, no clock, the
+epoch budget like every other method.
 
 Warm-up is also a run option (``RunShape.warmup``, ``--warmup``), applicable to
 every method, for the LENA paper's ablation (Table 2):
@@ -35,7 +46,7 @@ every method, for the LENA paper's ablation (Table 2):
   ramp from (B/b)/theta to 1 that ends at the same update for every layer,
   after alpha of the run's updates: state-aware and fixed warm-up differ only
   in the start (near 0 instead of eta0) and the length (5% instead of 5.5%).
-  For AdaScale r is its model gain and S is its tau clock; the rate of update
+  For AdaScale and AS r is the model gain and S the tau clock; the rate of update
   t uses tau before the update plus 1 (the least an update adds), because the
   scheduler sets the rate before the optimiser measures that update's gain.
  The user's decay schedule (default: exponential decay to
@@ -131,6 +142,7 @@ class Method:
     uses_statistics: bool = False
     own_state_aware_warmup: bool = False  # the optimiser warms up per layer itself (its warmup= option)
     example_statistics: bool = False  # its gains can come from per-example norms (--statistics example)
+    ends_on_clock: bool = False  # the run ends when the optimiser's clock reaches T1 (``done(T1)``), capped
 
 
 
@@ -231,9 +243,14 @@ _ALL_METHODS = (
            _with_statistics(LENA, needs_t1=True, own_warmup=True, adapt_all=True, gains=True, momentum=MOMENTUM,
                             weight_decay=WEIGHT_DECAY),
            uses_statistics=True, own_state_aware_warmup=True, example_statistics=True),
-    Method("adascale", "AdaScale: gain ratio, decay on its tau clock", "sgd", "none", "none",
+    Method("adascale", "AdaScale: gain ratio, decay on its tau clock, the run ends when tau reaches T1",
+           "sgd", "none", "none",
            _with_statistics(AdaScale, adapt_all=True, gains=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-           make_decay=_progress_decay, uses_statistics=True, example_statistics=True),
+           make_decay=_progress_decay, uses_statistics=True, example_statistics=True, ends_on_clock=True),
+    Method("as", "AS (LENA paper's AdaScale baseline): gain ratio x rate x the budget's decay, no clock",
+           "sgd", "none", "none",
+           _with_statistics(AdaScale, adapt_all=True, gains=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+           uses_statistics=True, example_statistics=True),
 )
 
 
@@ -323,11 +340,12 @@ class ClockedWarmup:
     fixed_steps: int
     start_factor: float
     theta: float
+    decay_on_steps: bool = False  # the decay runs on the update count, not on tau (``as``)
 
     def __call__(self, step: int, tau: float) -> float:
         from ..schedules import warmup_factor
 
-        factor = 1.0 if self.decay is None else self.decay(tau)
+        factor = 1.0 if self.decay is None else self.decay(step if self.decay_on_steps else tau)
         if self.mode == "fixed":
             return factor * warmup_factor(step, self.fixed_steps, self.start_factor)
         # tau + 1: this update's progress is at least one base-batch iteration (its gain is not known yet)
@@ -347,9 +365,12 @@ class ClockedWarmupLR(LRScheduler):
 
 
 def _clocked_warmup(optimizer: torch.optim.Optimizer, method: Method, shape: RunShape, mode: str) -> LRScheduler:
-    decay = None if shape.decay_to is None else ExponentialOnClock(base_iterations(shape), shape.decay_to)
+    # AdaScale decays on tau over T1; ``as`` on the update count over the run (the same gamma as _decay)
+    on_steps = method.make_decay is None
+    length = max(1, shape.total_steps) if on_steps else base_iterations(shape)
+    decay = None if shape.decay_to is None else ExponentialOnClock(length, shape.decay_to)
     fixed = warmup_steps(method, replace(shape, warmup="fixed"))
-    schedule = ClockedWarmup(mode, decay, fixed, 1.0 / shape.samples_per_step, state_aware_theta(shape))
+    schedule = ClockedWarmup(mode, decay, fixed, 1.0 / shape.samples_per_step, state_aware_theta(shape), on_steps)
     return ClockedWarmupLR(optimizer, schedule)
 
 
@@ -362,6 +383,9 @@ def build(
     optimizer = method.make_optimizer(model, model if wrapped is None else wrapped, peak, shape)
     if method.make_decay is not None and mode != "none" and not method.own_state_aware_warmup:
         return optimizer, _clocked_warmup(optimizer, method, shape, mode)  # AdaScale's decay runs on its own clock
+    if mode == "state-aware" and method.scaling == "none" and not method.own_state_aware_warmup:
+        # a gain-driven method without the clock schedule (``as``): the ramp follows its tau, S = tau
+        return optimizer, _clocked_warmup(optimizer, method, shape, mode)
     if mode == "state-aware" and not method.own_state_aware_warmup:
         return optimizer, _state_aware_fixed_scaling(optimizer, shape)
     decay = (method.make_decay or _decay)(optimizer, shape)

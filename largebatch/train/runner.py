@@ -45,7 +45,7 @@ from .loop import (
     grad_scaler,
     precision_context,
 )
-from .methods import RunShape, build, get_method, peak_lr, warmup_steps
+from .methods import RunShape, base_iterations, build, get_method, peak_lr, warmup_steps
 from .metrics import (
     CONFIG,
     LAYERS,
@@ -203,6 +203,9 @@ class _Run:
             stats.grad_scaler = self.scaler
         self.names = layer_names(self.model)
         self.layer_every = config.effective_layer_every(self.shape.total_steps)
+        # A method that ends on its clock (AdaScale) trains until tau reaches T1, at most clock_cap x the epochs.
+        self.t1 = base_iterations(self.shape) if self.method.ends_on_clock else None
+        self.epoch_limit = math.ceil(config.clock_cap * config.epochs) if self.t1 is not None else config.epochs
         self.position = ckpt.Position(epoch_seed=epoch_seed(config.seed, 0))
         self.evals: list[dict] = []
         self.diverged_at: int | None = None
@@ -311,18 +314,20 @@ class _Run:
         layers = JsonlLog(self.run_dir / LAYERS, enabled=main)
         board = TensorBoard(self.run_dir, enabled=main and config.tensorboard)
         bar = tqdm(
-            total=self.shape.total_steps, initial=self.position.step, disable=not (main and config.progress),
+            total=self.steps_per_epoch * self.epoch_limit, initial=self.position.step, disable=not (main and config.progress),
             desc=f"{config.method} B={config.batch}", unit="step", dynamic_ncols=True,
         )
         self.model.train()
         outcome = "finished"
         try:
             with self._stop_on_signals():
-                while self.position.epoch < config.epochs:
+                while self.position.epoch < self.epoch_limit:
                     outcome = self._run_epoch(metrics, layers, board, bar)
                     if outcome != "finished":
                         break
-                if outcome == "diverged":
+                last = self.evals[-1] if self.evals else {}
+                if outcome == "diverged" or (outcome == "t1" and not (
+                        last.get("step") == self.position.step and "val_accuracy" in last)):
                     # The model as the run left it (what its summary's accuracy describes).
                     self._evaluate(metrics, board, bar, with_val=True)
         finally:
@@ -395,6 +400,8 @@ class _Run:
                 position.epoch += 1
                 position.step_in_epoch = 0
                 position.epoch_seed = epoch_seed(config.seed, position.epoch)
+            if self.t1 is not None and self.optimizer.done(self.t1):
+                return "t1"
             if stop:
                 return "interrupted"
             if config.max_steps is not None and position.step >= config.max_steps:
@@ -406,7 +413,7 @@ class _Run:
     def _step(self, indices: torch.Tensor) -> tuple[dict, bool]:
         """One update; returns its record and whether any rank was asked to stop (SIGINT/SIGTERM)."""
         _maybe_signal(self.position.step + 1, self.context)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         config, context = self.config, self.context
         local = distributed.rank_slice(indices, context)
         images = self.data.train.images[local].to(context.device, non_blocking=True)
@@ -432,6 +439,7 @@ class _Run:
         self.position.step += 1
         self.position.step_in_epoch += 1
         self.position.train_seconds += time.perf_counter() - started
+        self.position.train_cpu_seconds += time.process_time() - cpu_started
         record = {
             "kind": "step", "step": self.position.step, "epoch": self.position.epoch, "loss": loss,
             "lr": lr, "train_seconds": self.position.train_seconds,
@@ -447,7 +455,8 @@ class _Run:
         record = {
             "kind": "eval", "step": position.step,
             "epoch": position.epoch + position.step_in_epoch / self.steps_per_epoch,
-            "train_seconds": position.train_seconds,
+            "train_seconds": position.train_seconds, "train_cpu_seconds": position.train_cpu_seconds,
+            "load": (load_average() or [None])[0],
             "test_accuracy": evaluate(self.model, self.data.test, autocast=self.autocast),
         }
         if with_val and len(self.data.val):
@@ -474,6 +483,8 @@ class _Run:
             "seed": self.config.seed, "epochs": self.config.epochs, "base_lr": self.shape.base_lr,
             "micro_batch": self.config.micro_batch, "statistics": self.config.statistics,
             "steps": self.position.step, "train_seconds": self.position.train_seconds,
+            # the process's CPU seconds of training (all its threads): less moved by other work than wall time
+            "train_cpu_seconds": self.position.train_cpu_seconds,
             "final_test_accuracy": final.get("test_accuracy"),
             "final_val_accuracy": val[-1] if val else None,
             "diverged_at_step": self.diverged_at,
@@ -488,9 +499,19 @@ class _Run:
                 "load_average_start": self.load_start, "load_average_end": load_average(),
             },
             "evals": [
-                {k: r[k] for k in ("step", "epoch", "train_seconds", "test_accuracy")} for r in self.evals
+                {k: r[k] for k in ("step", "epoch", "train_seconds", "train_cpu_seconds", "load", "test_accuracy")
+                 if k in r} for r in self.evals
             ],
+            **self.clock_summary(),
         }
+
+    def clock_summary(self) -> dict:
+        """Where a run that ends on its clock stopped: "t1" (tau reached T1) or "cap" (clock_cap x epochs)."""
+        if self.t1 is None:
+            return {}
+        tau = float(self.optimizer.progress)
+        return {"stopped": "t1" if tau >= self.t1 else "cap", "tau": tau, "base_iterations": self.t1,
+                "epochs_used": self.position.step / self.steps_per_epoch, "epoch_cap": self.epoch_limit}
 
 
 
