@@ -20,7 +20,7 @@ deviation over seeds) and writes it with every run's numbers to
 
 Usage::
 
-    python benchmarks/lena_example_statistics.py --run-dir runs/lena-example   # 15 runs (18 with --single-sample)
+    python benchmarks/lena_example_statistics.py --run-dir runs/lena-example   # 15 runs (21 with --single-sample)
     python benchmarks/lena_example_statistics.py --run-dir /tmp/smoke --epochs 1 --batches 256 --seeds 0 \\
         --train-limit 2048 --test-limit 500 --val-size 500 --output /tmp/smoke.json        # a smoke run
 """
