@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from _cli_data import FASHION_MNIST, needs_fashion_mnist
+from _dist import run_command
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SMALL = ["--train-limit", "2048", "--test-limit", "500", "--batch", "512", "--epochs", "2", "--device", "cpu"]
@@ -30,7 +30,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(command: list[str], timeout: float = 180) -> list[tuple[int, float, float]]:
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+    done = run_command(command, env=_env(), timeout=timeout)  # at the timeout: every process's stack
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     epochs = [(int(e), float(loss), float(acc) / 100) for e, loss, acc in EPOCH.findall(done.stdout)]
     assert [e for e, _, _ in epochs] == [1, 2], done.stdout
