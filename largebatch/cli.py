@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "batch, the main sweep, the warm-up ablation at the two largest batches, then "
                            "summaries.json and the results page. Finished runs are skipped.")
     which = study.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="a built-in specification: paper-small")
+    which.add_argument("--preset", help="a built-in specification: paper-v2 (the study v2) or paper-small (the first)")
     which.add_argument("--spec", help="a TOML specification file")
     study.add_argument("--run-dir", default=None, help="where the runs go (default: the specification's)")
     study.add_argument("--artifacts", default=None, help="where summaries.json and the PNGs go")
@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate and stop")
     study.add_argument("--report-only", action="store_true", help="rewrite the page from summaries.json only")
     study.add_argument("--collect-only", action="store_true", help="rewrite summaries.json from the run directories")
-    study.add_argument("--commit", action="store_true", help="git-commit the summaries after each phase")
+    study.add_argument("--commit", action="store_true",
+                       help="git-commit the summaries as runs finish (the specification's commit_every_minutes) and "
+                       "after each phase")
     study.add_argument("--progress", action="store_true", help="a progress bar per run")
     _add_machine_arguments(study)
     study.add_argument("--precision", choices=PRECISIONS, default=None,

@@ -168,12 +168,12 @@ def test_study_tunes_sweeps_ablates_writes_the_page_and_resumes(tmp_path, capsys
     assert (tmp_path / "results" / "summaries.json").stat().st_size < 50_000
 
     page = (tmp_path / "docs" / "results.md").read_text()
-    for heading in ("## Protocol", "## mlp: test accuracy, iterations and time to target",
-                    "## mlp: warm-up ablation", "## Measured overheads", "## Claims", "## Regenerating"):
+    for heading in ("## Verdicts", "## Protocol", "## mlp: test accuracy, iterations and time to target",
+                    "## mlp: warm-up ablation", "## Measured overheads", "## Regenerating"):
         assert heading in page
     assert "| method | B = 128 | B = 256 |" in page and "| lena |" in page
     assert "| method | B = 256, none | B = 256, fixed | B = 256, state-aware |" in page
-    assert "grid 0.01, 0.1 (the same grid for every method family)" in page
+    assert "starting grid 0.01, 0.1." in page and "| sgd | 0.01: " in page
     assert "(../results/mlp-warmup-ends.png)" in page and (tmp_path / "results" / "mlp-warmup-ends.png").exists()
     assert f"largebatch study --spec {spec} --report-only" in page
 
@@ -230,17 +230,14 @@ def _timing_study(sgd_seconds):
 
 
 def test_time_per_update_claim_is_judged_only_on_undisturbed_times():
-    quiet = _timing_study(sgd_seconds=1.02)
-    quiet.throughput_section("mlp")
-    assert quiet.verdicts == [
-        "mlp: LENA's throughput about 5% below fixed scaling (LENA paper): measured +5.0% time per update "
-        "against LSW, mean over the large batches: held (at most 7.5% slower)."
-    ]
+    quiet = _timing_study(sgd_seconds=1.02).lena_throughput("mlp")
+    assert quiet.status == "held" and quiet.numbers == (
+        "Measured +5.0% (wall time per update, mean over the large batches) (held: at most 7.5% slower).")
     # sgd and lsw do the same work per update: 1.3x between them means the machine was busy
     busy = _timing_study(sgd_seconds=1.3)
     lines = busy.throughput_section("mlp")
-    assert any("busy with other work" in line and "1.30" in line for line in lines)
-    assert busy.verdicts[0].endswith("not judged: the run times were disturbed.")
+    assert any("load moved these times" in line and "1.30" in line for line in lines)
+    assert busy.lena_throughput("mlp").status == "inconclusive"
 
 
 def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
@@ -252,7 +249,7 @@ def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
     from largebatch.report.study import Study
 
     study = Study({"spec": spec, "tuning": tuning, "runs": []}, Path("."), Path("."))
-    lines = study.protocol()
-    flagged = [line for line in lines if "Caveat" in line]
-    assert len(flagged) == 1 and "lars family" in flagged[0] and "largest" in flagged[0]
-    assert study.verdicts == [flagged[0].replace("  **Caveat:** ", "Protocol caveat: ")]
+    lines = study.tuning_section("mlp")
+    assert [line.split(" | ")[0] for line in lines if "**no**" in line] == ["| lars"]
+    assert study.caveats("mlp", ("clars", "lena")) == "the lars family's best rate is an end of its tuning grid"
+    assert study.caveats("mlp", ("lena", "lsw")) == ""

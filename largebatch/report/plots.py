@@ -255,3 +255,91 @@ def warmup_ends_by_layer(ends: dict[str, list[dict[str, float]]], references: di
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="x-small")
     return _save(fig, path)
+
+
+def iterations_to_target(series: dict[str, dict[int, float]], perfect: dict[int, float], title: str,
+                         path: Path) -> Path:
+    """Iterations to target against batch size, log-log, one line per method (the mean over the seeds that
+    reached it; a batch no seed reached is left out of its line), and the perfect-scaling line (the base
+    batch's iterations x b / B), as the LENA paper's key figure."""
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.add_subplot()
+    if perfect:
+        xs = sorted(perfect)
+        ax.plot(xs, [perfect[x] for x in xs], color="black", linestyle="--", linewidth=1, label="perfect scaling")
+    for i, (method, points) in enumerate(series.items()):
+        xs = sorted(points)
+        if not xs:
+            ax.plot([], [], color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], label=f"{method} (never)")
+            continue
+        ax.plot(xs, [points[x] for x in xs], color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)],
+                markerfacecolor="none", markersize=7, linewidth=1.2, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ticks = sorted({x for points in series.values() for x in points} | set(perfect))
+    ax.set_xticks(ticks, [f"{t // 1024}K" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    ax.set(xlabel="batch size B", ylabel="iterations (updates) to target", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="x-small", ncol=2)
+    return _save(fig, path)
+
+
+def layer_series_panels(panels: dict[str, tuple[list[int], dict[str, list[float | None]]]], ylabel: str,
+                        title: str, path: Path, log_y: bool = False, share_y: bool = False) -> Path:
+    """One panel per label (e.g. per batch size): a per-layer quantity over the updates, one line per layer;
+    ``share_y``: one y scale for every panel, so that panels compare."""
+    count = max(1, len(panels))
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.3 * rows + 0.6))
+    layers = list(dict.fromkeys(layer for _, values in panels.values() for layer in values))
+    colours = {layer: f"C{i % 10}" for i, layer in enumerate(layers)}
+    styles = {layer: ("-", "--", ":")[(i // 10) % 3] for i, layer in enumerate(layers)}
+    first = None
+    for k, (label, (steps, values)) in enumerate(panels.items()):
+        ax = fig.add_subplot(rows, cols, k + 1, sharey=first if share_y else None)
+        first = first or ax
+        for layer, ys in values.items():
+            points = [(s, y) for s, y in zip(steps, ys) if y is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=colours[layer],
+                        linestyle=styles[layer], linewidth=1, label=layer if k == 0 else None)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set(title=label, xlabel="iteration (update)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    if layers:
+        fig.legend(fontsize="xx-small", loc="lower center", ncol=min(6, len(layers)))
+    fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(layers) / 6), 1, 1))
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plateau_curve(points: dict[str, dict[int, list[float]]], chosen: int | None, tolerance: float, title: str,
+                  path: Path) -> Path:
+    """Final accuracy of the base-batch runs against their epoch budget (log x), per metric the mean over
+    seeds with the seeds' range; the chosen budget E marked."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for i, (metric, by_epochs) in enumerate(points.items()):
+        xs = sorted(by_epochs)
+        means = [100 * sum(by_epochs[x]) / len(by_epochs[x]) for x in xs]
+        low = [m - 100 * min(by_epochs[x]) for m, x in zip(means, xs)]
+        high = [100 * max(by_epochs[x]) - m for m, x in zip(means, xs)]
+        ax.errorbar(xs, means, yerr=[low, high], marker=MARKERS[i], capsize=3, color=f"C{i}", label=metric)
+    if chosen is not None:
+        ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"E = {chosen}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x for by_epochs in points.values() for x in by_epochs})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set(xlabel="epochs of the run (its whole schedule)", ylabel="final accuracy (%)",
+           title=f"{title} (rule: within {100 * tolerance:.1f} points of 2E)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return _save(fig, path)

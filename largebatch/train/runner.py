@@ -314,7 +314,8 @@ class _Run:
         layers = JsonlLog(self.run_dir / LAYERS, enabled=main)
         board = TensorBoard(self.run_dir, enabled=main and config.tensorboard)
         bar = tqdm(
-            total=self.steps_per_epoch * self.epoch_limit, initial=self.position.step, disable=not (main and config.progress),
+            total=self.steps_per_epoch * self.epoch_limit, initial=self.position.step,
+            disable=not (main and config.progress),
             desc=f"{config.method} B={config.batch}", unit="step", dynamic_ncols=True,
         )
         self.model.train()
