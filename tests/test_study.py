@@ -194,6 +194,15 @@ def test_study_tunes_sweeps_ablates_writes_the_page_and_resumes(tmp_path, capsys
     assert main(["study", "--spec", str(spec), "--report-only"]) == 0
     assert (tmp_path / "docs" / "results.md").read_text() == page
 
+    # A new machine: only the committed summaries are there. Every finished run
+    # is restored from them, none is trained again, and they come out the same.
+    assert main(["study", "--spec", str(spec)]) == 0
+    restored = capsys.readouterr().out
+    assert "restored 9 finished runs" in restored
+    assert "test accuracy" not in restored.replace("finished, skipped", "")
+    assert json.loads((tmp_path / "results" / "summaries.json").read_text())["runs"] == summaries["runs"]
+    assert (tmp_path / "docs" / "results.md").read_text() == page
+
 
 def test_study_refuses_a_bad_specification(tmp_path, capsys):
     spec = tmp_path / "bad.toml"

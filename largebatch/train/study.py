@@ -775,6 +775,7 @@ def run_study(spec: StudySpec, log: Callable[[str], None] = print, commit: bool 
     Stopped by a signal or Ctrl-C, it commits what finished (with ``commit``) and says how far it got.
     """
     Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
+    restore_committed(spec, log)
     committer = Committer(spec, commit, log)
     try:
         for model in spec.models:
@@ -842,6 +843,45 @@ def progress_note(spec: StudySpec) -> str:
 
 # -- summaries ---------------------------------------------------------------------------------------
 
+# Key of a summary.json written back from a committed record (restore_committed): the record itself.
+RESTORED = "restored_record"
+_PHASE_DIRS = {"plateau": ("plateau",), "tune": ("tune",), "sweep": ("runs",), "ablation": ("ablation", "runs")}
+
+
+def restore_committed(spec: StudySpec, log: Callable[[str], None] = print) -> int:
+    """Bring back, from the committed summaries.json, the finished runs whose directories are gone.
+
+    Run directories (checkpoints, per-step logs) are not committed, so on a
+    new machine only summaries.json says what finished. Each of its runs gets
+    a summary.json in its run directory holding its record (the fields the
+    phases read, and the record itself for ``collect``), and each model its
+    tuned rates, so the study skips them as finished. Returns how many were restored.
+    """
+    path = Path(spec.artifacts) / SUMMARIES
+    if not path.exists():
+        return 0
+    data = read_json(path)
+    if data.get("spec", {}).get("name") != spec.name:
+        log(f"{path} holds the study {data.get('spec', {}).get('name')!r}, not {spec.name!r}: nothing restored")
+        return 0
+    restored = 0
+    for record in data.get("runs", []):
+        directory = Path(spec.run_dir) / record["model"] / Path(*_PHASE_DIRS[record["phase"]]) / record["run"]
+        if is_finished(directory):
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / SUMMARY, {**record, RESTORED: record})
+        restored += 1
+    for model, tuned in data.get("tuning", {}).items():
+        tuned_path = Path(spec.run_dir) / model / TUNED_FILE
+        if not tuned_path.exists():
+            tuned_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(tuned_path, tuned)
+    if restored:
+        log(f"restored {restored} finished runs from {path} (their run directories were not here)")
+    return restored
+
+
 def collect(spec: StudySpec) -> Path:
     """Write summaries.json: the spec, the budget rule's decisions, tuned rates and every finished run,
     compact, from the run directories."""
@@ -899,6 +939,8 @@ def _run_record(directory: Path, model: str, phase: str, spec: StudySpec | None 
 def _read_run_record(directory: Path, model: str, phase: str, first_seed: int | None = None,
                      samples: int = 0) -> dict:
     summary = read_json(directory / SUMMARY)
+    if RESTORED in summary:  # written back from a committed record: that record, as it was
+        return summary[RESTORED]
     config = read_json(directory / "config.json")
     settings = config["config"]
     machine = summary.get("machine") or {}
