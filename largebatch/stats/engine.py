@@ -220,6 +220,8 @@ class GradientStatistics:
             raise ValueError("params: no parameter requires grad")
         _refuse_sharded(model, self.params)
         self._index_of = {id(p): k for k, p in enumerate(self.params)}
+        # Weak: hooks left on autograd nodes of a retained graph must not keep the engine alive.
+        self._weak_self = weakref.ref(self)
         anchor = self.params[0]
         self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self._device = anchor.device
@@ -502,22 +504,18 @@ class GradientStatistics:
         """
         if not torch.is_grad_enabled():
             return
-        nodes = {}
-        for leaf in tree_leaves(output):
-            if isinstance(leaf, Tensor) and leaf.requires_grad and leaf.grad_fn is not None:
-                nodes.setdefault(id(leaf.grad_fn), leaf.grad_fn)
-        if not nodes:
-            return
-        forward = _Forward(first_batch_size(args, kwargs))
-        engine = weakref.ref(self)
-
-        def reached(grad_outputs):
-            self_ = engine()
-            if self_ is not None and self_._active:
-                self_._forward_reached(forward)
-
-        for node in nodes.values():
-            node.register_prehook(reached)
+        if isinstance(output, Tensor):  # the usual case, without pytree
+            nodes = [output.grad_fn] if output.grad_fn is not None else []
+        else:
+            unique = {}
+            for leaf in tree_leaves(output):
+                if isinstance(leaf, Tensor) and leaf.grad_fn is not None:
+                    unique.setdefault(id(leaf.grad_fn), leaf.grad_fn)
+            nodes = list(unique.values())
+        if nodes:
+            forward = _Forward(first_batch_size(args, kwargs), self._weak_self)
+            for node in nodes:
+                node.register_prehook(forward)
 
     def _forward_reached(self, forward: "_Forward") -> None:
         if forward in self._pending_forwards:
@@ -692,12 +690,18 @@ class GradientStatistics:
 
 
 class _Forward:
-    """One forward pass of the model: its examples, and the step whose count includes them."""
+    """One forward pass of the model: its examples, the step whose count includes them, and
+    the pre-hook of its outputs' autograd nodes (a backward reached it)."""
 
-    __slots__ = ("examples", "step")
+    __slots__ = ("examples", "step", "engine")
 
-    def __init__(self, examples: int):
-        self.examples, self.step = examples, -1
+    def __init__(self, examples: int, engine: weakref.ref):
+        self.examples, self.step, self.engine = examples, -1, engine
+
+    def __call__(self, grad_outputs) -> None:
+        engine = self.engine()
+        if engine is not None and engine._active:
+            engine._forward_reached(self)
 
 
 def _grad_versions(params: list[Tensor]) -> list:
