@@ -37,7 +37,7 @@ from torch import Tensor
 from ._sharded import check_not_flat, is_sharded, layer_sq_norms, local
 from ._stacked import StackedLayout
 
-__all__ = ["Layouts", "ShardedLayout", "TensorLayout"]
+__all__ = ["Layouts", "ShardedLayout", "TensorLayout", "layer_norms"]
 
 
 class TensorLayout:
@@ -50,11 +50,12 @@ class TensorLayout:
         self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}
 
     def norms(self, lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        """Per list, the 1-D tensor of its tensors' L2 norms (one ``_foreach_norm`` each).
+        """Per list, the 1-D tensor of its tensors' L2 norms (one ``_foreach_norm`` each, or
+        BLAS dots where they pay: :func:`layer_norms`).
 
         One call per list measured faster on CPU than one on the joined lists, and far
         faster than norms of a flat copy (``torch.cat`` + segment sums: a full extra pass)."""
-        return [torch.stack(torch._foreach_norm(list(tensors))) for tensors in lists]
+        return [layer_norms(list(tensors)) for tensors in lists]
 
     def per_layer(self, vector: Tensor, slot: int | None = None) -> list[Tensor]:
         """One 0-d tensor per layer. With ``slot``, views of a vector kept here and refreshed
@@ -84,6 +85,30 @@ class TensorLayout:
 
     def to_stack_order(self, vector: Tensor) -> Tensor:
         return vector
+
+
+# Measured on CPU only (2 threads): on the ResNet-50 list (161 tensors, 25.6M parameters)
+# ``_foreach_norm`` took 7.9 ms where one BLAS dot per tensor took 2.7 ms; on 2,000
+# tensors of 2K elements the dots lost (7.0 ms against 3.2 ms). On CUDA ``_foreach_norm``
+# is one fused multi-tensor kernel, so it is kept there.
+DOT_NORMS_MIN_MEAN_NUMEL = 1 << 16
+
+
+def layer_norms(tensors: list[Tensor]) -> Tensor:
+    """The L2 norm of each tensor, as one 1-D tensor (no host sync)."""
+    first = tensors[0]
+    if (
+        first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.float64)
+        and sum(t.numel() for t in tensors) >= DOT_NORMS_MIN_MEAN_NUMEL * len(tensors)
+        and all(t.dtype == first.dtype and t.layout == torch.strided and t.is_contiguous() for t in tensors)
+    ):
+        out = torch.empty(len(tensors), dtype=first.dtype)
+        for t, slot in zip(tensors, out.unbind()):
+            flat = t.detach().view(-1)
+            torch.dot(flat, flat, out=slot)
+        return out.sqrt_()
+    return torch.stack(torch._foreach_norm(tensors))
 
 
 class ShardedLayout(TensorLayout):
