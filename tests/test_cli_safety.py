@@ -294,3 +294,16 @@ def test_fp16_statistics_methods_see_the_loss_scale(method, tmp_path):
                          train_limit=1024, test_limit=500, val_size=500, progress=False)
     run = _Run(config, Context())
     assert run.scaler is not None and run.optimizer.stats.grad_scaler is run.scaler
+
+
+def test_training_flushes_denormals_and_restores_the_setting(tmp_path, monkeypatch):
+    # Weights decayed into denormal floats made a CPU run 15x slower; a run flushes
+    # them to zero while it trains and leaves the process's setting as it found it.
+    from largebatch.train import runner
+
+    calls, real_flush = [], torch.set_flush_denormal
+    monkeypatch.setattr(runner.torch, "set_flush_denormal", lambda on: calls.append(on) or real_flush(on))
+    assert main(train_args(tmp_path / "run", "--max-steps", "1")) == 0
+    assert calls == [True, False]
+    x = torch.tensor([1e-39], dtype=torch.float32)  # a denormal: kept again after the run
+    assert (x * 1.0).item() != 0.0

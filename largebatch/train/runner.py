@@ -93,6 +93,10 @@ def train(config: TrainConfig) -> dict | None:
         raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
     threads = torch.get_num_threads()
     torch.set_num_threads(run_threads(config.threads))
+    # CPU only: a LAMB tuning run whose weights decayed into denormal floats ran 15x
+    # slower on a 2-core CPU (17 against 300 steps/s); flushing them to zero keeps the
+    # time per step that of the arithmetic. The flag has no effect on CUDA kernels.
+    flushed = torch.set_flush_denormal(True)
     try:
         context = distributed.setup(config.device)
         try:
@@ -101,6 +105,8 @@ def train(config: TrainConfig) -> dict | None:
             distributed.teardown(context)
     finally:
         torch.set_num_threads(threads)
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 def run_threads(threads: int | None = None) -> int:
