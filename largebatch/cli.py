@@ -362,6 +362,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Denormal floats are flushed per thread, and torch's CPU worker threads take the
+    # setting of the thread that starts them: set it before any parallel op starts them
+    # (train() sets it again for the calling thread; see runner.train).
+    import torch
+
+    torch.set_flush_denormal(True)
     args = build_parser().parse_args(argv)
     made = _new_directory(getattr(args, "run_dir", None))
     code = 1

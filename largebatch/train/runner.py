@@ -95,7 +95,9 @@ def train(config: TrainConfig) -> dict | None:
     torch.set_num_threads(run_threads(config.threads))
     # CPU only: a LAMB tuning run whose weights decayed into denormal floats ran 15x
     # slower on a 2-core CPU (17 against 300 steps/s); flushing them to zero keeps the
-    # time per step that of the arithmetic. The flag has no effect on CUDA kernels.
+    # time per step that of the arithmetic. The flag has no effect on CUDA kernels. It
+    # is per thread: torch's worker threads have it only if it was set before they
+    # started, as the command line does first thing (cli.main).
     flushed = torch.set_flush_denormal(True)
     try:
         context = distributed.setup(config.device)
