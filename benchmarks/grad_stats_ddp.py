@@ -11,10 +11,12 @@ is robust to other processes on a shared machine):
    backward (``applied_norm="backward"``, default) or in summary()
    (``"summary"``);
 2. 2-process gloo DDP on loopback: plain DDP (its built-in C++ all-reduce)
-   vs DDP with the engine's statistics, which ride on DDP's last bucket
-   (ddp.py's comm hook); ``sample="worker"`` (per-worker norms, 1 micro-batch
-   per worker) and ``sample="micro_batch"`` (2 micro-batches per worker,
-   no_sync, with the tensor hooks).
+   vs DDP with the engine's statistics (no comm hook; one small all-reduce
+   of their own, ddp.py); ``sample="worker"`` (per-worker norms, 1
+   micro-batch per worker) and ``sample="micro_batch"`` (2 micro-batches per
+   worker, no_sync, with the tensor hooks). For scale, ``python_comm_hook``:
+   DDP with torch's ``allreduce_hook`` (the same reduction through Python, no
+   statistics) against plain DDP, what any Python comm hook costs.
 
 Models: an MLP (784-512-512-10) and a small CNN (32x32x3, two conv layers).
 Writes benchmarks/results/grad_stats_ddp.json. Targets (``TARGETS``):
@@ -46,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch.stats import GradientStatistics
@@ -152,6 +155,16 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, models: list[str],
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     for name in models:
+        data = batches(name, 1, seed=rank + 1)
+        plain, hooked = DDP(build(name)), DDP(build(name))
+        hooked.register_comm_hook(None, allreduce_hook)
+
+        def synced_step(model):
+            dist.barrier()
+            return accumulate_step(model, data, None)
+
+        r = paired(lambda: synced_step(plain), lambda: synced_step(hooked), steps)
+        results[f"{name}/python_comm_hook"] = dict(r, micro_batches_per_worker=1, batch=MODELS[name][2], target="none (for scale)")
         for sample, micro in (("worker", 1), ("micro_batch", 2)):
             data = batches(name, micro, seed=rank + 1)
             plain = DDP(build(name))

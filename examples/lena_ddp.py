@@ -66,7 +66,7 @@ def main(argv=None):
     model = MLP().to(device)
     ddp = DDP(model) if distributed else model
 
-    stats = largebatch.GradientStatistics(ddp)  # the DDP module: its comm hook sees every worker's gradient
+    stats = largebatch.GradientStatistics(ddp)  # the DDP module: n = workers x micro-batches
     total_steps = steps_per_epoch * args.epochs
     opt = largebatch.LENA(
         largebatch.param_groups(model, weight_decay=5e-4, no_adapt=()),  # no decay on biases; every tensor its gain
@@ -99,7 +99,7 @@ def main(argv=None):
                   f"layers still warming up {warming} of {len(opt.warmup_ends())}")
 
     if distributed:
-        retire_collectives()  # a 50 ms pause: lets gloo release the comm hook's collectives
+        retire_collectives()  # a 50 ms pause: gloo's threads release finished collectives before exit
         dist.destroy_process_group()
 
 

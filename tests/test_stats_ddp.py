@@ -79,6 +79,21 @@ def _counting_collectives(counter: list[int]):
     counter[0] += group_._get_sequence_number_for_group() - before
 
 
+def _register_hook(ddp: DDP, name: str | None) -> None:
+    """A comm hook of the user's, registered on DDP as usual."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if name == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif name == "allreduce":  # DDP's default reduction, through Python
+        ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    elif name == "powersgd":  # issues collectives from its futures' callbacks
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif name is not None:
+        raise ValueError(name)
+
+
 def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
     """Run opts["steps"] SGD steps with DDP (+ the engine when opts["stats"]); record each step."""
     ddp = DDP(
@@ -88,11 +103,7 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
         find_unused_parameters=opts.get("find_unused", False),
         static_graph=opts.get("static_graph", False),
     )
-    hook = None
-    if opts.get("hook") == "fp16":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook as hook
-    elif opts.get("hook") == "allreduce":  # DDP's default reduction, through Python so it can be counted
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook as hook
+    _register_hook(ddp, opts.get("hook"))
     stats = None
     if opts.get("stats", True):
         stats = GradientStatistics(
@@ -101,10 +112,7 @@ def _train_ddp(rank: int, world: int, opts: dict) -> list[dict]:
             accumulation=opts.get("accumulation", "mean"),
             applied_norm=opts.get("applied_norm", "backward"),
             per_example=opts.get("per_example", False),
-            comm_hook=hook,
         )
-    elif hook is not None:
-        ddp.register_comm_hook(None, hook)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     micro, records = opts["micro"], []
     for step in range(opts["steps"]):
@@ -242,7 +250,7 @@ def test_static_graph_after_a_synchronised_first_step(group):
     _check_against_one_process(opts, group.run(_train_ddp, opts))
 
 
-def test_user_comm_hook_is_wrapped(group):
+def test_user_comm_hook_keeps_its_reduction(group):
     opts = {"sample": "worker", "micro": 1, "steps": 2, "hook": "fp16"}
     with_stats = group.run(_train_ddp, opts)
     plain = group.run(_train_ddp, dict(opts, stats=False))
@@ -254,32 +262,56 @@ def test_user_comm_hook_is_wrapped(group):
     _assert_same_summary(with_stats[0][0]["summary"], reference[0]["summary"], rtol=1e-9, b_rtol=2e-3)
 
 
-def test_exactly_one_extra_all_reduce_per_step(group):
-    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "hook": "allreduce"}
+@pytest.mark.parametrize("hook", [None, "allreduce"], ids=["builtin_reduction", "python_hook"])
+@pytest.mark.parametrize("sample", ["micro_batch", "worker"])
+def test_exactly_one_extra_all_reduce_per_step(group, sample, hook):
+    # DDP keeps its own reduction (its C++ all-reduce, or the user's hook);
+    # the statistics add one collective per step, issued while the last
+    # buckets are in flight (no hook) or after DDP's finalize (a hook).
+    opts = {"sample": sample, "micro": 2, "steps": 3, "hook": hook}
     with_stats = group.run(_train_ddp, opts)
     plain = group.run(_train_ddp, dict(opts, stats=False))
     # DDP starts with one bucket and rebuilds into several after the first step.
     assert [b["all_reduces"] for b in plain[0]][0] == 1 and plain[0][-1]["all_reduces"] > 1
     for a, b in zip(with_stats[0], plain[0]):
         assert a["all_reduces"] == b["all_reduces"] + 1
+    _check_against_one_process(opts, with_stats)
 
 
-def _collectives(rank: int, world: int, opts: dict) -> int:
-    """Collectives the group ran during training (its sequence number counts every one, C++ ones too)."""
-    group_ = dist.group.WORLD
-    before = group_._get_sequence_number_for_group()
-    _train_ddp(rank, world, opts)
-    return group_._get_sequence_number_for_group() - before
+def test_powersgd_hook_collectives_stay_in_order(group):
+    # PowerSGD issues all-reduces from its futures' callbacks (from its third
+    # step here); the statistics wait for DDP's finalize so that every rank
+    # issues the same collectives in the same order. Worker norms are taken
+    # before compression: exact; B is of the applied (compressed) gradient.
+    opts = {"sample": "worker", "micro": 2, "steps": 4, "hook": "powersgd", "bucket_cap_mb": 25}
+    ranks = group.run(_train_ddp, opts)
+    reference = _one_process(opts)
+    for records in ranks:
+        for record in records:
+            applied = torch.stack([g.square().sum() for g in record["grads"]])
+            torch.testing.assert_close(record["summary"]["B"], applied, rtol=1e-9, atol=1e-15)
+        _assert_same_summary(records[0]["summary"], reference[0]["summary"])
+        # the weights are still equal at step 2, where compression starts: its gradient is not exact
+        assert not all(torch.allclose(g, w) for g, w in zip(records[2]["grads"], reference[2]["grads"]))
 
 
-def test_default_reduction_carries_the_statistics_without_a_collective_of_its_own(group):
-    # With DDP's default reduction the statistics vector rides on the last
-    # bucket: as many collectives as plain DDP (its C++ reduction).
-    opts = {"sample": "worker", "micro": 2, "steps": 3}
-    ranks = group.run(_collectives, opts)
-    plain = group.run(_collectives, dict(opts, stats=False))
-    assert ranks == plain and plain[0] > opts["steps"]  # several buckets a step, none more
-    _check_against_one_process(opts, group.run(_train_ddp, opts))
+def _launch_points(rank: int, world: int) -> list[bool]:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from largebatch.stats.ddp import may_launch_before_finalize
+
+    plain, hooked = DDP(_model({})), DDP(_model({}))
+    hooked.register_comm_hook(None, allreduce_hook)
+    other = dist.new_group(list(range(world)))
+    return [
+        may_launch_before_finalize(plain, plain.process_group),
+        may_launch_before_finalize(hooked, hooked.process_group),
+        may_launch_before_finalize(hooked, other),
+    ]
+
+
+def test_statistics_launch_early_only_without_a_python_comm_hook(group):
+    assert group.run(_launch_points) == [[True, False, True]] * WORLD
 
 
 class _MixedNet(nn.Module):
@@ -374,13 +406,6 @@ def _bad_input(rank: int, world: int) -> dict[str, str]:
     except RuntimeError as error:
         messages["never_synced"] = str(error)
 
-    ddp = DDP(_model({}))
-    ddp.register_comm_hook(None, lambda state, bucket: None)
-    try:
-        GradientStatistics(ddp)
-    except ValueError as error:
-        messages["hook_already_registered"] = str(error)
-
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
@@ -398,20 +423,15 @@ def test_bad_input_under_ddp(group):
     assert "static_graph=True" in messages["static_graph"] and "143580" in messages["static_graph"]
     assert "sample='worker'" in messages["worker_two_syncs"]
     assert "no synchronised backward" in messages["never_synced"]
-    assert "comm_hook=" in messages["hook_already_registered"]
     assert "sharded parameters" in messages["sharded"]
 
 
-def _after_remove(rank: int, world: int, wrapped: bool) -> dict:
-    """After remove() the comm hook only forwards to the wrapped (or default) reduction."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
+def _after_remove(rank: int, world: int, hook: str | None) -> dict:
+    """After remove() DDP reduces as it did before: its own reduction or the user's hook, nothing more."""
     x, y = _step_data(0, {"micro": 1})[rank]
     ddp = DDP(_model({}))
-    if wrapped:
-        stats = GradientStatistics(ddp, sample="worker", comm_hook=allreduce_hook, comm_state=None)
-    else:
-        stats = GradientStatistics(ddp, sample="worker")
+    _register_hook(ddp, hook)
+    stats = GradientStatistics(ddp, sample="worker")
     _loss(ddp, x, y).backward()
     stats.summary()
     stats.remove()
@@ -431,9 +451,9 @@ def _after_remove(rank: int, world: int, wrapped: bool) -> dict:
     return {"all_reduces": counter[0], "grads": [p.grad.clone() for p in ddp.parameters()], "expected": expected}
 
 
-@pytest.mark.parametrize("wrapped", [False, True], ids=["default_reduction", "wrapped_hook"])
-def test_remove_leaves_a_plain_reduction(group, wrapped):
-    ranks = group.run(_after_remove, wrapped)
+@pytest.mark.parametrize("hook", [None, "allreduce"], ids=["builtin_reduction", "python_hook"])
+def test_remove_leaves_a_plain_reduction(group, hook):
+    ranks = group.run(_after_remove, hook)
     assert ranks[0]["all_reduces"] == 1  # the one bucket, no statistics
     for rank in ranks:
         for got, want in zip(rank["grads"], rank["expected"], strict=True):

@@ -481,11 +481,6 @@ def test_bad_arguments_name_the_argument(kwargs, name):
         GradientStatistics(_mlp(), **kwargs)
 
 
-def test_comm_hook_without_ddp_is_an_error():
-    with pytest.raises(ValueError, match="comm_hook"):
-        GradientStatistics(_mlp(), comm_hook=lambda state, bucket: None)
-
-
 def test_frozen_model_is_an_error():
     model = _mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="params"):

@@ -1,41 +1,34 @@
-"""DDP communication hooks that measure each worker's local gradient.
+"""How the statistics engine rides along DistributedDataParallel without a comm hook.
 
-Before a bucket is reduced, the 2-norms of ``bucket.gradients()`` (each
-worker's *local* gradient, not yet divided by the world size) are taken and
-keyed by parameter identity, because DDP rebuilds its buckets after the first
-step (bucket indices are not stable). Then the statistics of the step, one
-small vector, are summed over the workers:
+DDP reduces gradients with its built-in C++ all-reduce; the engine registers
+no communication hook. A Python comm hook, even one that only all-reduces,
+cost 6% of a 2-process gloo step of a small MLP on a 2-core CPU
+(benchmarks/README.md), more than every statistic together. Instead:
 
-* with DDP's default reduction (:func:`mean_allreduce_with_statistics`), in
-  the last bucket's own all-reduce: the vector is appended to the bucket, so
-  a step costs no extra collective (a separate all-reduce of a few floats
-  takes about 0.4 ms between two gloo processes on a 2-core CPU, 3-4% of a
-  small MLP's step);
-* with the user's hook (fp16 compression, PowerSGD, ...;
-  :func:`statistics_comm_hook`), the bucket is reduced by that hook,
-  unchanged, and the engine issues one small all-reduce after DDP has
-  finished the backward: all gradient collectives are issued by then on every
-  rank in the same order, even when the hook issues collectives from its own
-  callbacks, as PowerSGD does.
+* each worker's local gradient is read where autograd leaves it: per
+  micro-batch by a tensor hook, or (``sample="worker"``) the accumulated one by
+  a post-accumulate-grad hook, which runs before DDP's reducer hook on the
+  same ``AccumulateGrad`` node copies the gradient into its bucket;
+* the step's statistics, one small vector, are summed over the workers by one
+  all-reduce (:func:`all_reduce_sum`) issued at the end of the synchronised
+  backward (:func:`may_launch_before_finalize`), while DDP's last buckets are
+  still in flight; the engine waits for it in ``summary()``.
 
 Per-worker sampling follows the shared statistics reference (stats.md,
 "Per-worker statistics under DDP"); the single fused reduction replaces the
 one-collective-per-tensor scheme of the LENA authors' code.
 """
 
-# No "from __future__ import annotations": DDP compares the hook's annotations
-# with dist.GradBucket and Future[Tensor] at registration.
+from __future__ import annotations
+
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["all_reduce_sum", "mean_allreduce_with_statistics", "statistics_comm_hook"]
-
-CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
+__all__ = ["all_reduce_sum", "forward_synchronises", "may_launch_before_finalize"]
 
 
 def all_reduce_sum(process_group: dist.ProcessGroup, tensor: Tensor) -> torch.futures.Future:
@@ -54,77 +47,29 @@ def _sum_options() -> dist.AllreduceOptions:
     return options
 
 
-def statistics_comm_hook(
-    inner_hook: CommHook,
-    inner_state: Any,
-    *,
-    before_reduce: Callable[[dist.GradBucket], None] | None,
-    after_last_bucket: Callable[[], None],
-    is_active: Callable[[], bool],
-) -> CommHook:
-    """Wrap ``inner_hook`` so that statistics are taken alongside it.
+def forward_synchronises(ddp: DistributedDataParallel) -> bool:
+    """Whether the backward of a forward running now averages the gradients.
 
-    ``before_reduce(bucket)``, if given, runs before the wrapped hook may
-    modify the bucket in place; ``after_last_bucket()`` runs after the last bucket's
-    reduction was launched. When ``is_active()`` is false the hook only
-    forwards to ``inner_hook`` (DDP has no way to unregister a comm hook).
+    DDP decides in its forward, with this same test (``_pre_forward``): a forward
+    under ``no_sync()`` leaves its backward local, wherever that backward runs.
     """
-
-    def largebatch_statistics_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        if not is_active():
-            return inner_hook(inner_state, bucket)
-        if before_reduce is not None:
-            before_reduce(bucket)
-        reduced = inner_hook(inner_state, bucket)
-        if bucket.is_last():
-            after_last_bucket()
-        return reduced
-
-    return largebatch_statistics_hook
+    return torch.is_grad_enabled() and ddp.require_backward_grad_sync
 
 
-def mean_allreduce_with_statistics(
-    process_group: dist.ProcessGroup,
-    *,
-    before_reduce: Callable[[dist.GradBucket], None] | None,
-    last_bucket_statistics: Callable[[], Tensor],
-    deliver: Callable[[Tensor, torch.futures.Future], None],
-    is_active: Callable[[], bool],
-) -> CommHook:
-    """DDP's default reduction (the mean over workers), the statistics riding on its last bucket.
+def may_launch_before_finalize(ddp: DistributedDataParallel, group: dist.ProcessGroup) -> bool:
+    """Whether the statistics may be all-reduced at the end of the backward's graph.
 
-    ``last_bucket_statistics()`` returns the vector to sum over the workers
-    (left unchanged); ``deliver(reduced, future)`` receives the tensor that
-    will hold the sums and the collective's future. A vector of another dtype
-    than the bucket (float64 statistics, a float32 bucket) gets its own
-    all-reduce instead. ``before_reduce`` may be None (nothing to measure per
-    bucket).
+    Then every gradient collective of the backward has been issued on every
+    rank: DDP launches its last bucket before queueing its finalize callback,
+    which runs after the engine's. On DDP's own group the statistics
+    therefore follow the same collectives in the same order on every rank,
+    overlapping the last buckets' reduction. Not so when a Python comm hook
+    may issue collectives from its futures' callbacks (PowerSGD), or when DDP
+    reduces outside its reducer: then the engine waits for DDP's finalize,
+    which waits for all of them.
     """
-    world = process_group.size()
-
-    def largebatch_mean_allreduce_with_statistics(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        buffer = bucket.buffer()
-        active = is_active()
-        if active and before_reduce is not None:
-            before_reduce(bucket)
-        if active and bucket.is_last():
-            statistics = last_bucket_statistics()
-            if statistics.dtype == buffer.dtype:
-                n = buffer.numel()
-                combined = buffer.new_empty(n + statistics.numel())
-                torch.div(buffer, world, out=combined[:n])
-                combined[n:].copy_(statistics)
-                reduced = all_reduce_sum(process_group, combined)
-                deliver(combined[n:], reduced)
-                # DDP copies a result that is not the bucket's buffer into the gradients.
-                return reduced.then(lambda fut: fut.value()[0][:n])
-            statistics = statistics.clone()  # reduced in place; the caller's vector stays local
-            deliver(statistics, all_reduce_sum(process_group, statistics))
-        buffer.div_(world)
-        return all_reduce_sum(process_group, buffer).then(_first)
-
-    return largebatch_mean_allreduce_with_statistics
-
-
-def _first(fut: torch.futures.Future) -> Tensor:
-    return fut.value()[0]
+    if group is not ddp.process_group:
+        return True
+    if getattr(ddp, "_delay_all_reduce_all_params", False) or getattr(ddp, "_use_python_reducer", False):
+        return False
+    return not getattr(ddp, "_comm_hooks", True)

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import estimators
 from ._norms import sq_norm_into, sq_norms, sq_norms_into
-from .ddp import all_reduce_sum, mean_allreduce_with_statistics, statistics_comm_hook
+from .ddp import all_reduce_sum, forward_synchronises, may_launch_before_finalize
 
 __all__ = ["GradientStatistics", "GradientSummary"]
 
@@ -142,10 +142,9 @@ class GradientStatistics:
     for the scales and ``summary()`` for what n counts.
 
     Args:
-        model: the module, or a ``DistributedDataParallel`` wrapping it (then a
-            comm hook is registered that wraps ``comm_hook`` or the default
-            all-reduce; register your own hook through this argument, not on
-            the DDP module).
+        model: the module, or a ``DistributedDataParallel`` wrapping it. DDP
+            keeps its own reduction and any comm hook registered on it; the
+            statistics get one small all-reduce of their own per step (ddp.py).
         per_example: also collect per-example gradient norms (ghost norms).
         loss_reduction: "mean" or "sum" over the examples of a micro-batch.
         accumulation: "mean" when the loss is divided by the number of
@@ -165,12 +164,8 @@ class GradientStatistics:
             after every backward, never refused, one extra gradient read per
             micro-batch. "summary": once, in summary(), refused if p.grad was
             changed in place after the last backward.
-        comm_hook, comm_state: the DDP communication hook to wrap, and its state.
-            Without one the statistics ride on the last bucket of DDP's
-            default reduction (no collective of their own); with one they
-            get one small all-reduce after DDP's backward (see ddp.py).
-        process_group: group for the statistics (default: DDP's; another
-            group also means one small all-reduce after DDP's backward).
+        process_group: group for the statistics' all-reduce (default: DDP's).
+            Another group must carry nothing else during a backward.
         params: the tracked parameters (default: all trainable ones).
         grad_scaler: the ``torch.amp.GradScaler`` that scales the losses, if
             any: ``summary().loss_scale`` is then its scale (a tensor).
@@ -200,8 +195,6 @@ class GradientStatistics:
         batchnorm: str = "contribution",
         per_example_fallback: bool = True,
         applied_norm: str = "backward",
-        comm_hook=None,
-        comm_state=None,
         process_group=None,
         params=None,
         grad_scaler=None,
@@ -231,7 +224,7 @@ class GradientStatistics:
         self._vector = torch.zeros(K + (2 * K if per_example else 0) + 1, dtype=self._dtype, device=self._device)
         self._examples_entry = self._vector[-1]
         # sum over this worker's samples of ||sample||^2: the micro-batches' h_i, or
-        # (sample="worker", from the comm hook) the accumulated local gradient
+        # (sample="worker", under DDP) the accumulated local gradient
         self._local_sq = self._vector[:K]
         self._local_slots = list(self._local_sq.unbind())
         self._backward_sq = torch.zeros(K, dtype=self._dtype, device=self._device)  # this backward's ||h_i||^2
@@ -254,9 +247,7 @@ class GradientStatistics:
         self._group = None
         self._world: int | None = None
         if self.ddp is not None:
-            self._attach_ddp(comm_hook, comm_state, process_group)
-        elif comm_hook is not None:
-            raise ValueError("comm_hook: only meaningful when model is a DistributedDataParallel")
+            self._attach_ddp(process_group)
         self._backwards = 0
         self._unscaling_checked = False
         self._backwards_last_step = 0  # where applied_norm="backward" expects a step's last backward
@@ -280,6 +271,7 @@ class GradientStatistics:
         self._pending_forwards: list[_Forward] = []  # reached by the running backward, not yet counted
         self._repeated_forward = False
         self._backward_added = False
+        self._backward_synced = False  # a forward this backward reached is one DDP averages
         self._vector.zero_()
         self._reduced: Tensor | None = None  # the statistics vector, summed over workers once _work is done
         self._work = None
@@ -291,7 +283,7 @@ class GradientStatistics:
             self.per_example.reset()
 
     def remove(self) -> None:
-        """Detach every hook (the DDP comm hook becomes a plain forwarder)."""
+        """Detach every hook; the model (and DDP) are left as they were before."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -413,19 +405,47 @@ class GradientStatistics:
 
         return hook
 
+    def _local_grad_hook(self, k: int):
+        """sample="worker" under DDP: ||p.grad||^2 as AccumulateGrad leaves it, this worker's own.
+
+        A post-accumulate-grad hook runs before DDP's reducer hook on the same
+        node copies the gradient into its bucket (and, with
+        ``gradient_as_bucket_view``, divides it there). Every backward
+        overwrites the slot, so the synchronised one leaves the whole local
+        accumulation; a parameter it does not reach keeps its earlier value,
+        which is still its p.grad.
+        """
+        slot = self._local_slots[k]
+
+        def hook(param: Tensor) -> None:
+            sq_norm_into(param.grad, slot)
+
+        return hook
+
     def _start_backward(self) -> None:
         """The first parameter gradient of a backward pass arrived."""
         self._in_backward = True
         self._backwards += 1
         self._backward_added = False
+        self._backward_synced = False
         if self.sample == "micro_batch":
             self._backward_sq.zero_()  # parameters this backward does not reach add 0
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     def _end_backward(self) -> None:
+        """The backward's graph has run: every norm of it is taken."""
         self._count_forwards()
         self._in_backward = False
         self._add_backward()
+        if self.ddp is None:
+            self._snapshot_grad_sq_norms()
+            return
+        if self._backward_synced:
+            self._reductions += 1
+            self._backwards_at_reduction = self._backwards
+            self._synced_once = True
+            if may_launch_before_finalize(self.ddp, self._group):
+                self._launch_statistics()
         # Queued now, this runs after DDP's own end-of-backward callback, which
         # waits for the gradient reductions and writes the averaged gradients
         # into p.grad.
@@ -438,11 +458,11 @@ class GradientStatistics:
             self._backward_added = True
 
     def _after_backward(self) -> None:
-        if self.ddp is not None:
-            if self._backwards_at_reduction != self._backwards:
-                return  # a no_sync backward: p.grad is local, not the applied gradient
-            if not self._fused:
-                self._launch_statistics()
+        """Under DDP, after its finalize: p.grad holds the averaged gradient."""
+        if self._backwards_at_reduction != self._backwards:
+            return  # a no_sync backward: p.grad is local, not the applied gradient
+        if self._work is None:
+            self._launch_statistics()  # held back for a comm hook's collectives
         self._snapshot_grad_sq_norms()
 
     def _snapshot_grad_sq_norms(self) -> None:
@@ -513,7 +533,8 @@ class GradientStatistics:
                     unique.setdefault(id(leaf.grad_fn), leaf.grad_fn)
             nodes = list(unique.values())
         if nodes:
-            forward = _Forward(first_batch_size(args, kwargs), self._weak_self)
+            synced = self.ddp is not None and forward_synchronises(self.ddp)
+            forward = _Forward(first_batch_size(args, kwargs), synced, self._weak_self)
             for node in nodes:
                 node.register_prehook(forward)
 
@@ -541,6 +562,7 @@ class GradientStatistics:
                 else:
                     forward.step = self._step_serial
                     self._examples += forward.examples
+                self._backward_synced = self._backward_synced or forward.synced
         self._pending_forwards = []
 
     def _micro_batch_scale(self, m: int) -> float:
@@ -555,46 +577,13 @@ class GradientStatistics:
         return scale
 
     # -- DDP --------------------------------------------------------------------
-    def _attach_ddp(self, comm_hook, comm_state, process_group) -> None:
+    def _attach_ddp(self, process_group) -> None:
         ddp = self.ddp
-        if getattr(ddp, "_comm_hooks", None):
-            raise ValueError(
-                "the DistributedDataParallel module already has a comm hook; pass it as "
-                "GradientStatistics(comm_hook=..., comm_state=...) so it can be wrapped"
-            )
         self._group = process_group if process_group is not None else ddp.process_group
-        # The default reduction carries the statistics in its last bucket (see
-        # ddp.py); a user's hook, or a separate statistics group, gets one
-        # extra all-reduce after DDP's backward.
-        self._fused = comm_hook is None and self._group is ddp.process_group
-        ddp.register_comm_hook(*self._comm_hook(comm_hook, comm_state))
+        if self.sample == "worker":
+            self._handles += [p.register_post_accumulate_grad_hook(self._local_grad_hook(k)) for k, p in enumerate(self.params)]
         self._synced_once = False
         self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
-
-    def _comm_hook(self, comm_hook, comm_state) -> tuple:
-        """The (state, hook) pair of ddp.py's hooks for this engine."""
-        before_reduce = self._on_bucket if self.sample == "worker" else None  # micro-batch norms: tensor hooks
-        if self._fused:
-            hook = mean_allreduce_with_statistics(
-                self.ddp.process_group,
-                before_reduce=before_reduce,
-                last_bucket_statistics=self._last_bucket_statistics,
-                deliver=self._deliver,
-                is_active=lambda: self._active,
-            )
-            return self.ddp.process_group, hook
-        if comm_hook is None:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-            comm_hook, comm_state = allreduce_hook, self.ddp.process_group
-        hook = statistics_comm_hook(
-            comm_hook,
-            comm_state,
-            before_reduce=before_reduce,
-            after_last_bucket=self._mark_synchronised,
-            is_active=lambda: self._active,
-        )
-        return comm_state, hook
 
     def _world_size(self) -> int:
         if self.ddp is None:
@@ -603,44 +592,13 @@ class GradientStatistics:
             self._world = dist.get_world_size(self._group)
         return self._world
 
-    def _on_bucket(self, bucket: dist.GradBucket) -> None:
-        """Squared norms of this worker's gradients in the bucket, before it is reduced (sample="worker")."""
-        grads, slots = [], []
-        for grad, param in zip(bucket.gradients(), bucket.parameters()):
-            k = self._index_of.get(id(param))
-            if k is not None:  # parameters outside params= are not tracked
-                grads.append(grad)
-                slots.append(self._local_slots[k])
-        if grads:
-            sq_norms_into(grads, slots)
-
-    def _mark_synchronised(self) -> None:
-        """The last bucket's reduction was launched: this backward averages the gradients."""
-        self._reductions += 1
-        self._backwards_at_reduction = self._backwards
-        self._synced_once = True
-
-    def _last_bucket_statistics(self) -> Tensor:
-        """The default hook's last bucket: this backward synchronises; the vector it will carry."""
-        self._mark_synchronised()
-        return self._statistics_vector()
-
-    def _deliver(self, reduced: Tensor, future: torch.futures.Future) -> None:
-        self._reduced, self._work = reduced, future
-
     def _launch_statistics(self) -> None:
-        """All-reduce the step's statistics vector once DDP finished the synchronised backward.
-
-        With a user's comm hook: every rank has issued the same gradient
-        collectives by then. summary() waits.
-        """
+        """All-reduce the step's statistics vector (ddp.py says when); summary() waits."""
         self._reduced = self._statistics_vector().clone()  # reduced in place; the local sums stay local
         self._work = all_reduce_sum(self._group, self._reduced)
 
     def _statistics_vector(self) -> Tensor:
         """Every statistic of the step in one vector: sample sums, per-example sums, examples."""
-        self._add_backward()  # from the last bucket: this backward's norms are not added yet
-        self._count_forwards()  # and its examples: the outputs' nodes ran before any parameter's
         if self.per_example is None:
             self._examples_entry.fill_(float(self._examples))
             return self._vector
@@ -690,13 +648,14 @@ class GradientStatistics:
 
 
 class _Forward:
-    """One forward pass of the model: its examples, the step whose count includes them, and
-    the pre-hook of its outputs' autograd nodes (a backward reached it)."""
+    """One forward pass of the model: its examples, whether DDP will average its backward,
+    the step whose count includes them, and the pre-hook of its outputs' autograd nodes
+    (a backward reached it)."""
 
-    __slots__ = ("examples", "step", "engine")
+    __slots__ = ("examples", "synced", "step", "engine")
 
-    def __init__(self, examples: int, engine: weakref.ref):
-        self.examples, self.step, self.engine = examples, -1, engine
+    def __init__(self, examples: int, synced: bool, engine: weakref.ref):
+        self.examples, self.synced, self.step, self.engine = examples, synced, -1, engine
 
     def __call__(self, grad_outputs) -> None:
         engine = self.engine()
