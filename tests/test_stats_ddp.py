@@ -243,10 +243,11 @@ def test_parameter_without_gradient_and_find_unused_parameters(group):
         assert records[0]["grads"][-1] is None  # the unused layer never got a gradient
 
 
-def test_static_graph_after_a_synchronised_first_step(group):
+@pytest.mark.parametrize("hook", [None, "allreduce"], ids=["builtin_reduction", "python_hook"])
+def test_static_graph_after_a_synchronised_first_step(group, hook):
     # First step synchronises every micro-batch (several reductions in one
-    # step), later steps accumulate under no_sync.
-    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "static_graph": True, "sync_every_micro_batch_at": (0,)}
+    # step, each with the statistics so far), later steps accumulate under no_sync.
+    opts = {"sample": "micro_batch", "micro": 2, "steps": 3, "static_graph": True, "sync_every_micro_batch_at": (0,), "hook": hook}
     _check_against_one_process(opts, group.run(_train_ddp, opts))
 
 

@@ -272,6 +272,7 @@ class GradientStatistics:
         self._repeated_forward = False
         self._backward_added = False
         self._backward_synced = False  # a forward this backward reached is one DDP averages
+        self._launch_pending = False  # a synchronised backward's statistics wait for DDP's finalize
         self._vector.zero_()
         self._reduced: Tensor | None = None  # the statistics vector, summed over workers once _work is done
         self._work = None
@@ -444,6 +445,7 @@ class GradientStatistics:
             self._reductions += 1
             self._backwards_at_reduction = self._backwards
             self._synced_once = True
+            self._launch_pending = True
             if may_launch_before_finalize(self.ddp, self._group):
                 self._launch_statistics()
         # Queued now, this runs after DDP's own end-of-backward callback, which
@@ -461,7 +463,7 @@ class GradientStatistics:
         """Under DDP, after its finalize: p.grad holds the averaged gradient."""
         if self._backwards_at_reduction != self._backwards:
             return  # a no_sync backward: p.grad is local, not the applied gradient
-        if self._work is None:
+        if self._launch_pending:
             self._launch_statistics()  # held back for a comm hook's collectives
         self._snapshot_grad_sq_norms()
 
@@ -594,6 +596,7 @@ class GradientStatistics:
 
     def _launch_statistics(self) -> None:
         """All-reduce the step's statistics vector (ddp.py says when); summary() waits."""
+        self._launch_pending = False
         self._reduced = self._statistics_vector().clone()  # reduced in place; the local sums stay local
         self._work = all_reduce_sum(self._group, self._reduced)
 
