@@ -407,6 +407,14 @@ def _bad_input(rank: int, world: int) -> dict[str, str]:
     except RuntimeError as error:
         messages["never_synced"] = str(error)
 
+    ddp = DDP(_model({}))
+    stats = GradientStatistics(ddp)
+    _loss(ddp.module, x, y).backward()  # around DDP: nothing averages this gradient
+    try:
+        stats.summary()
+    except RuntimeError as error:
+        messages["module_called_directly"] = str(error)
+
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
@@ -424,6 +432,7 @@ def test_bad_input_under_ddp(group):
     assert "static_graph=True" in messages["static_graph"] and "143580" in messages["static_graph"]
     assert "sample='worker'" in messages["worker_two_syncs"]
     assert "no synchronised backward" in messages["never_synced"]
+    assert "no synchronised backward" in messages["module_called_directly"]
     assert "sharded parameters" in messages["sharded"]
 
 

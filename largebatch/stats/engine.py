@@ -244,6 +244,7 @@ class GradientStatistics:
                     handle.remove()
                 raise
         self._active = True
+        self._ddp_forward_synchronises = False  # set by DDP's forward, taken by the model's
         self._group = None
         self._world: int | None = None
         if self.ddp is not None:
@@ -524,6 +525,7 @@ class GradientStatistics:
         the norms do. The hook sits on the outputs' autograd nodes, which
         later in-place edits of the outputs do not remove.
         """
+        synced, self._ddp_forward_synchronises = self._ddp_forward_synchronises, False
         if not torch.is_grad_enabled():
             return
         if isinstance(output, Tensor):  # the usual case, without pytree
@@ -535,7 +537,6 @@ class GradientStatistics:
                     unique.setdefault(id(leaf.grad_fn), leaf.grad_fn)
             nodes = list(unique.values())
         if nodes:
-            synced = self.ddp is not None and forward_synchronises(self.ddp)
             forward = _Forward(first_batch_size(args, kwargs), synced, self._weak_self)
             for node in nodes:
                 node.register_prehook(forward)
@@ -585,7 +586,7 @@ class GradientStatistics:
         if self.sample == "worker":
             self._handles += [p.register_post_accumulate_grad_hook(self._local_grad_hook(k)) for k, p in enumerate(self.params)]
         self._synced_once = False
-        self._handles.append(ddp.register_forward_pre_hook(self._guard_static_graph_no_sync))
+        self._handles.append(ddp.register_forward_pre_hook(self._on_ddp_forward))
 
     def _world_size(self) -> int:
         if self.ddp is None:
@@ -639,8 +640,14 @@ class GradientStatistics:
                 f"micro-batches under no_sync()); this step synchronised {self._reductions} times"
             )
 
-    def _guard_static_graph_no_sync(self, module, args) -> None:
+    def _on_ddp_forward(self, module, args) -> None:
+        """DDP's forward begins: note whether it will average this forward's backward.
+
+        The model's own forward hook takes the note; a forward of the model
+        called outside DDP's finds none, and its backward is local.
+        """
         ddp = self.ddp
+        self._ddp_forward_synchronises = forward_synchronises(ddp)
         first_synced = self._synced_once or getattr(ddp, "_static_graph_delay_allreduce_enqueued", False)
         if ddp.static_graph and not ddp.require_backward_grad_sync and not first_synced:
             raise RuntimeError(
