@@ -14,9 +14,12 @@ is robust to other processes on a shared machine):
    vs DDP with the engine's statistics (no comm hook; one small all-reduce
    of their own, ddp.py); ``sample="worker"`` (per-worker norms, 1
    micro-batch per worker) and ``sample="micro_batch"`` (2 micro-batches per
-   worker, no_sync, with the tensor hooks). For scale, ``python_comm_hook``:
-   DDP with torch's ``allreduce_hook`` (the same reduction through Python, no
-   statistics) against plain DDP, what any Python comm hook costs.
+   worker, no_sync, with the tensor hooks). For scale, two rows without
+   statistics against plain DDP: ``python_comm_hook``, DDP with torch's
+   ``allreduce_hook`` (the same reduction through Python: what riding on a
+   bucket through any Python hook costs), and ``extra_all_reduce``, plain DDP
+   plus one all-reduce of the statistics' size after the backward (what a
+   collective of their own costs).
 
 Models: an MLP (784-512-512-10) and a small CNN (32x32x3, two conv layers).
 Writes benchmarks/results/grad_stats_ddp.json. Targets (``TARGETS``):
@@ -52,6 +55,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from largebatch.stats import GradientStatistics
+from largebatch.stats.ddp import all_reduce_sum
 from largebatch.train.distributed import retire_collectives
 
 from _allocator import steady_malloc
@@ -73,10 +77,13 @@ def cnn() -> nn.Module:
 
 MODELS = {"mlp": (mlp, (1, 28, 28), 128), "cnn": (cnn, (3, 32, 32), 32)}
 TARGETS = {"mlp/worker": "<= 1.10", "cnn/worker": "<= 1.06", "micro_batch": "<= 1.06"}
+FOR_SCALE = ("python_comm_hook", "extra_all_reduce")  # references of what the design costs, no target
 
 
 def target(key: str) -> str:
     """The target for a result key (``mlp/worker``, ``cnn/micro_batch``, ``mlp/applied_norm=backward``)."""
+    if key.split("/")[-1] in FOR_SCALE:
+        return "none (for scale)"
     return TARGETS.get(key, TARGETS["micro_batch"])
 
 
@@ -147,6 +154,20 @@ def single_process(name: str, steps: int, micro: int = 4) -> dict:
     return out
 
 
+class _ExtraAllReduce:
+    """A stand-in for the engine that only sums a vector of the statistics' size over the workers
+    after the backward and waits for it: what any statistic of its own would cost."""
+
+    def __init__(self, size: int):
+        self.vector = torch.zeros(size)
+
+    def summary(self) -> None:
+        all_reduce_sum(dist.group.WORLD, self.vector).wait()
+
+    def reset(self) -> None:
+        pass
+
+
 def _ddp_worker(rank: int, world: int, port: int, steps: int, models: list[str], out: str, steady: bool) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -155,27 +176,24 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, models: list[str],
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
     for name in models:
-        data = batches(name, 1, seed=rank + 1)
-        plain, hooked = DDP(build(name)), DDP(build(name))
+        hooked = DDP(build(name))
         hooked.register_comm_hook(None, allreduce_hook)
-
-        def synced_step(model):
-            dist.barrier()
-            return accumulate_step(model, data, None)
-
-        r = paired(lambda: synced_step(plain), lambda: synced_step(hooked), steps)
-        results[f"{name}/python_comm_hook"] = dict(r, micro_batches_per_worker=1, batch=MODELS[name][2], target="none (for scale)")
-        for sample, micro in (("worker", 1), ("micro_batch", 2)):
+        with_statistics = {sample: DDP(build(name)) for sample in ("worker", "micro_batch")}
+        rows = [  # (key, model, engine or stand-in, micro-batches per worker)
+            ("python_comm_hook", hooked, None, 1),  # for scale: the same reduction through Python
+            ("extra_all_reduce", DDP(build(name)), _ExtraAllReduce(len(list(hooked.parameters())) + 1), 1),
+            ("worker", with_statistics["worker"], GradientStatistics(with_statistics["worker"], sample="worker"), 1),
+            ("micro_batch", with_statistics["micro_batch"], GradientStatistics(with_statistics["micro_batch"]), 2),
+        ]
+        for sample, measured, engine, micro in rows:
             data = batches(name, micro, seed=rank + 1)
             plain = DDP(build(name))
-            measured = DDP(build(name))
-            stats = GradientStatistics(measured, sample=sample)
 
             def timed(model, engine):
                 dist.barrier()  # both ranks start the step together
                 return accumulate_step(model, data, engine, no_sync=model.no_sync)
 
-            r = paired(lambda: timed(plain, None), lambda: timed(measured, stats), steps)
+            r = paired(lambda: timed(plain, None), lambda: timed(measured, engine), steps)
             key = f"{name}/{sample}"
             results[key] = dict(r, micro_batches_per_worker=micro, batch=MODELS[name][2], target=target(key))
     if rank == 0:

@@ -79,7 +79,7 @@ def test_statistics_overhead_smallest_configuration_writes_every_python_path_row
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert list(report["single_process_accumulation"]) == ["mlp/applied_norm=backward", "mlp/applied_norm=summary"]
-    assert list(report["ddp_gloo_2_processes"]) == ["mlp/python_comm_hook", "mlp/worker", "mlp/micro_batch"]
+    assert list(report["ddp_gloo_2_processes"]) == ["mlp/python_comm_hook", "mlp/extra_all_reduce", "mlp/worker", "mlp/micro_batch"]
     assert set(report["load_average"]) == {"before", "after"} and report["threads_per_process"] == 1
     worker = report["ddp_gloo_2_processes"]["mlp/worker"]
     assert worker["steps"] == 3 and worker["target"] == "<= 1.10" and worker["micro_batches_per_worker"] == 1
