@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sq_norm_into", "sq_norms", "sq_norms_into"]
+__all__ = ["sq_norm_into", "sq_norms"]
 
 _LOOP_MAX = 32  # up to this many tensors, a dot each beats _foreach_norm + stack + square
 
@@ -47,17 +47,6 @@ def _dense_values(t: Tensor) -> Tensor:
     if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
         return t.values()
     raise TypeError(f"squared norms of {t.layout} gradients are not supported")
-
-
-def sq_norms_into(tensors: list[Tensor], slots: list[Tensor]) -> None:
-    """``slots[i]`` = ||tensors[i]||^2, for 0-d views into one vector."""
-    if len(tensors) <= _LOOP_MAX:
-        for t, slot in zip(tensors, slots):
-            sq_norm_into(t, slot)
-        return
-    norms = torch._foreach_norm([_dense_values(t.detach()) for t in tensors], 2, dtype=slots[0].dtype)
-    torch._foreach_mul_(norms, norms)
-    torch._foreach_copy_(slots, norms)
 
 
 def sq_norms(tensors: list[Tensor | None], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
 from . import estimators
-from ._norms import sq_norm_into, sq_norms, sq_norms_into
+from ._norms import sq_norm_into, sq_norms
 from .ddp import all_reduce_sum, forward_synchronises, may_launch_before_finalize
 
 __all__ = ["GradientStatistics", "GradientSummary"]
