@@ -178,12 +178,12 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, models: list[str],
     for name in models:
         hooked = DDP(build(name))
         hooked.register_comm_hook(None, allreduce_hook)
-        with_statistics = {sample: DDP(build(name)) for sample in ("worker", "micro_batch")}
+        worker, micro_batch = DDP(build(name)), DDP(build(name))
         rows = [  # (key, model, engine or stand-in, micro-batches per worker)
             ("python_comm_hook", hooked, None, 1),  # for scale: the same reduction through Python
             ("extra_all_reduce", DDP(build(name)), _ExtraAllReduce(len(list(hooked.parameters())) + 1), 1),
-            ("worker", with_statistics["worker"], GradientStatistics(with_statistics["worker"], sample="worker"), 1),
-            ("micro_batch", with_statistics["micro_batch"], GradientStatistics(with_statistics["micro_batch"]), 2),
+            ("worker", worker, GradientStatistics(worker, sample="worker"), 1),
+            ("micro_batch", micro_batch, GradientStatistics(micro_batch, sample="micro_batch"), 2),
         ]
         for sample, measured, engine, micro in rows:
             data = batches(name, micro, seed=rank + 1)
