@@ -38,7 +38,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -51,6 +50,8 @@ from torch import nn
 import largebatch
 from largebatch.models import MLP, LeNet5
 from largebatch.stats import GradientStatistics
+
+from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "example_statistics.json"
 BASE_BATCH = 128
@@ -179,11 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {key:24s} {value['median']:6.3f}x  (quartiles {low:.3f}-{high:.3f})")
     load_after = os.getloadavg()
     results = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **machine(),
         "quick": args.quick,
         "methodology": "every contender steps once per round (order rotated), each on its own model copy; "
                        "ratios are medians of the per-round ratios",

@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ from torch.func import functional_call, grad, vmap
 from largebatch.stats.per_example import PerExampleNorms
 
 from _allocator import steady_malloc
+from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "grad_stats.json"
 TARGETS = {"mlp": 1.10, "cnn": 1.8, "transformer": 1.25}
@@ -299,10 +299,7 @@ def main() -> None:
         print_rows(new_rows)
         rows.extend(new_rows)
     results = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        **machine(),
         "malloc": "steady (glibc mmap/trim thresholds raised, _allocator.py)" if steady else "glibc default",
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "rows": rows,

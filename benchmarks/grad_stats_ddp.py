@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -59,6 +58,7 @@ from largebatch.stats.ddp import all_reduce_sum
 from largebatch.train.distributed import retire_collectives
 
 from _allocator import steady_malloc
+from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "grad_stats_ddp.json"
 
@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     report = {
         "what": "step time with the statistics engine (Python hooks) / without, medians of interleaved pairs",
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        **machine(threads=args.threads),
         "threads_per_process": args.threads,
         "malloc": "steady (glibc mmap/trim thresholds raised, _allocator.py)" if steady else "glibc default",
         "single_process_accumulation": {k: v for name in models for k, v in single_process(name, args.steps).items()},

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -43,6 +42,8 @@ from largebatch.train.config import TrainConfig
 from largebatch.train.metrics import SUMMARY
 from largebatch.train.runner import load_data, train
 from largebatch.train.sweep import run_path
+
+from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "lena_example_statistics.json"
 BASE_BATCH = 128
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                      "target": f"per seed, the final test accuracy of momentum SGD at B = {BASE_BATCH}"},
         "table": text,
         "runs": rows,
-        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        **machine(),
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
     }, indent=2) + "\n")
     print(f"wrote {args.output}")

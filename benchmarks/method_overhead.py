@@ -38,7 +38,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -51,6 +50,8 @@ from torch import nn
 import largebatch
 from largebatch.models import MLP, LeNet5
 from largebatch.stats import GradientStatistics
+
+from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "method_overhead.json"
 MICRO_BATCH = 128
@@ -188,11 +189,7 @@ def main() -> None:
             print(f"  {key:15s} {value:6.3f}x   (median of round ratios {row['median_of_round_ratios'][key]:.3f}x)")
     load_after = os.getloadavg()
     results = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        **machine(),
         "quick": args.quick,
         "load_average": {"before": list(load_before), "after": list(load_after)},
         "rows": rows,

@@ -47,7 +47,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -57,6 +56,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+
+from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "optimizer_step.json"
 
@@ -298,11 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             "each comparison in a fresh process; contender and reference each on its own copy of the "
             "parameter list with its own state; steps in pairs, alternating which goes first"
         ),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "threads": args.threads or torch.get_num_threads(),
+        **machine(threads=args.threads or torch.get_num_threads()),
         "pairs": args.pairs,
         "compile_cache": "warm (existing inductor cache)" if args.warm_compile
         else "cold (fresh empty TORCHINDUCTOR_CACHE_DIR per comparison)",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _dist import run_command
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -49,6 +50,9 @@ def test_the_smallest_configuration_writes_paired_ratios_threads_and_load(tmp_pa
     results = json.loads(out.read_text())
     assert results["pairs"] == 3 and results["threads"] >= 1 and "fresh process" in results["methodology"]
     assert set(results["load_average"]) == {"before", "after"}
+    # the machine is named: ratios move with the CPU and the kernels ATen dispatches to
+    assert results["cpu"] and results["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert results["torch"] == torch.__version__ and results["cpu_count"] >= 1
     tiny = results["lists"]["tiny"]
     assert tiny["tensors"] == len(tiny["shapes"]) == 16
     assert list(tiny["comparisons"]) == ["lars/sgd", "lars_loop/lars"]
@@ -81,6 +85,7 @@ def test_statistics_overhead_smallest_configuration_writes_every_python_path_row
     assert list(report["single_process_accumulation"]) == ["mlp/applied_norm=backward", "mlp/applied_norm=summary"]
     assert list(report["ddp_gloo_2_processes"]) == ["mlp/python_comm_hook", "mlp/extra_all_reduce", "mlp/worker", "mlp/micro_batch"]
     assert set(report["load_average"]) == {"before", "after"} and report["threads_per_process"] == 1
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     worker = report["ddp_gloo_2_processes"]["mlp/worker"]
     assert worker["steps"] == 3 and worker["target"] == "<= 1.10" and worker["micro_batches_per_worker"] == 1
     for rows in (report["single_process_accumulation"], report["ddp_gloo_2_processes"]):
