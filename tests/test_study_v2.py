@@ -22,14 +22,22 @@ from largebatch.report.study import (
     headline_table,
     write_study_report,
 )
+from largebatch.train.methods import get_method
 from largebatch.train.study import (
     Committer,
     StudySpec,
+    ablation_config,
+    ablation_runs,
     choose_epochs,
+    collect,
     min_epochs_for_updates,
     next_rate,
+    restore_committed,
+    set_aside_superseded,
+    sweep_spec,
     tune_with_extension,
 )
+from largebatch.train.sweep import finished_differently, run_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -389,3 +397,82 @@ def test_v2_pipeline_end_to_end_and_the_page_from_summaries_alone(tmp_path, caps
     (tmp_path / "docs" / "results.md").unlink()
     assert main(["study", "--spec", str(spec), "--report-only"]) == 0
     assert (tmp_path / "docs" / "results.md").read_text() == page
+
+
+# -- amendments: a family's rate changes after runs finished ---------------------------------------
+
+def _restored_study(tmp_path, clars_lr: float):
+    """A paper-v2 study in tmp_path whose committed summaries hold CLARS and LARS sweep runs at rate 3."""
+    spec = StudySpec.load(preset="paper-v2", run_dir=str(tmp_path / "runs"), artifacts=str(tmp_path / "results"),
+                          out=str(tmp_path / "results.md"))
+    runs = [dict(_run(method, batch, seed, 0.87 + 0.01 * seed, [0.8, 0.87]), base_lr=3.0, epochs=34,
+                 run=f"{method}-b{batch}-s{seed}")
+            for method in ("clars", "lars") for batch in (128, 16384) for seed in (0, 1)]
+    runs.append(dict(_run("clars", 16384, 0, 0.85, [0.8, 0.85], phase="ablation", warmup="fixed"),
+                     base_lr=3.0, epochs=34, run="clars-wfixed-b16384-s0"))
+    data = {"spec": spec.to_dict(), "environment": {}, "tuning": {}, "runs": runs}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summaries.json").write_text(json.dumps(data))
+    assert restore_committed(spec, lambda line: None) == len(runs)
+    sweep = sweep_spec(spec, spec.model("mlp"), 34)
+    sweep.lrs.update(lars=3.0, clars=clars_lr)
+    return spec, sweep
+
+
+def test_a_finished_run_at_another_base_rate_is_not_taken_for_the_new_one(tmp_path):
+    spec, sweep = _restored_study(tmp_path, clars_lr=30.0)
+    assert get_method("clars").family == "clars" != get_method("lars").family  # one tuned rate each
+    assert finished_differently(sweep.config("clars", 16384, 0)) == "base rate 3, not 30"
+    assert finished_differently(sweep.config("lars", 16384, 0)) is None
+    assert finished_differently(sweep.config("lamb", 16384, 0)) is None  # not run at all
+    sweep.methods, sweep.batches, sweep.seeds, sweep.lrs = ["clars"], [128, 16384], [0, 1], {"clars": 30.0}
+    with pytest.raises(ValueError, match="finished as another run \\(base rate 3, not 30\\): move it away"):
+        run_sweep(sweep, log=lambda line: None)
+
+
+def test_superseded_runs_are_set_aside_kept_in_the_summaries_and_listed_on_the_page(tmp_path):
+    spec, sweep = _restored_study(tmp_path, clars_lr=30.0)
+    model_root = tmp_path / "runs" / "mlp"
+    ablation = [ablation_config(sweep, r) for r in ablation_runs(spec, spec.model("mlp")) if r.same_as is None]
+    configs = [sweep.config(m, b, s) for m in ("clars", "lars") for b in (128, 16384) for s in (0, 1)] + ablation
+    lines = []
+    assert set_aside_superseded(configs, model_root, lines.append) == 5  # 4 sweep runs and 1 ablation run
+    assert all("base rate 3, not 30" in line for line in lines)
+    assert not (model_root / "runs" / "clars-b128-s0").exists() and (model_root / "runs" / "lars-b128-s0").exists()
+    assert (model_root / "superseded" / "ablation" / "runs" / "clars-wfixed-b16384-s0" / "summary.json").exists()
+    assert set_aside_superseded(configs, model_root, lines.append) == 0  # nothing left to set aside
+
+    collect(spec)
+    data = json.loads((tmp_path / "results" / "summaries.json").read_text())
+    superseded = sorted((r["superseded_phase"], r["run"]) for r in data["runs"] if r["phase"] == "superseded")
+    assert superseded == [("ablation", "ablation/runs/clars-wfixed-b16384-s0"), ("sweep", "runs/clars-b128-s0"),
+                          ("sweep", "runs/clars-b128-s1"), ("sweep", "runs/clars-b16384-s0"),
+                          ("sweep", "runs/clars-b16384-s1")]
+    assert sorted(r["run"] for r in data["runs"] if r["phase"] == "sweep") == [
+        "lars-b128-s0", "lars-b128-s1", "lars-b16384-s0", "lars-b16384-s1"]
+
+    # a new machine: the committed summaries bring the set-aside runs back where they were, unchanged
+    shutil.rmtree(tmp_path / "runs")
+    restore_committed(spec, lambda line: None)
+    assert (model_root / "superseded" / "runs" / "clars-b128-s0" / "summary.json").exists()
+    collect(spec)
+    assert json.loads((tmp_path / "results" / "summaries.json").read_text())["runs"] == data["runs"]
+
+    page = write_study_report(tmp_path / "results" / "summaries.json", tmp_path / "results.md").read_text()
+    amendments = page[page.index("### Amendments to the protocol"):page.index("## mlp")]
+    assert "1. CLARS tunes its own base rate" in amendments
+    assert ("| mlp | sweep | clars | default | 3 | B = 128: 87.50 ± 0.71% (2); B = 16384: 87.50 ± 0.71% (2) "
+            "| base rate 3, not 30 |") in amendments
+    assert "lars: lars; lamb: lamb; clars: clars" in page
+
+
+def test_summaries_written_before_clars_had_a_family_of_its_own_keep_their_caveats():
+    spec = dict(StudySpec.load(preset="paper-small").to_dict(), models=[{"name": "mlp", "epochs": 1}])
+    earlier = {"mlp": {"sgd": {"lr": 0.1, "grid": {"0.01": 0.8, "0.1": 0.9, "1": 0.1}},
+                       "lars": {"lr": 10.0, "grid": {"0.1": 0.5, "1": 0.7, "10": 0.9}}}}
+    study = Study({"spec": spec, "tuning": earlier, "runs": []}, Path("."), Path("."))
+    assert study.family_of("clars") == "lars"  # its runs carried the lars family's rate
+    assert study.caveats("mlp", ("clars",)) == "the lars family's best rate is an end of its tuning grid"
+    both = {"mlp": {**earlier["mlp"], "clars": {"lr": 30.0, "grid": {"3": 0.8, "30": 0.9, "300": 0.1}}}}
+    study = Study({"spec": spec, "tuning": both, "runs": []}, Path("."), Path("."))
+    assert study.family_of("clars") == "clars" and study.caveats("mlp", ("clars",)) == ""

@@ -315,7 +315,36 @@ class Study:
             f"torch {self.env.get('torch', '?')}, Python {self.env.get('python', '?')}.",
             "",
         ]
-        return lines
+        families: dict[str, list[str]] = {}
+        for method in filter(_known, s["methods"]):
+            families.setdefault(self.family_of(method), []).append(method)
+        if families:
+            at = next(k for k, line in enumerate(lines) if line.startswith("- Base rates")) + 1
+            lines.insert(at, "- Families, one tuned base rate each (the methods that coincide at the base batch): "
+                         + "; ".join(f"{f}: {', '.join(ms)}" for f, ms in families.items()) + ".")
+        return lines + self.amendments()
+
+    def amendments(self) -> list[str]:
+        """The protocol's amendments and the finished runs each set aside (phase "superseded")."""
+        texts = self.spec.get("amendments") or []
+        set_aside = [r for r in self.records if r["phase"] == "superseded"]
+        if not texts and not set_aside:
+            return []
+        lines = ["### Amendments to the protocol", ""] + [f"{k}. {text}" for k, text in enumerate(texts, 1)]
+        if set_aside:
+            groups: dict[tuple, dict[int, list[float]]] = {}
+            for r in set_aside:
+                key = (r["model"], r.get("superseded_phase", "?"), r["method"], r.get("warmup", "default"),
+                       r["base_lr"], r.get("superseded_because", "?"))
+                groups.setdefault(key, {}).setdefault(r["batch"], []).append(100 * r["final_test_accuracy"])
+            lines += ["", "Runs set aside (kept in summaries.json as phase \"superseded\"; final test accuracy, "
+                      "mean ± standard deviation over seeds):", "",
+                      "| model | phase | method | warm-up | base rate | final test accuracy | set aside because |",
+                      "|---|---|---|---|---|---|---|"]
+            for (model, phase, method, warmup, lr, because), cells in sorted(groups.items(), key=str):
+                accuracy = "; ".join(f"B = {b}: {_mean_sd(v)}% ({len(v)})" for b, v in sorted(cells.items()))
+                lines.append(f"| {model} | {phase} | {method} | {warmup} | {lr:g} | {accuracy} | {because} |")
+        return lines + [""]
 
     # -- the budget rule -------------------------------------------------------------------------
     def plateau_section(self, model: str) -> list[str]:
@@ -735,15 +764,23 @@ class Study:
                     out.append(v)
         return out
 
-    def caveats(self, model: str, methods: tuple[str, ...] = ()) -> str:
-        """What weakens a verdict on ``methods``: an unconverged target, a rate at an end of its grid."""
+    def family_of(self, method: str) -> str:
+        """The family whose tuned rate the method's runs carry: today's, or the one it had when these
+        summaries were written (CLARS carried LARS's rate before the study v2's amendment)."""
         from ..train.methods import get_method
 
+        family = get_method(method).family
+        tuned = {f for entries in self.tuning.values() for f in entries}
+        earlier = _EARLIER_FAMILIES.get(method)
+        return earlier if tuned and family not in tuned and earlier in tuned else family
+
+    def caveats(self, model: str, methods: tuple[str, ...] = ()) -> str:
+        """What weakens a verdict on ``methods``: an unconverged target, a rate at an end of its grid."""
         notes = []
         decision = self.plateau.get(model)
         if decision and decision.get("rule_met") is False:
             notes.append("the base batch had not converged by the budget rule at any candidate")
-        families = {get_method(m).family for m in methods if _known(m)}
+        families = {self.family_of(m) for m in methods if _known(m)}
         for family, entry in sorted(self.tuning.get(model, {}).items()):
             if family in families and not _inside(entry):
                 notes.append(f"the {family} family's best rate is an end of its tuning grid")
@@ -901,6 +938,10 @@ class Study:
                                combine(statuses), "Final test accuracy: " + "; ".join(parts) + ".",
                                ("clars", "lars")))
         return out
+
+
+# method -> the family it belonged to before it got its own (summaries written then tuned only that one)
+_EARLIER_FAMILIES = {"clars": "lars"}
 
 
 def _known(method: str) -> bool:

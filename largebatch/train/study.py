@@ -43,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -57,7 +58,8 @@ from .config import TrainConfig
 from .methods import WARMUP_MODES, get_method
 from .metrics import LAYERS, METRICS, SUMMARY, read_json, read_jsonl, write_json
 from .runner import Interrupted, load_data, train
-from .sweep import BASELINE_METHOD, TUNED_FILE, Progress, SweepSpec, is_finished, outcome, run_sweep
+from .sweep import (BASELINE_METHOD, TUNED_FILE, Progress, SweepSpec, finished_differently, is_finished, outcome,
+                    run_sweep)
 
 SUMMARIES = "summaries.json"
 PLATEAU_FILE = "plateau.json"
@@ -110,8 +112,10 @@ PRESETS: dict[str, dict] = {
                      "estimate with 3 seeds at 8K is over the 8-hour budget (docs/study.md)"},
         ],
         "tune_grid": _HALF_DECADES,
-        # LARS and CLARS (trust coefficient 1e-3) were best at the old grid's top, 10: their grid reaches 100.
-        "tune_grids": {"lars": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]},
+        # LARS and CLARS (trust coefficient 1e-3) were best at the old grid's top, 10: their grids reach 100.
+        # CLARS tunes its own rate (amendment, docs/study.md): at LARS's its steps are 5-8x smaller.
+        "tune_grids": {"lars": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+                       "clars": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]},
         "tune_extend": 4,
         "plateau_lr": 0.1,
         "plateau_tolerance": 0.003,
@@ -124,6 +128,14 @@ PRESETS: dict[str, dict] = {
         "early_epochs": 2,
         "budget_hours": 8.0,
         "commit_every_minutes": 20.0,
+        "amendments": [
+            "CLARS tunes its own base rate (family clars) instead of carrying LARS's. A family is the methods "
+            "that coincide at the base batch; CLARS does not coincide with LARS there: it divides by the mean "
+            "of the per-example gradient norms, which in the MLP's first sweep at b = 128 was 5-8x the "
+            "mini-batch norm LARS divides by, so at LARS's rate its steps were 5-8x smaller and it ended 2 "
+            "points below LARS at b = 128. Made after the MLP's sweep and ablation, before LeNet-5-BN's; the "
+            "MLP's CLARS runs at LARS's rate are kept below as superseded.",
+        ],
         "run_dir": "runs/study-v2",
         "artifacts": "results/study-v2",
         "out": "docs/results.md",
@@ -188,6 +200,8 @@ class StudySpec:
     out: str = "docs/results.md"
     benchmarks: str = "benchmarks/results"  # their JSON feeds the page's overhead table
     spec_file: str | None = None  # the TOML file it was read from (None: a preset)
+    # changes to the protocol after runs had started, each with its reason (the page lists them)
+    amendments: list[str] = field(default_factory=list)
     progress: bool = False
 
     @classmethod
@@ -249,6 +263,8 @@ class StudySpec:
                 raise ValueError(f"tune_grids names the family {family!r}, which no method of the study belongs to")
             if not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
                 raise ValueError(f"tune_grids[{family!r}]: a list of positive rates")
+        if not isinstance(self.amendments, list) or not all(isinstance(a, str) and a for a in self.amendments):
+            raise ValueError("amendments: a list of texts, one per change to the protocol")
         for lr in self.tune_grid:
             if not (lr > 0 and math.isfinite(lr)):
                 raise ValueError(f"tune_grid: {lr} is not a positive rate")
@@ -806,11 +822,16 @@ def _run_model(spec: StudySpec, model: ModelBudget, committer: Committer, log: C
         tuned = run_tuning(spec, sweep, committer, log)
         sweep.lrs.update({family: entry["lr"] for family, entry in tuned.items()})
         committer.commit(f"{model.name}: tuning")
+    runs = ablation_runs(spec, model)
+    moved = set_aside_superseded([sweep.config(*run) for run in sweep.runs()]
+                                 + [ablation_config(sweep, r) for r in runs if r.same_as is None],
+                                 Path(spec.run_dir) / model.name, log)
+    if moved:
+        committer.finished_run()
     log(f"== {model.name}: main sweep, {epochs} epochs, batches {sweep.batches}, seeds {sweep.seeds}")
     run_sweep(sweep, log=_then_collect(committer, log))
     committer.commit(f"{model.name}: main sweep")
     log(f"== {model.name}: warm-up ablation at batches {spec.ablation_batch_sizes(model)}")
-    runs = ablation_runs(spec, model)
     progress = Progress(sum(r.same_as is None and not is_finished(Path(ablation_config(sweep, r).run_dir))
                             for r in runs))
     for k, run in enumerate(runs, 1):
@@ -820,6 +841,37 @@ def _run_model(spec: StudySpec, model: ModelBudget, committer: Committer, log: C
             continue
         _train_logged(ablation_config(sweep, run), label, progress, committer, log, k, len(runs))
     committer.commit(f"{model.name}: warm-up ablation")
+
+
+def set_aside_superseded(configs: list[TrainConfig], model_root: Path, log: Callable[[str], None] = print) -> int:
+    """Move finished runs that the protocol no longer asks for out of the phases' directories.
+
+    A run directory is named by method, batch, seed and warm-up: when an
+    amendment changes a family's rate (or the budget), the finished run there
+    is not the run the phase wants, and would otherwise be skipped as if it
+    were. It moves to ``<model>/superseded/<its path>``, with a note of why;
+    ``collect`` keeps it in summaries.json as phase "superseded", so the page
+    can show what the amendment replaced. Returns how many moved.
+    """
+    moved = 0
+    for config in configs:
+        changed = finished_differently(config)
+        if changed is None:
+            continue
+        source = Path(config.run_dir)
+        relative = source.relative_to(model_root)
+        target = model_root / SUPERSEDED / relative
+        for k in range(1, 1000):
+            if not target.exists():
+                break
+            target = model_root / SUPERSEDED / relative.with_name(f"{relative.name}.{k}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), str(target))
+        phase = "ablation" if relative.parts[0] == "ablation" else "tune" if relative.parts[0] == "tune" else "sweep"
+        write_json(target / SUPERSEDED_NOTE, {"phase": phase, "because": changed})
+        log(f"{source}: finished as another run ({changed}); set aside in {target}")
+        moved += 1
+    return moved
 
 
 def _then_collect(committer: Committer, log: Callable[[str], None]) -> Callable[[str], None]:
@@ -845,7 +897,10 @@ def progress_note(spec: StudySpec) -> str:
 
 # Key of a summary.json written back from a committed record (restore_committed): the record itself.
 RESTORED = "restored_record"
-_PHASE_DIRS = {"plateau": ("plateau",), "tune": ("tune",), "sweep": ("runs",), "ablation": ("ablation", "runs")}
+_PHASE_DIRS = {"plateau": ("plateau",), "tune": ("tune",), "sweep": ("runs",), "ablation": ("ablation", "runs"),
+               "superseded": ("superseded",)}  # its records' "run" is the path under superseded/
+SUPERSEDED = "superseded"
+SUPERSEDED_NOTE = "superseded.json"  # in a set-aside run: the phase it was run for and why it no longer is
 
 
 def restore_committed(spec: StudySpec, log: Callable[[str], None] = print) -> int:
@@ -905,6 +960,8 @@ def collect(spec: StudySpec) -> Path:
         for directory in sorted((root / "ablation" / "runs").glob("*")):
             if is_finished(directory):
                 runs.append(_run_record(directory, model.name, "ablation", spec))
+        for summary in sorted((root / SUPERSEDED).rglob(SUMMARY)):
+            runs.append(_superseded_record(summary.parent, root / SUPERSEDED, model.name, spec))
     path = Path(spec.artifacts) / SUMMARIES
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"spec": spec.to_dict(), "environment": _environment(), "tuning": tuning}
@@ -912,6 +969,15 @@ def collect(spec: StudySpec) -> Path:
         header["plateau"] = plateau
     _write_one_run_per_line(path, header, runs)
     return path
+
+
+def _superseded_record(directory: Path, superseded_root: Path, model: str, spec: StudySpec) -> dict:
+    record = _run_record(directory, model, SUPERSEDED, spec)
+    if record["phase"] == SUPERSEDED and "superseded_phase" in record:  # restored from summaries.json
+        return record
+    note = read_json(directory / SUPERSEDED_NOTE)
+    return {**record, "phase": SUPERSEDED, "superseded_phase": note["phase"], "superseded_because": note["because"],
+            "run": directory.relative_to(superseded_root).as_posix()}
 
 
 def _write_one_run_per_line(path: Path, header: dict, runs: list[dict]) -> None:

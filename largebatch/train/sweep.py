@@ -19,6 +19,7 @@ are skipped, unfinished ones resumed from their checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +121,23 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / SUMMARY).exists()
 
 
+def finished_differently(config: TrainConfig) -> str | None:
+    """How the finished run in ``config.run_dir`` differs from ``config``, or None.
+
+    A run directory is named by method, batch, seed and warm-up, not by base
+    rate or epochs: when a sweep's family rate changes (a new tuning, a new
+    family), the old run must not pass for the new one.
+    """
+    path = Path(config.run_dir) / SUMMARY
+    if not path.exists():
+        return None
+    summary = read_json(path)
+    wanted = {("base_lr", "base rate"): config.base_lr(), ("epochs", "epochs"): config.epochs}
+    changed = [f"{label} {summary[key]:g}, not {value:g}" for (key, label), value in wanted.items()
+               if summary.get(key) is not None and not math.isclose(summary[key], value, rel_tol=1e-9)]
+    return "; ".join(changed) or None
+
+
 def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
     """Train every run of the sweep that has not finished; returns the sweep directory."""
     spec.validate()
@@ -133,6 +151,12 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
         "template": dataclasses.asdict(spec.template), "protocol": spec.protocol(tuned),
     })
     runs = spec.runs()
+    for run in runs:
+        config = spec.config(*run)
+        changed = finished_differently(config)
+        if changed:
+            raise ValueError(f"{config.run_dir} finished as another run ({changed}): move it away or use "
+                             "another --run-dir to train this sweep's")
     progress = Progress(sum(not is_finished(Path(spec.config(*run).run_dir)) for run in runs))
     for k, (method, batch, seed) in enumerate(runs, 1):
         config = spec.config(method, batch, seed)
