@@ -426,8 +426,10 @@ def test_a_finished_run_at_another_base_rate_is_not_taken_for_the_new_one(tmp_pa
     assert finished_differently(sweep.config("lars", 16384, 0)) is None
     assert finished_differently(sweep.config("lamb", 16384, 0)) is None  # not run at all
     sweep.methods, sweep.batches, sweep.seeds, sweep.lrs = ["clars"], [128, 16384], [0, 1], {"clars": 30.0}
-    with pytest.raises(ValueError, match="finished as another run \\(base rate 3, not 30\\): move it away"):
+    refused = "finished as another run \\(base rate 3, not 30\\): move it away, or use another --run-dir"
+    with pytest.raises(ValueError, match=refused):
         run_sweep(sweep, log=lambda line: None)
+    assert not (Path(sweep.run_dir) / "sweep.json").exists()  # refused before writing anything
 
 
 def test_superseded_runs_are_set_aside_kept_in_the_summaries_and_listed_on_the_page(tmp_path):

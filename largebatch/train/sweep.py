@@ -145,18 +145,18 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
     tuned = tune_families(spec, log) if spec.tune_grid else None
     if tuned:
         spec.lrs.update({family: entry["lr"] for family, entry in tuned.items()})
+    for run in spec.runs():
+        config = spec.config(*run)
+        changed = finished_differently(config)
+        if changed:
+            raise ValueError(f"{config.run_dir} finished as another run ({changed}): move it away, or use "
+                             "another --run-dir, to train this sweep's run")
     write_json(root / SWEEP_FILE, {
         "methods": spec.methods, "batches": spec.batches, "seeds": spec.seeds,
         "base_batch": spec.template.base_batch, "baseline_method": BASELINE_METHOD,
         "template": dataclasses.asdict(spec.template), "protocol": spec.protocol(tuned),
     })
     runs = spec.runs()
-    for run in runs:
-        config = spec.config(*run)
-        changed = finished_differently(config)
-        if changed:
-            raise ValueError(f"{config.run_dir} finished as another run ({changed}): move it away or use "
-                             "another --run-dir to train this sweep's")
     progress = Progress(sum(not is_finished(Path(spec.config(*run).run_dir)) for run in runs))
     for k, (method, batch, seed) in enumerate(runs, 1):
         config = spec.config(method, batch, seed)
