@@ -867,7 +867,7 @@ def set_aside_superseded(configs: list[TrainConfig], model_root: Path, log: Call
             target = model_root / SUPERSEDED / relative.with_name(f"{relative.name}.{k}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), str(target))
-        phase = "ablation" if relative.parts[0] == "ablation" else "tune" if relative.parts[0] == "tune" else "sweep"
+        phase = "ablation" if relative.parts[0] == "ablation" else "sweep"
         write_json(target / SUPERSEDED_NOTE, {"phase": phase, "because": changed})
         log(f"{source}: finished as another run ({changed}); set aside in {target}")
         moved += 1
@@ -973,7 +973,7 @@ def collect(spec: StudySpec) -> Path:
 
 def _superseded_record(directory: Path, superseded_root: Path, model: str, spec: StudySpec) -> dict:
     record = _run_record(directory, model, SUPERSEDED, spec)
-    if record["phase"] == SUPERSEDED and "superseded_phase" in record:  # restored from summaries.json
+    if "superseded_phase" in record:  # restored from summaries.json: the record as it was
         return record
     note = read_json(directory / SUPERSEDED_NOTE)
     return {**record, "phase": SUPERSEDED, "superseded_phase": note["phase"], "superseded_because": note["because"],
