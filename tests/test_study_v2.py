@@ -208,6 +208,22 @@ def test_verdicts_are_computed_from_the_summaries():
     assert v.status == NOT_HELD and "never vs 1 (did not hold)" in v.numbers
 
 
+def test_fewer_iterations_is_not_held_up_by_batches_neither_method_reached():
+    """Faster at 1K but neither reaches the target at 2K: the claim "at every large batch" is undecided."""
+    faster = [_run("lena", 1024, s, 0.91, [0.80, 0.905]) for s in (0, 1)]
+    slower = [_run("lsw", 1024, s, 0.91, [0.80, 0.85, 0.905]) for s in (0, 1)]
+    neither = [_run(m, 2048, s, 0.70, [0.60, 0.70]) for m in ("lena", "lsw") for s in (0, 1)]
+    data = _summaries(_base() + faster + slower)
+    data["spec"]["batches"] = [128, 1024, 2048]
+    v = verdict(data, "fewer iterations to target than lsw")
+    assert v.status == INCONCLUSIVE and "B = 2048: not run yet" in v.numbers
+    data = _summaries(_base() + faster + slower + neither)
+    data["spec"]["batches"] = [128, 1024, 2048]
+    v = verdict(data, "fewer iterations to target than lsw")
+    assert "B = 1024: 2 vs 3 (held)" in v.numbers and "B = 2048: neither reaches the target" in v.numbers
+    assert v.status == INCONCLUSIVE
+
+
 def test_comparisons_within_the_seeds_spread_are_inconclusive():
     assert compare([0.90, 0.92], [0.80, 0.81]) == HELD
     assert compare([0.80, 0.81], [0.90, 0.92]) == NOT_HELD
