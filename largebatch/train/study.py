@@ -91,7 +91,7 @@ PRESETS: dict[str, dict] = {
         "budget_hours": 2.0,
         "run_dir": "runs/study",
         "artifacts": "results/study",
-        "out": "docs/results.md",
+        "out": "docs/results-v1.md",  # docs/results.md is the study v2's page
     },
     # The study v2 (docs/study.md, "The study v2"): an epoch budget from the budget rule, every method on
     # its own terms, interior tuning optima. LeNet-5-BN's largest batch is 8K: at 16K the rule's 34 epochs
