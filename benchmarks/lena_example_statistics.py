@@ -47,7 +47,7 @@ from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "lena_example_statistics.json"
 BASE_BATCH = 128
-BASE_LR = 0.1  # the sgd family's rate tuned in the study (docs/results.md), LENA's family
+BASE_LR = 0.1  # the sgd family's rate tuned in the study (docs/results-v1.md), LENA's family
 
 
 def variants(batch: int) -> list[tuple[str, str, int]]:
