@@ -63,3 +63,21 @@ def test_python_blocks_run_in_order(page, tmp_path):
         f"block {ran[-1] if ran else '?'} failed\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     )
     assert ran == [name for name, _ in blocks]
+
+
+def test_readme_study_table_is_the_committed_headline():
+    """The README's study table is what the committed summaries give, not a number typed by hand."""
+    from largebatch.report.study import headline_table
+
+    table = [line for line in headline_table(ROOT / "results/study-v2/summaries.json").splitlines()
+             if line.startswith("|")]
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(table) in readme
+
+
+def test_doc_links_point_to_files():
+    """Every relative Markdown link of the front page and the docs names a file of the checkout."""
+    link = re.compile(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in link.findall(page.read_text()):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which is missing"
