@@ -813,13 +813,14 @@ class Study:
         for rival in (ADASCALE_BASELINE, "lsw"):
             if rival not in self.spec["methods"] or "lena" not in self.spec["methods"]:
                 continue
-            parts, statuses = [], []
+            parts, statuses, ran = [], [], False
             for b in self.large(model):
                 mine, theirs = self.reached(model, "lena", b), self.reached(model, rival, b)
                 if not mine or not theirs:
                     parts.append(f"B = {b}: not run yet")
                     statuses.append(INCONCLUSIVE)
                     continue
+                ran = True
                 a = [h["step"] for _, h in mine if h]
                 c = [h["step"] for _, h in theirs if h]
                 if not a and not c:  # not judged here, so the claim "at every large batch" cannot hold
@@ -840,7 +841,7 @@ class Study:
                 fc = f"{_mean(c):.0f}" + ("" if len(c) == len(theirs) else f" ({len(c)}/{len(theirs)} seeds)") if c \
                     else "never"
                 parts.append(f"B = {b}: {fa} vs {fc} ({status})")
-            if all(part.endswith("not run yet") for part in parts):
+            if not ran:
                 continue
             out.append(Verdict("LENA paper", f"LENA needs fewer iterations to target than {rival} at every large "
                                "batch", model, combine(statuses),

@@ -145,7 +145,8 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
     tuned = tune_families(spec, log) if spec.tune_grid else None
     if tuned:
         spec.lrs.update({family: entry["lr"] for family, entry in tuned.items()})
-    for run in spec.runs():
+    runs = spec.runs()
+    for run in runs:
         config = spec.config(*run)
         changed = finished_differently(config)
         if changed:
@@ -156,7 +157,6 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = print) -> Path:
         "base_batch": spec.template.base_batch, "baseline_method": BASELINE_METHOD,
         "template": dataclasses.asdict(spec.template), "protocol": spec.protocol(tuned),
     })
-    runs = spec.runs()
     progress = Progress(sum(not is_finished(Path(spec.config(*run).run_dir)) for run in runs))
     for k, (method, batch, seed) in enumerate(runs, 1):
         config = spec.config(method, batch, seed)
