@@ -1,7 +1,7 @@
 """LARS or LAMB in a plain training loop on Fashion-MNIST.
 
-Biases and normalisation weights are excluded from weight decay and from the
-layer-wise trust ratio (largebatch.param_groups). The rate tuned at batch 128
+Biases and normalisation weights are excluded from weight decay; every tensor
+takes the layer-wise trust ratio (largebatch.param_groups' defaults). The rate tuned at batch 128
 is scaled to the large batch (linear for LARS, square root for LAMB), warmed
 up gradually over the first 5.5% of the epochs and decayed exponentially.
 
@@ -50,7 +50,7 @@ def main(argv=None):
     # Base rates tuned at batch 128 (largebatch/train/methods.py), scaled to the batch.
     groups = largebatch.param_groups(model, weight_decay=5e-4)
     if args.optimizer == "lars":
-        base_lr = 10.0  # LARS's rate multiplies its trust ratio, 1e-3 * ||w|| / ||g||
+        base_lr = 3.0  # LARS's rate multiplies its trust ratio, 1e-3 * ||w|| / ||g||
         opt = largebatch.LARS(groups, lr=largebatch.linear_scaling(base_lr, 128, args.batch), momentum=0.9)
     else:
         base_lr = 0.01

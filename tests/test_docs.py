@@ -1,8 +1,12 @@
-"""Every ```python block of README.md and docs/guide.md runs as written.
+"""Every ```python block of README.md and docs/guide.md runs as written, and a block that trains
+lowers the loss.
 
 The blocks of one file run in order in one fresh interpreter (a later block
 may use what an earlier one defined, as a reader following the page would),
-with the installed package and nothing else: no names are supplied.
+with the installed package and nothing else: no names are supplied. The
+runner records every value of ``torch.nn.functional.cross_entropy`` per
+block; a block that calls an optimiser's ``step()`` must end with a lower
+loss than it started with (the pages train on learnable stand-in data).
 """
 
 from __future__ import annotations
@@ -26,12 +30,29 @@ FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 # Runs the blocks it is given, each compiled under its own name, in one namespace.
 RUNNER = """
 import json, sys
+import torch.nn.functional
 blocks = json.load(sys.stdin)
 namespace = {"__name__": "__main__"}
+losses = []
+cross_entropy = torch.nn.functional.cross_entropy
+def recorded(*args, **kwargs):
+    loss = cross_entropy(*args, **kwargs)
+    if loss.dim() == 0:
+        losses.append(loss.item())
+    return loss
+torch.nn.functional.cross_entropy = recorded
 for name, code in blocks:
     print(f"--- {name}", flush=True)
+    losses.clear()
     exec(compile(code, name, "exec"), namespace)
+    print("losses " + json.dumps([name, losses]), flush=True)
 """
+
+
+def falls(losses: list[float]) -> bool:
+    """The mean of the last fifth of the losses is below 0.9 x the mean of the first fifth."""
+    k = max(1, len(losses) // 5)
+    return sum(losses[-k:]) / k < 0.9 * sum(losses[:k]) / k
 
 
 def python_blocks(page: str) -> list[tuple[str, str]]:
@@ -63,6 +84,15 @@ def test_python_blocks_run_in_order(page, tmp_path):
         f"block {ran[-1] if ran else '?'} failed\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     )
     assert ran == [name for name, _ in blocks]
+    recorded = dict(json.loads(line[len("losses "):]) for line in done.stdout.splitlines()
+                    if line.startswith("losses "))
+    for name, code in blocks:
+        if ".step()" in code and len(recorded[name]) >= 2:
+            assert falls(recorded[name]), f"block {name} does not lower the loss: {recorded[name]}"
+
+
+def test_falls_tells_a_falling_loss():
+    assert falls([2.3, 2.0, 1.5, 1.0, 0.5]) and not falls([2.3, 2.3, 2.4, 25.0, 41.0])
 
 
 def test_readme_study_table_is_the_committed_headline():

@@ -35,9 +35,9 @@ def excluded(model, **kwargs):
     return d["no_decay"], d["no_adapt"]
 
 
-def test_defaults_exclude_vectors_from_both_and_keep_model_order():
+def test_defaults_exclude_vectors_from_decay_adapt_everything_and_keep_model_order():
     groups = param_groups(Net(), weight_decay=0.1)
-    assert layout(groups) == {(0.1, True): ["pos", "conv.weight", "fc.weight"], (0.0, False): VECTORS}
+    assert layout(groups) == {(0.1, True): ["pos", "conv.weight", "fc.weight"], (0.0, True): VECTORS}
     for g in groups:  # model order within each group
         assert g["param_names"] == sorted(g["param_names"], key=ALL.index)
     for g in groups:
@@ -93,7 +93,7 @@ def test_masks_are_independent():
 
 def test_group_defaults_pass_through_and_optimizer_accepts_groups():
     model = Net()
-    groups = param_groups(model, weight_decay=0.1, lr=0.5, momentum=0.8)
+    groups = param_groups(model, weight_decay=0.1, no_adapt="ndim<=1", lr=0.5, momentum=0.8)
     assert all(g["lr"] == 0.5 and g["momentum"] == 0.8 for g in groups)
     opt = torch.optim.SGD(groups, lr=0.1)
     saved = opt.state_dict()["param_groups"]
@@ -169,7 +169,7 @@ def test_shared_module_params_counted_once():
     block = nn.Linear(3, 3)
     model = nn.Sequential(block, nn.ReLU(), block)
     groups = param_groups(model, weight_decay=0.1)
-    assert layout(groups) == {(0.1, True): ["0.weight"], (0.0, False): ["0.bias"]}
+    assert layout(groups) == {(0.1, True): ["0.weight"], (0.0, True): ["0.bias"]}
 
 
 def test_frozen_parameters_skipped_and_reported():
@@ -232,3 +232,42 @@ def test_strict_rejects_rule_matching_nothing():
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model"):
         param_groups([torch.zeros(2)], weight_decay=0.1)
+
+
+def test_no_adapt_lr_sets_the_rate_of_the_groups_not_adapted_only():
+    groups = param_groups(Net(), weight_decay=0.1, no_adapt="ndim<=1", no_adapt_lr=0.03)
+    assert {(g["weight_decay"], g["adapt"]): g.get("lr") for g in groups} == {(0.1, True): None, (0.0, False): 0.03}
+    with pytest.raises(ValueError, match="no_adapt_lr"):
+        param_groups(Net(), weight_decay=0.1, no_adapt_lr=0.03, lr=1.0)
+    for bad in (-1.0, float("nan"), "0.1", torch.ones(2)):
+        with pytest.raises(ValueError, match="no_adapt_lr"):
+            param_groups(Net(), weight_decay=0.1, no_adapt="ndim<=1", no_adapt_lr=bad)
+
+
+def test_lars_on_the_default_groups_trains_where_the_old_mask_diverged():
+    """The README's LARS block (rate 80, learnable data, 5 epochs): the old default mask sent the
+    biases to plain SGD steps at 80 and the loss rose; every tensor adapted, or the mask with an
+    SGD-scale rate of its own, lowers it."""
+    from largebatch import LARS, linear_scaling
+
+    def final_loss(**masks):
+        torch.manual_seed(0)
+        images = torch.randn(1024, 64)
+        labels = (images @ torch.randn(64, 10)).argmax(1)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        opt = LARS(param_groups(model, weight_decay=5e-4, **masks), lr=linear_scaling(10.0, 128, 1024), momentum=0.9)
+        losses = []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses[0], losses[-1]
+
+    first, last = final_loss()
+    assert last < 0.5 * first
+    first, last = final_loss(no_adapt="ndim<=1", no_adapt_lr=linear_scaling(10.0, 128, 1024) * 1e-3)
+    assert last < 0.5 * first
+    first, last = final_loss(no_adapt="ndim<=1")
+    assert not last < first  # the old default: plain steps at 80 on the biases

@@ -18,6 +18,8 @@ adascale  ``largebatch.optim.AdaScale``       own gain   none; decay on its tau 
 as        ``largebatch.optim.AdaScale``       own gain   none; decay on the update count
 ========  =================================  =========  =========================
 
+``lars-masked`` is ``lars`` with biases and normalisation weights out of the
+trust ratio (the study v2's LARS): they take plain SGD steps at LARS's rate.
 ``adascale`` is the published method (Johnson et al. 2020): its rate follows
 the decay schedule on the scale-invariant clock tau (``ProgressLR``) and the
 run ends when tau reaches T1, the base-batch iterations of the epoch budget,
@@ -96,16 +98,17 @@ WEIGHT_DECAY = 5e-4
 # Default base rates per family at batch 128, tuned on the validation split of
 # Fashion-MNIST with the MLP (5 epochs, seed 0, micro-batch 128), e.g.
 #   largebatch tune --method lars --grid 0.1,0.3,1,3,10,30 --epochs 5 --model mlp --run-dir runs/tune
-# sgd: best of 0.01-0.2 -> 0.1; lars: best of 0.1-30 -> 10 (trust coefficient 1e-3);
-# lamb: best of 0.0003-0.03 -> 0.01. Other models should be tuned (--tune).
-SGD_BASE_LR, LARS_BASE_LR, LAMB_BASE_LR = 0.1, 10.0, 0.01
+# sgd: best of 0.01-0.2 -> 0.1; lamb: best of 0.0003-0.03 -> 0.01. LARS (trust coefficient 1e-3): 3, the
+# study v2's optimum on both models at 17-34 epochs (docs/results.md); 10, the 5-epoch optimum, diverged
+# at 8K. Other models should be tuned (--tune).
+SGD_BASE_LR, LARS_BASE_LR, LAMB_BASE_LR = 0.1, 3.0, 0.01
 # A family is the methods that coincide at the base batch, so one tuned rate
 # means the same step for all of them: lsw, sqrt, as, adascale and lena are
 # momentum SGD there (n = 1, gain 1). CLARS is not LARS there: it divides by
 # the mean of the 128 per-example norms, which on the MLP measured 5-8x the
 # mini-batch norm LARS divides by, so at LARS's rate its steps are 5-8x
-# smaller. It is a family of its own; its default is LARS's until tuned.
-CLARS_BASE_LR = LARS_BASE_LR
+# smaller. It is a family of its own, tuned on its own grid.
+CLARS_BASE_LR = 10.0
 
 
 @dataclass(frozen=True)
@@ -157,31 +160,29 @@ def _momentum_sgd(model: nn.Module, wrapped: nn.Module, lr: float, shape: RunSha
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
-def _groups(model: nn.Module, adapt_all: bool = False) -> list[dict]:
-    """Biases and normalisation weights: no weight decay, and no adaptation unless ``adapt_all``.
+# Biases and normalisation weights out of the trust ratio: LAMB's usual form, and the study v2's LARS
+# ("lars-masked"), whose excluded tensors take plain SGD steps at LARS's rate (largebatch.param_groups).
+MASKED = ("ndim<=1",)
 
-    A method without warm-up (CLARS) adapts every tensor: a tensor excluded from
-    adaptation would take the full linearly scaled rate from the first step
-    (at B = 8192 with the MLP that alone diverged in a few updates). LENA and
-    AdaScale adapt every tensor too (see the module docstring).
-    """
+
+def _groups(model: nn.Module, no_adapt: tuple = ()) -> list[dict]:
+    """Biases and normalisation weights without weight decay; every tensor adapted unless ``no_adapt`` says."""
     from ..param_groups import param_groups
 
-    return param_groups(model, weight_decay=WEIGHT_DECAY, **({"no_adapt": ()} if adapt_all else {}))
+    return param_groups(model, weight_decay=WEIGHT_DECAY, no_adapt=no_adapt)
 
 
-def _layerwise(optimizer_class: type[torch.optim.Optimizer], **options):
+def _layerwise(optimizer_class: type[torch.optim.Optimizer], no_adapt: tuple = (), **options):
     """Build a layer-wise optimiser on the project's parameter groups."""
 
     def make(model: nn.Module, wrapped: nn.Module, lr: float, shape: RunShape) -> torch.optim.Optimizer:
-        return optimizer_class(_groups(model), lr=lr, **options)
+        return optimizer_class(_groups(model, no_adapt), lr=lr, **options)
 
     return make
 
 
 def _with_statistics(optimizer_class: type[torch.optim.Optimizer], per_example: bool = False,
-                     needs_t1: bool = False, own_warmup: bool = False, adapt_all: bool = False,
-                     gains: bool = False, **options):
+                     needs_t1: bool = False, own_warmup: bool = False, gains: bool = False, **options):
     """A method that reads per-layer gradient statistics from :mod:`largebatch.stats`.
 
     ``gains``: a gain-ratio method (LENA, AdaScale) that takes ``statistics=`` and
@@ -201,7 +202,7 @@ def _with_statistics(optimizer_class: type[torch.optim.Optimizer], per_example: 
         if own_warmup:  # the optimiser's own state-aware warm-up, on or off by the run's mode
             extra["warmup"] = shape.warmup in ("default", "state-aware")
             extra["alpha"] = STATE_AWARE_ALPHA
-        return optimizer_class(_groups(model, adapt_all), lr=lr, stats=stats, **options, **extra)
+        return optimizer_class(_groups(model), lr=lr, stats=stats, **options, **extra)
 
     return make
 
@@ -239,24 +240,27 @@ _ALL_METHODS = (
     Method("sgd", "momentum SGD, linear scaling, no warm-up", "sgd", "linear", "none", _momentum_sgd),
     Method("lsw", "momentum SGD, linear scaling + gradual warm-up", "sgd", "linear", "fixed", _momentum_sgd),
     Method("sqrt", "momentum SGD, square-root scaling + gradual warm-up", "sgd", "sqrt", "fixed", _momentum_sgd),
-    Method("lars", "LARS, linear scaling + gradual warm-up", "lars", "linear", "fixed",
+    Method("lars", "LARS (every tensor adapted), linear scaling + gradual warm-up", "lars", "linear", "fixed",
            _layerwise(LARS, momentum=MOMENTUM), default_base_lr=LARS_BASE_LR),
-    Method("lamb", "LAMB, square-root scaling + gradual warm-up", "lamb", "sqrt", "fixed",
-           _layerwise(LAMB), default_base_lr=LAMB_BASE_LR),
+    Method("lars-masked", "LARS, biases and norm weights out of the trust ratio (plain steps at LARS's rate), "
+           "linear scaling + gradual warm-up", "lars-masked", "linear", "fixed",
+           _layerwise(LARS, no_adapt=MASKED, momentum=MOMENTUM), default_base_lr=LARS_BASE_LR),
+    Method("lamb", "LAMB (biases and norm weights out of the trust ratio), square-root scaling + gradual warm-up",
+           "lamb", "sqrt", "fixed", _layerwise(LAMB, no_adapt=MASKED), default_base_lr=LAMB_BASE_LR),
     Method("clars", "CLARS (per-example layer norms), linear scaling, no warm-up", "clars", "linear", "none",
-           _with_statistics(CLARS, per_example=True, adapt_all=True, momentum=MOMENTUM),
+           _with_statistics(CLARS, per_example=True, momentum=MOMENTUM),
            default_base_lr=CLARS_BASE_LR, uses_statistics=True),
     Method("lena", "LENA: per-layer gain + state-aware per-layer warm-up", "sgd", "none", "state-aware",
-           _with_statistics(LENA, needs_t1=True, own_warmup=True, adapt_all=True, gains=True, momentum=MOMENTUM,
+           _with_statistics(LENA, needs_t1=True, own_warmup=True, gains=True, momentum=MOMENTUM,
                             weight_decay=WEIGHT_DECAY),
            uses_statistics=True, own_state_aware_warmup=True, example_statistics=True),
     Method("adascale", "AdaScale: gain ratio, decay on its tau clock, the run ends when tau reaches T1",
            "sgd", "none", "none",
-           _with_statistics(AdaScale, adapt_all=True, gains=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+           _with_statistics(AdaScale, gains=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
            make_decay=_progress_decay, uses_statistics=True, example_statistics=True, ends_on_clock=True),
     Method("as", "AS (LENA paper's AdaScale baseline): gain ratio x rate x the budget's decay, no clock",
            "sgd", "none", "none",
-           _with_statistics(AdaScale, adapt_all=True, gains=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+           _with_statistics(AdaScale, gains=True, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
            uses_statistics=True, example_statistics=True),
 )
 
