@@ -188,7 +188,7 @@ def test_norm_affine(norm, shape):
 @pytest.mark.parametrize("saved", [True, False], ids=["saved-moments", "recomputed"])
 def test_layer_norm_from_saved_moments_or_recomputed(saved, monkeypatch):
     """LayerNorm normalises with the (mean, rstd) its forward saved, or recomputes them."""
-    import largebatch.stats.per_example as per_example
+    import largebatch.stats.layers.normalisation as per_example
 
     found = []
     original = per_example._layer_norm_moments
