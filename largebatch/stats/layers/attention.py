@@ -35,10 +35,6 @@ class AttentionRule(Rule):
     params = None
     deferred = True
 
-    def __init__(self, norms) -> None:
-        super().__init__(norms)
-        self._taps: dict[nn.Module, list[_AttentionTap]] = defaultdict(list)
-
     def members(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         # out_proj's parameters are used functionally inside the call: they are planned with it.
         own = list(module.named_parameters(recurse=False))
@@ -58,27 +54,54 @@ class AttentionRule(Rule):
         return None if name.endswith("weight") else "direct"
 
     def register(self, module: nn.Module, tracked: dict[str, int]) -> list:
-        return [
-            module.register_forward_pre_hook(self._before, with_kwargs=True),
-            module.register_forward_hook(self._after, always_call=True),
-        ]
+        return [_EagerForward(self, module)]
 
-    def _before(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
-        """Watch the projections inside this call (see _AttentionTap)."""
+    def watched(self, module: nn.MultiheadAttention, forward, args: tuple, kwargs: dict):
+        """One call of ``module`` with its projections watched (see _AttentionTap)."""
         norms = self.norms
         if not norms._active or not torch.is_grad_enabled():
-            return
+            return forward(*args, **kwargs)
         call = Call(module=module, rule=self, args=(), kwargs={}, batch=0, forward=norms._count_call(module))
-        tap = _AttentionTap(norms, Deferred(call))
-        tap.__enter__()
-        self._taps[module].append(tap)
-
-    def _after(self, module: nn.MultiheadAttention, args: tuple, output) -> None:
-        if self._taps[module]:  # always_call: also when the forward raised
-            self._taps[module].pop().__exit__(None, None, None)
+        with _AttentionTap(norms, Deferred(call)):
+            return forward(*args, **kwargs)
 
     def complete(self, record: Deferred, tracked: dict[str, int]):
         return _attention_uses(record.call, tracked, record)
+
+
+class _EagerForward:
+    """Set as the module's ``forward``: runs the call, and the rule's watch over it, outside ``torch.compile``.
+
+    The projections are found by a ``TorchFunctionMode`` while
+    ``F.multi_head_attention_forward`` runs; traced by Dynamo, they would be
+    compiled into a graph the mode never sees. ``torch.compiler.disable``
+    makes Dynamo break its graph around the attention call and run it
+    eagerly; the rest of the model compiles as usual. Eagerly this is the
+    plain call. An object, not a closure, so that ``copy.deepcopy`` of the
+    model binds the copy's forward to the copied module, as it does hooks.
+    """
+
+    def __init__(self, rule: AttentionRule, module: nn.Module) -> None:
+        self.rule, self.module, self.active = rule, module, True
+        self.previous = module.__dict__.get("forward")  # another override (a second engine), or None
+        module.forward = self
+
+    @torch.compiler.disable
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        forward = self.previous or type(module).forward.__get__(module)
+        if not self.active:
+            return forward(*args, **kwargs)
+        return self.rule.watched(module, forward, args, kwargs)
+
+    def remove(self) -> None:
+        """Give the module its forward back (or, if something wrapped this one since, pass calls through)."""
+        self.active = False
+        if self.module.__dict__.get("forward") is self:
+            if self.previous is None:
+                del self.module.forward
+            else:
+                self.module.forward = self.previous
 
 
 class _AttentionTap(TorchFunctionMode):
