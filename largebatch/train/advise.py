@@ -18,7 +18,8 @@ Two ways in:
 - :func:`advise` measures the caller's own model, loss and batches at its
   current parameters (no update is made; buffers such as BatchNorm's running
   statistics and ``p.grad`` are left as they were): what batch sizes pay at
-  this point of training.
+  this point of training. ``advice.summary()`` (:func:`format_advice`) puts
+  the result in words.
 - :func:`advise_run` (``largebatch advise``) measures a built-in model either
   over a short momentum-SGD run from scratch, or, with ``checkpoint``, at the
   checkpoint of a ``largebatch train`` run, on that run's model and data.
@@ -33,6 +34,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,12 +92,23 @@ class Advice:
     trace_sigma: float  # per-example tr(Sigma), averaged over the measured batches
     grad_sq_norm: float  # |G|^2, averaged likewise
     batches: list[dict]  # the trade-off at powers of two
-    largest_paying_batch: int | None  # the largest power of two <= B_noise / 2 (None: not even 1; inf noise: none)
+    # The largest power of two <= B_noise / 2: math.inf when every batch pays (B_noise unresolved), 0 when no
+    # batch does (B_noise < 2), so that `batch <= largest_paying_batch` holds exactly for the batches that pay.
+    largest_paying_batch: int | float
     batch: int  # examples per measured batch
     micro_batch: int  # examples per gradient sample
     measured_batches: int
     measured: str  # what was measured, in words
     settings: dict = field(default_factory=dict)
+    paying: str = ""  # "all", "some" (up to largest_paying_batch) or "none": which batch sizes pay
+
+    def __post_init__(self) -> None:
+        if not self.paying:
+            self.paying = paying(self.largest_paying_batch)
+
+    def summary(self) -> str:
+        """The advice in words: the noise scale, the trade-off table, each layer and the conclusion."""
+        return format_advice(self)
 
 
 def verdict(batch: float, noise_scale: float) -> str:
@@ -117,11 +130,21 @@ def tradeoff(batch: int, noise_scale: float) -> dict:
     }
 
 
-def largest_paying(noise_scale: float) -> int | None:
-    """The largest power-of-two batch up to B_noise / 2 (None when B_noise / 2 < 1 or B_noise is not finite)."""
-    if not math.isfinite(noise_scale) or noise_scale / 2 < 1:
-        return None
+def largest_paying(noise_scale: float) -> int | float:
+    """The largest power-of-two batch up to B_noise / 2: math.inf when B_noise is infinite (every batch pays),
+    0 when B_noise / 2 < 1 (no batch pays, not even 1)."""
+    if math.isnan(noise_scale):
+        raise ValueError("the noise scale is NaN: no batch size can be advised")
+    if math.isinf(noise_scale):
+        return math.inf
+    if noise_scale / 2 < 1:
+        return 0
     return 2 ** int(math.floor(math.log2(noise_scale / 2)))
+
+
+def paying(largest: int | float) -> str:
+    """"all", "some" or "none": which batch sizes pay, from :func:`largest_paying`'s value."""
+    return "all" if math.isinf(largest) else "none" if largest == 0 else "some"
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -155,59 +178,83 @@ class _Accumulator:
         if not self.steps:
             raise ValueError("no batch was measured (the batches were empty)")
         trace, grad_sq = self.trace / self.steps, self.grad_sq / self.steps
+        if not (torch.isfinite(trace).all() and torch.isfinite(grad_sq).all()):
+            # A NaN |G|^2 would otherwise read as "not resolved", i.e. "every batch pays".
+            raise ValueError("the gradient statistics are not finite (a NaN or infinite loss or gradient): "
+                             "no batch size can be advised")
         noise = _ratio(float(trace.sum()), float(grad_sq.sum()))
         layers = {name: _ratio(float(t), float(g)) for name, t, g in zip(self.names, trace, grad_sq)}
         pays = largest_paying(noise)
-        low = min(32, pays or 1)
+        low = 1 if pays == 0 else min(32, pays)  # math.inf: from 32, as for any large B_noise
         top = max(4 * batch, 2 * noise if math.isfinite(noise) else 0, 4096)
         candidates = [2**k for k in range(int(math.log2(low)), int(math.log2(top)) + 2)]
-        return Advice(noise, layers, float(trace.sum()), float(grad_sq.sum()),
-                      [tradeoff(b, noise) for b in candidates], pays, batch, micro_batch, self.steps, measured,
-                      settings or {})
+        return Advice(noise_scale=noise, layer_noise_scales=layers, trace_sigma=float(trace.sum()),
+                      grad_sq_norm=float(grad_sq.sum()), batches=[tradeoff(b, noise) for b in candidates],
+                      largest_paying_batch=pays, batch=batch, micro_batch=micro_batch, measured_batches=self.steps,
+                      measured=measured, settings=settings or {})
 
 
 def advise(
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batches: Iterable[tuple[Any, Any]],
     *,
     micro_batch: int,
     max_batches: int | None = None,
 ) -> Advice:
-    """Which batch sizes pay for ``model`` at its current parameters.
+    """Which batch sizes pay for ``model`` at its current parameters (McCandlish et al. 2018).
 
     Args:
         model: the model, at the point of training to advise on (its mode is
             kept: train mode measures the gradients training uses).
         loss_fn: ``loss_fn(model(inputs), targets)``, the mean loss of a micro-batch.
-        batches: ``(inputs, targets)`` pairs, on the model's device; each is
-            split into micro-batches of ``micro_batch`` examples along dim 0,
-            and needs at least two of them. Use a few batches of at least
-            1,000 examples for a stable estimate; the estimate averages
-            tr(Sigma) and |G|^2 over them before dividing.
+        batches: ``(inputs, targets)`` pairs (tuples or lists), on the model's
+            device; one pair of tensors alone is taken as one batch. ``inputs``
+            is a tensor (``model(inputs)``), a tuple or list of tensors
+            (``model(*inputs)``) or a dict of tensors (``model(**inputs)``);
+            ``targets`` is a tensor or a tuple, list or dict of them. Every
+            tensor is split along dim 0 into micro-batches of ``micro_batch``
+            examples (other values are passed to each micro-batch as they
+            are). A batch must be a multiple of ``micro_batch`` with at least
+            two micro-batches, as ``largebatch advise`` requires. Use a few
+            batches of at least 1,000 examples for a stable estimate; the
+            estimate averages tr(Sigma) and |G|^2 over them before dividing.
         micro_batch: examples per gradient sample.
         max_batches: stop after this many batches.
+
+    Returns an :class:`Advice`: ``largest_paying_batch`` is the largest
+    power-of-two batch that still pays (``math.inf`` when every batch pays,
+    0 when none does; ``paying`` says "all", "some" or "none"), and
+    ``advice.summary()`` gives it all in words.
 
     No update is made: the parameters, ``p.grad`` and the buffers (BatchNorm
     running statistics) are as before the call.
     """
-    if micro_batch < 1:
-        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch}")
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    if isinstance(batches, torch.Tensor):
+        raise ValueError("batches is one tensor: pass (inputs, targets) pairs, e.g. [(images, labels)]")
+    if isinstance(batches, (tuple, list)) and len(batches) == 2 and all(
+            isinstance(part, torch.Tensor) for part in batches):
+        batches = [batches]  # one (inputs, targets) pair; a batch itself is never a tensor
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     grads = {p: p.grad for p in model.parameters()}
     accumulator = _Accumulator(model)
-    size = None
+    sizes: list[int] = []
     try:
-        for i, (inputs, targets) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            size = len(inputs)
-            if size < 2 * micro_batch:
-                raise ValueError(f"a batch of {size} examples gives fewer than 2 micro-batches of {micro_batch}: "
-                                 "the noise scale needs two or more gradient samples")
+            inputs, targets, size = _unpack(batch, i, micro_batch)
+            sizes.append(size)
             for p in grads:
                 p.grad = None
-            accumulate_gradients(model, inputs, targets, micro_batch, loss_fn=loss_fn)
+            for start in range(0, size, micro_batch):
+                x, y = _rows(inputs, start, micro_batch), _rows(targets, start, micro_batch)
+                # The batch's mean loss, in equal micro-batches: GradientStatistics' accumulation="mean".
+                (loss_fn(_call(model, x), y) * (micro_batch / size)).backward()
             accumulator.add()
     finally:
         accumulator.close()
@@ -217,8 +264,62 @@ def advise(
                     b.copy_(buffers[name])
         for p, g in grads.items():
             p.grad = g
-    return accumulator.advice(size or 0, micro_batch,
-                              f"at the model's current parameters, over {accumulator.steps} batch(es) of {size}")
+    of = f" of {min(sizes)} to {max(sizes)} examples" if sizes and min(sizes) < max(sizes) else ""
+    return accumulator.advice(max(sizes, default=0), micro_batch,
+                              f"the model at its current parameters, over {accumulator.steps} batch(es){of}")
+
+
+def _unpack(batch: Any, i: int, micro_batch: int) -> tuple[Any, Any, int]:
+    """``(inputs, targets, examples)`` of batch ``i``, or a one-line ValueError saying what is wrong with it."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = (f"a {type(batch).__name__} with keys {', '.join(map(str, batch))}" if isinstance(batch, dict) else
+                f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else
+                f"a {type(batch).__name__}")
+        raise ValueError(f"batch {i} is {what}: each batch must be an (inputs, targets) pair, inputs a tensor or "
+                         "a tuple, list or dict of tensors")
+    inputs, targets = batch
+    sizes = {t.shape[0] for t in _tensors(inputs) + _tensors(targets) if t.dim() > 0}
+    if not sizes:
+        raise ValueError(f"batch {i} holds no tensor with a batch dimension")
+    if len(sizes) > 1:
+        raise ValueError(f"batch {i}: its tensors disagree on the number of examples "
+                         f"({', '.join(map(str, sorted(sizes)))} along dim 0)")
+    size = sizes.pop()
+    if size % micro_batch or size // micro_batch < 2:
+        # As `largebatch advise` refuses it: every gradient sample must have the same number of examples.
+        raise ValueError(f"batch {i} has {size} examples: it must be a multiple of micro_batch {micro_batch} with "
+                         "at least 2 micro-batches (the noise scale needs two or more equal gradient samples; "
+                         "drop the remainder, e.g. DataLoader(..., drop_last=True))")
+    return inputs, targets, size
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _rows(value: Any, start: int, count: int) -> Any:
+    """``value`` with every tensor of it cut to the examples [start, start + count), its structure kept."""
+    if isinstance(value, torch.Tensor):
+        return value[start:start + count] if value.dim() > 0 else value
+    if isinstance(value, dict):
+        return {k: _rows(v, start, count) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, start, count) for v in value)
+    return value
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def advise_run(config: AdviseConfig) -> Advice:
@@ -327,7 +428,7 @@ def conclusion(noise_scale: float) -> str:
     pays = largest_paying(noise_scale)
     critical = (f"around {noise_scale:,.0f} (the critical batch) returns diminish; beyond {2 * noise_scale:,.0f} "
                 "a larger batch buys little.")
-    if pays is None:
+    if pays == 0:
         return (f"At this point of training no batch larger than 1 pays (B_noise = {noise_scale:.2g} examples): "
                 + critical)
     return f"At this point of training, batches up to about {pays:,} still pay; {critical}"
@@ -348,7 +449,7 @@ def format_advice(advice: Advice) -> str:
               "that still pays"]
     for name, value in advice.layer_noise_scales.items():
         pays = largest_paying(value)
-        text = "any" if math.isinf(value) else "none above 1" if pays is None else f"{pays:,}"
+        text = "any" if math.isinf(pays) else "none" if pays == 0 else f"{pays:,}"
         lines.append(f"  {name:<28} {_examples(value):>12}   {text}")
     lines += ["", conclusion(advice.noise_scale) + " The noise scale grows as training proceeds: measure again "
               "later in training (largebatch advise --checkpoint RUN_DIR)."]
