@@ -18,9 +18,6 @@ import signal
 import sys
 from pathlib import Path
 
-from .data import DATASETS, DatasetNotFoundError, IdxFormatError
-from .models import MODELS
-
 # Kept in step with largebatch.train.config (not imported: `largebatch --help` stays free of torch).
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_CHECKPOINT_EVERY = 100
@@ -94,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
         dataset=_dataset_name(args), checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
         resume=args.resume, overwrite=args.overwrite, tensorboard=args.tensorboard,
     )
-    summary = train(config)
+    summary = train(config, asked_to_resume=args.resume)
     if summary is None or not _is_main_process():
         return 0  # stopped by --max-steps: the runner said where
     if summary.get("diverged_at_step") is not None:
@@ -210,6 +207,8 @@ def _is_main_process() -> bool:
 # -- arguments --------------------------------------------------------------------
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    from .data import DATASETS
+
     p.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default fashion-mnist)")
     p.add_argument("--data-dir", default=None, help="directory of MNIST-format idx files")
     p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
@@ -218,6 +217,8 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from .models import MODELS
+
     p.add_argument("--model", default="mlp", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--micro-batch", type=int, default=128, help="examples per forward/backward (per rank)")
     p.add_argument("--epochs", type=int, default=10)
@@ -253,6 +254,8 @@ def _add_machine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import MODELS
+
     parser = _Parser(prog="largebatch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -354,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(error: BaseException) -> str:
+    from .data import DatasetNotFoundError
+
     lines = str(error).strip().splitlines() or [type(error).__name__]
     if isinstance(error, DatasetNotFoundError):
         # The full how-to is in the exception for library users; the command line keeps to one line.
@@ -362,6 +367,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command handles it itself (importing torch, reading the data): one line, no traceback.
+        print("largebatch: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None) -> int:
     # Denormal floats are flushed per thread, and torch's CPU worker threads take the
     # setting of the thread that starts them: set it before any parallel op starts them
     # (train() sets it again for the calling thread; see runner.train).
@@ -387,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .data import DatasetNotFoundError, IdxFormatError
     from .train.runner import Interrupted
 
     try:
@@ -395,7 +410,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"largebatch: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"largebatch: {e}", file=sys.stderr)
+        # sweep, tune and study skip finished runs and resume the others by themselves: they take no --resume
+        again = "continue with --resume" if args.command == "train" else "run the same command again to continue"
+        print(f"largebatch: {e.stopped}; {again}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("largebatch: interrupted", file=sys.stderr)

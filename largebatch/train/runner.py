@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,16 +78,22 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: Path):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}; "
-                         "continue with --resume")
+        # What happened, without how to go on: a sweep or a study continues by running the same command again.
+        self.stopped = f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}"
+        super().__init__(f"{self.stopped}; continue with --resume")
 
 
-def train(config: TrainConfig) -> dict | None:
+def train(config: TrainConfig, *, asked_to_resume: bool = False) -> dict | None:
     """Run (or resume) one training run; returns its summary (None if ``max_steps`` stopped it first).
 
     A diverged run (a non-finite loss) stops at that step; its summary has
     ``diverged_at_step``. SIGINT or SIGTERM stop the run after the current
     step, write a checkpoint at it and raise :class:`Interrupted`.
+
+    ``config.resume`` continues from the run directory's checkpoint if there
+    is one, else starts at step 0; ``asked_to_resume`` (``largebatch train
+    --resume``) also says so when there is none. Sweeps and studies resume
+    whatever is there and say nothing.
     """
     config.validate(distributed.launched_world_size())
     if config.tensorboard and not tensorboard_installed():
@@ -102,7 +109,7 @@ def train(config: TrainConfig) -> dict | None:
     try:
         context = distributed.setup(config.device)
         try:
-            return _train(config, context)
+            return _train(config, context, asked_to_resume)
         finally:
             distributed.teardown(context)
     finally:
@@ -229,7 +236,7 @@ class _Run:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     # -- start: fresh or resumed ---------------------------------------------
-    def start(self) -> None:
+    def start(self, asked_to_resume: bool = False) -> None:
         config, path = self.config, ckpt.checkpoint_path(self.run_dir)
         held = holds_a_run(self.run_dir)
         if held and not (config.resume or config.overwrite):
@@ -238,7 +245,7 @@ class _Run:
         if config.resume and path.exists():
             self._resume(path)
         else:
-            if config.resume and self.context.is_main:
+            if config.resume and asked_to_resume and self.context.is_main:
                 print(f"largebatch: nothing to resume in {self.run_dir} (no {ckpt.CHECKPOINT_NAME}): starting at "
                       "step 0", file=sys.stderr, flush=True)
             if self.context.is_main:
@@ -329,7 +336,7 @@ class _Run:
         self.model.train()
         outcome = "finished"
         try:
-            with self._stop_on_signals():
+            with self._stop_on_signals(), self._no_single_sample_warning_at_the_base_batch():
                 while self.position.epoch < self.epoch_limit:
                     outcome = self._run_epoch(metrics, layers, board, bar)
                     if outcome != "finished":
@@ -363,6 +370,19 @@ class _Run:
                       f"(loss {summary['diverged_loss']}); stopped, summary in {self.run_dir}",
                       file=sys.stderr, flush=True)
         return summary
+
+    @contextlib.contextmanager
+    def _no_single_sample_warning_at_the_base_batch(self):
+        """LENA and AdaScale warn when a step has n = 1 gradient sample; at (or below) the base batch n = B / b
+        is 1 by definition, their gain 1 is the intended one and the warning's advice does not apply."""
+        if self.config.batch > self.config.base_batch:
+            yield
+            return
+        from ..optim import SingleSampleWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SingleSampleWarning)
+            yield
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
@@ -524,9 +544,9 @@ class _Run:
 
 
 
-def _train(config: TrainConfig, context: Context) -> dict | None:
+def _train(config: TrainConfig, context: Context, asked_to_resume: bool = False) -> dict | None:
     run = _Run(config, context)
-    run.start()
+    run.start(asked_to_resume)
     return run.run()
 
 
