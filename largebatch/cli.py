@@ -138,7 +138,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    print(f"report: {write_report(args.run_dir)}")
+    print(f"report: {write_report(args.run_dir, out=args.out)}")
     return 0
 
 
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="report.md and PNG plots of a run or sweep directory")
     report.add_argument("run_dir")
+    report.add_argument("--out", default=None,
+                        help="write report.md and the PNGs into this directory (default: the run directory)")
     report.set_defaults(func=_report)
 
     study = sub.add_parser("study", help="the papers' study: tune, sweep, warm-up ablation, results page",

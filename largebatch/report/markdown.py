@@ -19,22 +19,43 @@ from .results import RunResult, load_runs, table, targets
 REPORT = "report.md"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.md`` and the PNGs into ``run_dir``; returns the report's path."""
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.md`` and the PNGs into ``out`` (default ``run_dir``); returns the report's path.
+
+    The run directory is only read: a read-only one (an archive, another user's) reports into ``out``.
+    """
     root = Path(run_dir)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"{root} holds no finished run (no summary.json under it or under {root}/runs/)")
+    target = Path(out) if out is not None else root
+    _check_writable(target, given=out is not None)
     sweep = read_json(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else _inferred_sweep(runs, root)
     target_of = targets(runs, sweep["base_batch"], sweep.get("baseline_method", BASELINE_METHOD))
     lines = _header(sweep, runs, target_of)
     lines += _results_table(runs, target_of, sweep)
-    lines += _plots(runs, target_of, root)
-    path = root / REPORT
-    path.write_text("\n".join(lines) + "\n")
+    path = target / REPORT
+    try:
+        lines += _plots(runs, target_of, target)
+        path.write_text("\n".join(lines) + "\n")
+    except OSError as e:  # the disk filled up, or the directory changed under us
+        raise ValueError(f"cannot write the report into {target}: {e.strerror or e}") from None
     return path
+
+
+def _check_writable(directory: Path, given: bool) -> None:
+    """Make ``directory`` and write a probe there first, so that a read-only one fails in one line, before the
+    plots."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".report-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        hint = "" if given else "; pass --out DIR to write the report elsewhere"
+        raise ValueError(f"cannot write the report into {directory}: {e.strerror or e}{hint}") from None
 
 
 def _inferred_sweep(runs: list[RunResult], root: Path) -> dict:
