@@ -306,14 +306,17 @@ def test_commits_are_time_based(tmp_path, monkeypatch):
 
 def test_paper_v2_preset_states_the_protocol():
     spec = StudySpec.load(preset="paper-v2")
-    assert spec.methods == ["sgd", "lsw", "sqrt", "as", "adascale", "lars", "lamb", "clars", "lena"]
+    assert spec.methods == ["sgd", "lsw", "sqrt", "as", "adascale", "lars-masked", "lamb", "clars", "lena", "lars"]
     mlp, lenet = spec.models
     assert mlp.epoch_candidates and min(mlp.epoch_candidates) == 34 and spec.batches_of(mlp)[-1] == 16384
     assert spec.seeds_of(mlp) == [0, 1, 2] and spec.batches_of(lenet)[-1] == 8192 and lenet.note
     assert min(lenet.epoch_candidates) == 17 and spec.grid_of("lars")[-1] >= 100 and spec.tune_extend > 0
     assert spec.ablation_batch_sizes(mlp) == [8192, 16384] and spec.ablation_batch_sizes(lenet) == [4096, 8192]
     assert spec.ablation_seeds_of(mlp) == [0] and "adascale" not in spec.ablation_methods
-    assert spec.budget_hours == 8 and spec.commit_every_minutes <= 30
+    assert spec.budget_hours == 16 and spec.commit_every_minutes <= 30
+    # amendment 2: near-best rates on two seeds, the one-SE rule, rate / 3 on seed 0, the noise scale
+    assert (spec.tune_seeds, spec.tune_rule, spec.sensitivity_seeds, spec.noise_scale) == (2, "one-se", [0], True)
+    assert spec.grid_of("lars-masked") == spec.grid_of("lars") and len(spec.amendments) == 2
     assert StudySpec.load(preset="paper-small").models[0].epochs == 5  # the first study still regenerates
 
 
@@ -481,7 +484,7 @@ def test_superseded_runs_are_set_aside_kept_in_the_summaries_and_listed_on_the_p
     assert "1. CLARS tunes its own base rate" in amendments
     assert ("| mlp | sweep | clars | default | 3 | B = 128: 87.50 ± 0.71% (2); B = 16384: 87.50 ± 0.71% (2) "
             "| base rate 3, not 30 |") in amendments
-    assert "lars: lars; lamb: lamb; clars: clars" in page
+    assert "lars-masked: lars-masked; lamb: lamb; clars: clars; lars: lars" in page
 
 
 def test_summaries_written_before_clars_had_a_family_of_its_own_keep_their_caveats():

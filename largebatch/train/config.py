@@ -53,6 +53,7 @@ class TrainConfig:
     clock_cap: float = 3.0  # a method ending on its clock (AdaScale) trains at most clock_cap x epochs
     eval_every: int = 0  # also evaluate every k steps (0: once per epoch only)
     layer_every: int | None = None  # per-layer statistics every k steps (None: see effective_layer_every)
+    noise_scale: bool = False  # also record the gradient noise scale's two terms from per-example norms (noise.py)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast and GradScaler)
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # steps; 0: only at the end and when interrupted
     max_steps: int | None = None  # stop after this many steps in all (resumable)
@@ -82,6 +83,8 @@ class TrainConfig:
             del identity["precision"]
         if identity["statistics"] == "micro_batch":
             del identity["statistics"]
+        if not identity["noise_scale"]:
+            del identity["noise_scale"]
         if not get_method(self.method).ends_on_clock:
             del identity["clock_cap"]  # no effect on the other methods
         return identity

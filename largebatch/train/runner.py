@@ -62,6 +62,7 @@ from .metrics import (
     truncate_after,
     write_json,
 )
+from .noise import NoiseScaleProbe
 
 LAYER_DEFINITION = "one parameter tensor (keyed by its name in model.named_parameters())"
 CRASH_AT_STEP_ENV = "LARGEBATCH_TEST_CRASH_AT_STEP"  # fault injection for the resume tests
@@ -218,6 +219,8 @@ class _Run:
             stats.grad_scaler = self.scaler
         self.names = layer_names(self.model)
         self.layer_every = config.effective_layer_every(self.shape.total_steps)
+        # The noise scale's two terms, recorded with the per-layer values (largebatch.train.noise).
+        self.noise = NoiseScaleProbe(self.wrapped) if config.noise_scale else None
         # A method that ends on its clock (AdaScale) trains until tau reaches T1, at most clock_cap x the epochs.
         self.t1 = base_iterations(self.shape) if self.method.ends_on_clock else None
         self.epoch_limit = math.ceil(config.clock_cap * config.epochs) if self.t1 is not None else config.epochs
@@ -448,6 +451,8 @@ class _Run:
         images = self.data.train.images[local].to(context.device, non_blocking=True)
         labels = self.data.train.labels[local].to(context.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.noise is not None:
+            self.noise.reset()
         no_sync = self.wrapped.no_sync if context.distributed else None
         loss = accumulate_gradients(self.wrapped, images, labels, config.micro_batch, no_sync=no_sync,
                                     autocast=self.autocast, scaler=self.scaler)
@@ -460,6 +465,10 @@ class _Run:
         # Read before the scheduler moves the rates: the values of this step.
         due = (self.position.step + 1) % self.layer_every == 0
         self._layer_values = layer_record(self.optimizer, self.names) if due and context.is_main else {}
+        if due and self.noise is not None:  # a collective under DDP: every rank reads
+            noise = self.noise.read()
+            if context.is_main:
+                self._layer_values.update(noise)
         if self.scheduler is not None:
             self.scheduler.step()
         # The stop request rides on the loss's all-reduce, so every rank stops after the same step.

@@ -57,6 +57,9 @@ import torch
 from .config import TrainConfig
 from .methods import WARMUP_MODES, get_method
 from .metrics import LAYERS, METRICS, SUMMARY, read_json, read_jsonl, write_json
+from .noise import windowed_noise_scale
+from .robustness import (NOISE_SCALE, ONE_SE, SENSITIVITY, TUNE_RULES, TUNE_SEEDS, next_rate, noise_scale_config,
+                         run_configs, run_tune_seeds, sensitivity_configs, tune_seed_configs)
 from .runner import Interrupted, load_data, train
 from .sweep import (BASELINE_METHOD, TUNED_FILE, Progress, SweepSpec, finished_differently, is_finished, outcome,
                     run_sweep)
@@ -66,7 +69,9 @@ PLATEAU_FILE = "plateau.json"
 ABLATION_MODES = ("none", "fixed", "state-aware")
 # The per-layer quantity each method's page section draws over training (layers.jsonl), sampled into
 # summaries.json for the first seed: LENA's gains, the trust ratios of LARS and CLARS, AdaScale's model gain.
-LAYER_SERIES = {"lena": "gains", "lars": "trust_ratios", "clars": "trust_ratios", "adascale": "gain", "as": "gain"}
+LAYER_SERIES = {"lena": "gains", "lars": "trust_ratios", "lars-masked": "trust_ratios", "clars": "trust_ratios",
+                "adascale": "gain", "as": "gain"}
+NOISE_WINDOWS = 40  # points of the noise-scale series kept in summaries.json
 
 _PAPER_METHODS = ["sgd", "lsw", "sqrt", "adascale", "lars", "lamb", "clars", "lena"]
 _HALF_DECADES = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
@@ -102,7 +107,7 @@ PRESETS: dict[str, dict] = {
         "base_batch": 128,
         "micro_batch": 128,
         "batches": [128, 1024, 2048, 4096, 8192, 16384],
-        "methods": ["sgd", "lsw", "sqrt", "as", "adascale", "lars", "lamb", "clars", "lena"],
+        "methods": ["sgd", "lsw", "sqrt", "as", "adascale", "lars-masked", "lamb", "clars", "lena", "lars"],
         "seeds": [0, 1, 2],
         "models": [
             {"name": "mlp", "epoch_candidates": [34, 68]},
@@ -113,20 +118,26 @@ PRESETS: dict[str, dict] = {
         ],
         "tune_grid": _HALF_DECADES,
         # LARS and CLARS (trust coefficient 1e-3) were best at the old grid's top, 10: their grids reach 100.
-        # CLARS tunes its own rate (amendment, docs/study.md): at LARS's its steps are 5-8x smaller.
-        "tune_grids": {"lars": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+        # CLARS tunes its own rate (amendment 1, docs/study.md): at LARS's its steps are 5-8x smaller.
+        "tune_grids": {"lars-masked": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+                       "lars": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
                        "clars": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]},
         "tune_extend": 4,
+        "tune_seeds": 2,
+        "tune_within": 0.01,
+        "tune_rule": "one-se",
+        "sensitivity_seeds": [0],
+        "noise_scale": True,
         "plateau_lr": 0.1,
         "plateau_tolerance": 0.003,
         "plateau_metric": "val",
         "min_updates": 100,
         "adascale_cap": 3.0,
-        "ablation_methods": ["lsw", "sqrt", "as", "lars", "lamb", "clars", "lena"],
+        "ablation_methods": ["lsw", "sqrt", "as", "lars-masked", "lamb", "clars", "lena", "lars"],
         "ablation_seeds": [0],
         "evals_per_epoch": 2,
         "early_epochs": 2,
-        "budget_hours": 8.0,
+        "budget_hours": 16.0,  # 8 before amendment 2, whose phases take about as long again
         "commit_every_minutes": 20.0,
         "amendments": [
             "CLARS tunes its own base rate (family clars) instead of carrying LARS's. A family is the methods "
@@ -135,6 +146,19 @@ PRESETS: dict[str, dict] = {
             "mini-batch norm LARS divides by, so at LARS's rate its steps were 5-8x smaller and it ended 2 "
             "points below LARS at b = 128. Made after the MLP's sweep and ablation, before LeNet-5-BN's; the "
             "MLP's CLARS runs at LARS's rate are kept below as superseded.",
+            "A second look, before its runs (amendment 2). (a) The study's LARS left biases and normalisation "
+            "weights out of the trust ratio, and they took plain SGD steps at LARS's rate, about 100x an SGD rate "
+            "and 64x more at 8K; the library now adapts every tensor. Its runs are relabelled lars-masked, and "
+            "LARS adapting every tensor (lars) is tuned and swept beside it; CLARS, which adapts every tensor, is "
+            "compared with lars. (b) Every family's rate was chosen by one seed, CLARS's on a 0.16-point "
+            "difference, within the seeds' spread: every rate within 1 point of the first seed's best is run on "
+            "a second seed, and the rate is the smallest whose mean validation accuracy is within one standard "
+            "error of the best mean (the one-standard-error rule: of rates the noise cannot tell apart, the "
+            "smaller is the safer to scale up); a family whose rate changes is swept again, its runs at the old "
+            "rate kept as superseded. (c) The main sweep runs again from each family's next lower grid rate "
+            "(rate / 3), seed 0, every batch: a verdict that changes between the two rates is rate-sensitive. "
+            "(d) The gradient noise scale over the base-batch run of momentum SGD, from per-example norms, for "
+            "where each method falls off against it.",
         ],
         "run_dir": "runs/study-v2",
         "artifacts": "results/study-v2",
@@ -172,6 +196,11 @@ class StudySpec:
     micro_batch: int = 128
     tune_grids: dict[str, list[float]] = field(default_factory=dict)  # family -> its own starting grid
     tune_extend: int = 0  # at most this many half-decade steps beyond each end of a grid (0: the grid as given)
+    tune_seeds: int = 1  # seeds of each model that train the near-best rates (tune-seeds phase when > 1)
+    tune_within: float = 0.01  # near-best: validation accuracy within this of the first seed's best
+    tune_rule: str = "best"  # "best" (the first seed's best) or "one-se" (robustness.one_standard_error)
+    sensitivity_seeds: list[int] = field(default_factory=list)  # main sweep from rate / 3 for these seeds
+    noise_scale: bool = False  # the noise-scale phase: B_noise over the base-batch run (robustness.py)
     plateau_lr: float | None = None  # the plateau phase's base rate (None: the sgd family's default)
     plateau_tolerance: float = 0.003  # |acc(2E) - acc(E)|, mean over seeds, as a fraction
     plateau_metric: str = "val"  # "val" (the validation split) or "test"
@@ -257,6 +286,14 @@ class StudySpec:
             raise ValueError("tune_extend must be >= 0, min_updates >= 1 and adascale_cap >= 1")
         if self.commit_every_minutes <= 0:
             raise ValueError("commit_every_minutes must be positive")
+        if self.tune_rule not in TUNE_RULES:
+            raise ValueError(f"tune_rule {self.tune_rule!r}: use {' or '.join(TUNE_RULES)}")
+        if self.tune_seeds < 1 or (self.tune_seeds > 1) != (self.tune_rule == ONE_SE):
+            raise ValueError("tune_seeds > 1 goes with tune_rule 'one-se' (and 1 with 'best')")
+        if not 0 <= self.tune_within < 1:
+            raise ValueError(f"tune_within {self.tune_within}: a fraction of accuracy in [0, 1)")
+        if not set(self.sensitivity_seeds) <= set(self.seeds):
+            raise ValueError(f"sensitivity_seeds must be among the seeds {self.seeds}")
         families = {get_method(m).family for m in [BASELINE_METHOD, *self.methods]}
         for family, grid in self.tune_grids.items():
             if family not in families:
@@ -313,6 +350,9 @@ class StudySpec:
             return sorted(self.ablation_batches)
         return (self.batches_of(model) if model is not None else sorted(self.batches))[-2:]
 
+    def sensitivity_seeds_of(self, model: ModelBudget) -> list[int]:
+        return [s for s in self.seeds_of(model) if s in self.sensitivity_seeds]
+
     def grid_of(self, family: str) -> list[float]:
         return sorted(self.tune_grids.get(family, self.tune_grid))
 
@@ -360,17 +400,6 @@ def choose_epochs(candidates: list[int], accuracy: dict[int, list[float]], toler
 
 
 # -- tuning with grid extension ---------------------------------------------------------------------
-
-def next_rate(rate: float, up: bool) -> float:
-    """The neighbour of ``rate`` on the half-decade ladder 1, 3, 10, 30, ... (x 10^k)."""
-    k = math.floor(math.log10(rate))
-    ladder = sorted(m * 10.0 ** j for j in range(k - 2, k + 3) for m in (1, 3))
-    if up:
-        value = min(v for v in ladder if v > rate * (1 + 1e-9))
-    else:
-        value = max(v for v in ladder if v < rate * (1 - 1e-9))
-    return float(f"{value:.6g}")
-
 
 def tune_with_extension(grid: list[float], evaluate: Callable[[float], float], max_extend: int) -> dict:
     """Score every rate of ``grid``; while the best is at an end, extend that end by one half-decade step
@@ -621,11 +650,31 @@ def phases(spec: StudySpec) -> list[Phase]:
         tune_runs = [tune_config(sweep, spec, get_method(method).family, method, lr)
                      for method in family_representatives(spec.methods)
                      for lr in spec.grid_of(get_method(method).family)]
+        tuned = _tuned_so_far(spec, model)
+        sweep.lrs.update({family: entry["lr"] for family, entry in tuned.items()})
         main = [sweep.config(m, b, s) for m, b, s in sweep.runs()]
         ablation = [ablation_config(sweep, r) for r in ablation_runs(spec, model) if r.same_as is None]
-        out += [Phase(model.name, "tune", tune_runs), Phase(model.name, "sweep", main),
-                Phase(model.name, "ablation", ablation)]
+        out += [Phase(model.name, "tune", tune_runs)]
+        if spec.tune_seeds > 1:
+            out.append(Phase(model.name, TUNE_SEEDS, tune_seed_configs(
+                sweep, spec.base_batch, tuned, _representatives(spec), spec.tune_seeds, spec.tune_within),
+                "" if tuned else "the near-best rates once tuned"))
+        out += [Phase(model.name, "sweep", main), Phase(model.name, "ablation", ablation)]
+        if spec.sensitivity_seeds_of(model):
+            out.append(Phase(model.name, SENSITIVITY, sensitivity_configs(sweep, spec.sensitivity_seeds_of(model))))
+        if spec.noise_scale:
+            out.append(Phase(model.name, NOISE_SCALE, [noise_scale_config(sweep, spec.base_batch)]))
     return out
+
+
+def _tuned_so_far(spec: StudySpec, model: ModelBudget) -> dict:
+    path = Path(spec.run_dir) / model.name / TUNED_FILE
+    return read_json(path) if path.exists() else {}
+
+
+def _representatives(spec: StudySpec) -> dict[str, str]:
+    """Family -> the method that tunes its rate."""
+    return {get_method(m).family: m for m in family_representatives(spec.methods)}
 
 
 def family_representatives(methods: list[str]) -> list[str]:
@@ -820,11 +869,19 @@ def _run_model(spec: StudySpec, model: ModelBudget, committer: Committer, log: C
     if not sweep.tune_grid:
         log(f"== {model.name}: tuning base rates at batch {spec.base_batch}, {epochs} epochs")
         tuned = run_tuning(spec, sweep, committer, log)
-        sweep.lrs.update({family: entry["lr"] for family, entry in tuned.items()})
         committer.commit(f"{model.name}: tuning")
+        if spec.tune_seeds > 1:
+            log(f"== {model.name}: near-best rates on seeds {sweep.seeds[:spec.tune_seeds]}, one-SE rule")
+            configs = tune_seed_configs(sweep, spec.base_batch, tuned, _representatives(spec), spec.tune_seeds,
+                                        spec.tune_within)
+            tuned = run_tune_seeds(sweep, spec.base_batch, tuned, _representatives(spec), spec.tune_seeds,
+                                   spec.tune_within, _trainer(configs, committer, log), log)
+            committer.commit(f"{model.name}: tuning on seeds")
+        sweep.lrs.update({family: entry["lr"] for family, entry in tuned.items()})
     runs = ablation_runs(spec, model)
+    sensitivity = sensitivity_configs(sweep, spec.sensitivity_seeds_of(model))
     moved = set_aside_superseded([sweep.config(*run) for run in sweep.runs()]
-                                 + [ablation_config(sweep, r) for r in runs if r.same_as is None],
+                                 + [ablation_config(sweep, r) for r in runs if r.same_as is None] + sensitivity,
                                  Path(spec.run_dir) / model.name, log)
     if moved:
         committer.finished_run()
@@ -841,6 +898,27 @@ def _run_model(spec: StudySpec, model: ModelBudget, committer: Committer, log: C
             continue
         _train_logged(ablation_config(sweep, run), label, progress, committer, log, k, len(runs))
     committer.commit(f"{model.name}: warm-up ablation")
+    if sensitivity:
+        log(f"== {model.name}: rate sensitivity, the main sweep from each family's rate / 3, seeds "
+            f"{spec.sensitivity_seeds_of(model)}")
+        run_configs(sensitivity, SENSITIVITY, _trainer(sensitivity, committer, log))
+        committer.commit(f"{model.name}: rate sensitivity")
+    if spec.noise_scale:
+        log(f"== {model.name}: gradient noise scale over the base-batch run")
+        noise = [noise_scale_config(sweep, spec.base_batch)]
+        run_configs(noise, NOISE_SCALE, _trainer(noise, committer, log))
+        committer.commit(f"{model.name}: gradient noise scale")
+
+
+def _trainer(configs: list[TrainConfig], committer: Committer, log: Callable[[str], None]):
+    """A phase's train_one: trains (or skips, when finished) one of ``configs``, logging k of n with an ETA."""
+    progress = Progress(sum(not is_finished(Path(c.run_dir)) for c in configs))
+    counter = iter(range(1, len(configs) + 1))
+
+    def train_one(config: TrainConfig, label: str) -> dict:
+        return _train_logged(config, label, progress, committer, log, next(counter, len(configs)), len(configs))
+
+    return train_one
 
 
 def set_aside_superseded(configs: list[TrainConfig], model_root: Path, log: Callable[[str], None] = print) -> int:
@@ -867,7 +945,7 @@ def set_aside_superseded(configs: list[TrainConfig], model_root: Path, log: Call
             target = model_root / SUPERSEDED / relative.with_name(f"{relative.name}.{k}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), str(target))
-        phase = "ablation" if relative.parts[0] == "ablation" else "sweep"
+        phase = relative.parts[0] if relative.parts[0] in ("ablation", SENSITIVITY) else "sweep"
         write_json(target / SUPERSEDED_NOTE, {"phase": phase, "because": changed})
         log(f"{source}: finished as another run ({changed}); set aside in {target}")
         moved += 1
@@ -898,6 +976,7 @@ def progress_note(spec: StudySpec) -> str:
 # Key of a summary.json written back from a committed record (restore_committed): the record itself.
 RESTORED = "restored_record"
 _PHASE_DIRS = {"plateau": ("plateau",), "tune": ("tune",), "sweep": ("runs",), "ablation": ("ablation", "runs"),
+               TUNE_SEEDS: (TUNE_SEEDS,), SENSITIVITY: (SENSITIVITY, "runs"), NOISE_SCALE: (NOISE_SCALE,),
                "superseded": ("superseded",)}  # its records' "run" is the path under superseded/
 SUPERSEDED = "superseded"
 SUPERSEDED_NOTE = "superseded.json"  # in a set-aside run: the phase it was run for and why it no longer is
@@ -951,15 +1030,10 @@ def collect(spec: StudySpec) -> Path:
         tuned_path = root / TUNED_FILE
         if tuned_path.exists():
             tuning[model.name] = read_json(tuned_path)
-        for directory in sorted((root / "tune").glob("*")):
-            if is_finished(directory):
-                runs.append(_run_record(directory, model.name, "tune", spec))
-        for directory in sorted((root / "runs").glob("*")):
-            if is_finished(directory):
-                runs.append(_run_record(directory, model.name, "sweep", spec))
-        for directory in sorted((root / "ablation" / "runs").glob("*")):
-            if is_finished(directory):
-                runs.append(_run_record(directory, model.name, "ablation", spec))
+        for phase in ("tune", TUNE_SEEDS, "sweep", "ablation", SENSITIVITY, NOISE_SCALE):
+            for directory in sorted(root.joinpath(*_PHASE_DIRS[phase]).glob("*")):
+                if is_finished(directory):
+                    runs.append(_run_record(directory, model.name, phase, spec))
         for summary in sorted((root / SUPERSEDED).rglob(SUMMARY)):
             runs.append(_superseded_record(summary.parent, root / SUPERSEDED, model.name, spec))
     path = Path(spec.artifacts) / SUMMARIES
@@ -1028,11 +1102,15 @@ def _read_run_record(directory: Path, model: str, phase: str, first_seed: int | 
             record[key] = summary.get(key)
     if summary.get("diverged_at_step") is not None:
         record["diverged_at_step"] = summary["diverged_at_step"]
-    if phase != "tune":
+    if phase not in ("tune", TUNE_SEEDS):
         record["evals"] = _compact_evals(summary["evals"], read_jsonl(directory / METRICS))
         ends = _final_warmup_ends(directory) if get_method(summary["method"]).own_state_aware_warmup else None
         if ends:
             record["warmup_ends"] = ends
+    if phase == NOISE_SCALE:
+        noise = windowed_noise_scale(read_jsonl(directory / LAYERS), NOISE_WINDOWS, config["steps_per_epoch"])
+        if noise:
+            record["noise"] = noise
     quantity = LAYER_SERIES.get(summary["method"])
     if (phase == "sweep" and quantity and samples and summary["seed"] == first_seed):
         series = _layer_series(directory / LAYERS, quantity, samples)
