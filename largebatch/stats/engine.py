@@ -23,9 +23,7 @@ was unscaled before ``summary()``; gain ratios and noise scales are unaffected.
 
 from __future__ import annotations
 
-import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,95 +31,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
-from . import estimators
 from ._norms import sq_norm_into, sq_norms
 from .ddp import all_reduce_sum, forward_synchronises, may_launch_before_finalize
+from .summary import GradientSummary, loss_scale, warn_if_unscaled
 
 __all__ = ["GradientStatistics", "GradientSummary"]
 
 _SAMPLES = ("micro_batch", "worker")
 _APPLIED_NORM = ("backward", "every_backward", "summary")
 _REDUCTIONS = ("mean", "sum")
-
-
-@dataclass
-class GradientSummary:
-    """Per-layer gradient statistics of one step; tensors of shape [K], on device.
-
-    ``sample_sq_norm_mean`` is A_k = (1/n) sum_i ||g_k^(i)||^2 and
-    ``mean_grad_sq_norm`` is B_k = ||gbar_k||^2 (methods.md, AdaScale / LENA).
-    ``example_*`` are set when per-example norms were collected (CLARS).
-    ``grad_scale`` relates them to ``p.grad``: the backwards leave
-    ``p.grad = grad_scale * gbar`` (a loss scale included on both sides; m
-    under ``accumulation="sum"``, times the micro-batch size under
-    ``loss_reduction="sum"``, 1 with the defaults).
-    ``loss_scale`` is S, the ``GradScaler`` scale the backwards ran with (its
-    scale tensor, read without a host sync; 1 without ``grad_scaler``): every
-    norm here carries it (A and B S^2 times, example norms S times). The
-    optimisers divide it out; they never infer it from ``p.grad``, which
-    unscaling and clipping change.
-    Derived estimators follow estimators.py; "total" means model-level, the
-    ratio of sums over layers.
-    """
-
-    n: int
-    sample_sq_norm_mean: Tensor
-    mean_grad_sq_norm: Tensor
-    num_examples: int | Tensor
-    example_norm_mean: Tensor | None = None
-    example_sq_norm_mean: Tensor | None = None
-    grad_scale: float = 1.0
-    loss_scale: float | Tensor = 1.0
-
-    @property
-    def examples_per_sample(self) -> float | Tensor:
-        return self.num_examples / self.n
-
-    def _pair(self, total: bool) -> tuple[Tensor, Tensor]:
-        A, B = self.sample_sq_norm_mean, self.mean_grad_sq_norm
-        return (estimators.total(A), estimators.total(B)) if total else (A, B)
-
-    def variance(self, total: bool = False) -> Tensor:
-        """Unbiased tr(Sigma) of one gradient sample, n - 1 degrees of freedom."""
-        return estimators.sample_variance(*self._pair(total), self.n)
-
-    def true_grad_sq_norm(self, total: bool = False) -> Tensor:
-        """Unbiased ||E g||^2 (AdaScale's mu^2)."""
-        return estimators.true_grad_sq_norm(*self._pair(total), self.n)
-
-    def gain_ratio(self, total: bool = False) -> Tensor:
-        """AdaScale gain r in [1, n] (per layer: LENA's unsmoothed gain)."""
-        return estimators.gain_ratio(*self._pair(total), self.n)
-
-    def noise_scale(self, total: bool = False) -> Tensor:
-        """McCandlish et al. (2018) B_noise in examples, per layer or model.
-
-        NaN where undefined: n = 1, or |G|^2 <= 0 (noise-dominated); never
-        negative (estimators.noise_scale).
-        """
-        self._require_examples()
-        return estimators.noise_scale(*self._pair(total), self.n, self.examples_per_sample)
-
-    def _example_pair(self, total: bool) -> tuple[Tensor, Tensor]:
-        if self.example_sq_norm_mean is None:
-            raise RuntimeError("per-example statistics need GradientStatistics(per_example=True)")
-        E, B = self.example_sq_norm_mean, self.mean_grad_sq_norm
-        return (estimators.total(E), estimators.total(B)) if total else (E, B)
-
-    def example_variance(self, total: bool = False) -> Tensor:
-        """Unbiased per-example tr(Sigma), N - 1 degrees of freedom."""
-        return estimators.example_variance(*self._example_pair(total), self.num_examples)
-
-    def example_noise_scale(self, total: bool = False) -> Tensor:
-        """B_noise from per-example norms (N - 1 degrees of freedom); NaN where undefined, as noise_scale."""
-        return estimators.example_noise_scale(*self._example_pair(total), self.num_examples)
-
-    def _require_examples(self) -> None:
-        if isinstance(self.num_examples, int) and self.num_examples <= 0:
-            raise RuntimeError(
-                "the number of examples is unknown (no tensor argument to the model's forward); "
-                "use per_example=True or pass batched tensors to forward"
-            )
 
 
 def first_batch_size(args: tuple, kwargs: dict) -> int:
@@ -344,8 +262,10 @@ class GradientStatistics:
                 norm_sum, sq_sum = extra[:K], extra[K : 2 * K]
             example_norm_mean = norm_sum.to(self._dtype) * per_example_scale / num_examples
             example_sq_norm_mean = sq_sum.to(self._dtype) * per_example_scale**2 / num_examples
-        if not self._unscaling_checked:
-            self._check_unscaling(B, grad_scale)
+        if not self._unscaling_checked:  # the first summary only: one host read
+            self._unscaling_checked = True
+            if self.grad_scaler is None and self.applied_norm != "summary":
+                warn_if_unscaled(B, grad_scale, self._read_grad_sq().sum())
         return GradientSummary(
             n=n,
             sample_sq_norm_mean=A,
@@ -354,45 +274,8 @@ class GradientStatistics:
             example_norm_mean=example_norm_mean,
             example_sq_norm_mean=example_sq_norm_mean,
             grad_scale=grad_scale,
-            loss_scale=self._loss_scale(),
+            loss_scale=loss_scale(self.grad_scaler),
         )
-
-    # A GradScaler's initial scale is 2^16: its unscaling shrinks ||p.grad||^2
-    # by 4e9. A factor of 1e4 (gradients 100x smaller than the backward left
-    # them) is far from either rounding or ordinary clipping.
-    _UNSCALED_RATIO = 1e4
-
-    def _check_unscaling(self, B: Tensor, grad_scale: float) -> None:
-        """Warn, on the first summary only (one host read), if p.grad was unscaled by a scaler we were not given.
-
-        Without ``grad_scaler=`` the statistics carry the loss scale S while
-        the optimisers apply the unscaled p.grad: CLARS's trust ratios would
-        be S times too small, silently. Later steps are not checked, so
-        that the step never waits for the host.
-        """
-        self._unscaling_checked = True
-        if self.grad_scaler is not None or self.applied_norm == "summary":
-            return
-        measured = B.sum() * grad_scale**2
-        now = sq_norms([p.grad for p in self.params], self._dtype, self._device).sum()
-        if bool(measured > self._UNSCALED_RATIO * now) and bool(now > 0):
-            warnings.warn(
-                f"GradientStatistics: p.grad is {float((measured / now).sqrt()):.3g} times smaller than "
-                "the backward left it. If a torch.amp.GradScaler scaled the loss, pass it as "
-                "GradientStatistics(grad_scaler=scaler): the statistics carry its scale, and the "
-                "optimisers divide it out only when they know it. (Gradient clipping by such a "
-                "factor also shows this; the statistics are then the unclipped gradients', as intended.)",
-                stacklevel=3,
-            )
-
-    def _loss_scale(self) -> float | Tensor:
-        """The scaler's current scale tensor (the one this step's backwards used: ``update()``
-        runs after the step), without reading it; 1 without an enabled scaler."""
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return 1.0
-        scale = scaler._get_scale_async()
-        return 1.0 if scale is None else scale
 
     # -- hooks --------------------------------------------------------------
     def _grad_hook(self, k: int):
@@ -607,21 +490,15 @@ class GradientStatistics:
             self._examples_entry.fill_(float(self._examples))
             return self._vector
         K = len(self.params)
-        norm_sum, sq_sum, count = self._per_example_now()
+        # PerExampleNorms combines a backward's layer uses in its own
+        # end-of-backward callback, whose order relative to this one is not
+        # guaranteed; every output gradient is there by now, so flush them.
+        self.per_example.flush()
+        norm_sum, sq_sum, count = self.per_example.accumulators()
         self._vector[K : 2 * K].copy_(norm_sum)
         self._vector[2 * K : 3 * K].copy_(sq_sum)
         self._vector[-1:].copy_(count.reshape(1))
         return self._vector
-
-    def _per_example_now(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-example sums including the backward still running.
-
-        PerExampleNorms combines a backward's layer uses in its own
-        end-of-backward callback, whose order relative to this one is not
-        guaranteed; every output gradient is there by now, so flush them.
-        """
-        self.per_example.flush()
-        return self.per_example.accumulators()
 
     def _check_reduced(self, m: int) -> None:
         if self._reduced is None:
