@@ -134,6 +134,9 @@ def test_study_runs_the_second_look_phases_and_resumes(tmp_path, capsys):
     assert len(noise["noise"]["noise_scale"]) == 4 and noise["noise"]["trace"][0] > 0  # 4 steps, layer_every 1
 
     page = (tmp_path / "docs" / "results.md").read_text()
+    assert "## Rate sensitivity" in page and "## mlp: gradient noise scale" in page
+    assert "| lars (" in page.split("## Rate sensitivity")[1] and "one-standard-error rule" in page
+    assert (tmp_path / "results" / "mlp-noise-scale.png").exists()
 
     # again: nothing trained; and from the committed summaries alone on a new machine
     assert main(["study", "--spec", str(spec)]) == 0

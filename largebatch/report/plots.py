@@ -343,3 +343,23 @@ def plateau_curve(points: dict[str, dict[int, list[float]]], chosen: int | None,
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def noise_scale_over_training(series: dict[str, list], batches: list[int], title: str, path: Path) -> Path:
+    """B_noise per window against epochs, log scale, with each study batch as a dotted line; a window whose
+    mean |G|^2 was not positive (B_noise beyond what the step's examples resolve) is left out."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    points = [(e, v) for e, v in zip(series["epoch"], series["noise_scale"]) if v is not None and v > 0]
+    if points:
+        ax.plot([e for e, _ in points], [v for _, v in points], color="C0", marker="o", markersize=3, linewidth=1.2,
+                label="B_noise (examples)")
+    for i, batch in enumerate(sorted(batches)):
+        ax.axhline(batch, color="grey", linestyle=":", linewidth=0.8)
+        ax.annotate(f"B = {batch}", (1.0, batch), xycoords=("axes fraction", "data"), fontsize="x-small",
+                    color="grey", ha="right", va="bottom")
+    ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="B_noise = tr(Sigma) / |G|^2 (examples)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="x-small")
+    return _save(fig, path)

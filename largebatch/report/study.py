@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..train.metrics import read_json
-from . import plots
+from . import plots, robustness
 from .results import RunResult
 
 BASELINE = "sgd"
 HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
 EARLY_METHODS = ("clars", "lsw", "lars")  # CLARS (no warm-up) against gradual warm-up
 ADASCALE_BASELINE = "as"  # the LENA paper's AdaScale ("AS"); "adascale" is the published method
-FIXED_WARMUP = ("lsw", "sqrt", "lars", "lamb")
+FIXED_WARMUP = ("lsw", "sqrt", "lars", "lars-masked", "lamb")
 NO_WARMUP = ("sgd", "clars", "as", "adascale")
 
 
@@ -258,6 +258,8 @@ class Study:
             lines += self.clars_section(model)
             lines += self.ablation_section(model)
             lines += self.throughput_section(model)
+            lines += robustness.noise_section(self, model)
+        lines += robustness.sensitivity_section(self)
         lines += self.time_section()
         lines += self.overheads()
         lines += ["## Headline (the README's table)", ""] + self.headline() + [""]
@@ -401,8 +403,9 @@ class Study:
                              sorted(entry["grid"].items(), key=lambda kv: float(kv[0])))
             inside = _inside(entry)
             extended = ", ".join(f"{lr:g}" for lr in entry.get("extended", [])) or "-"
-            lines.append(f"| {family} | {grid} | {entry['lr']:g} | {'yes' if inside else '**no**'} | {extended} |")
-        return lines + [""]
+            best = entry.get("first_seed_lr", entry["lr"])
+            lines.append(f"| {family} | {grid} | {best:g} | {'yes' if inside else '**no**'} | {extended} |")
+        return lines + [""] + robustness.tune_seeds_lines(self, model)
 
     # -- Table 1 ------------------------------------------------------------------------------
     def main_table(self, model: str) -> list[str]:
