@@ -39,7 +39,7 @@ import torch
 
 from largebatch.report.results import Cell, RunResult, targets
 from largebatch.train.config import TrainConfig
-from largebatch.train.metrics import SUMMARY
+from largebatch.records import SUMMARY
 from largebatch.train.runner import load_data, train
 from largebatch.train.sweep import run_path
 

@@ -159,7 +159,9 @@ def _study(args: argparse.Namespace) -> int:
     estimate(spec)
     if args.estimate_only:
         return 0
-    print(f"results page: {run_study(spec, commit=args.commit)}")
+    from .report.study import write_study_report
+
+    print(f"results page: {run_study(spec, commit=args.commit, write_page=lambda s: write_study_report(s, spec.out))}")
     return 0
 
 

@@ -250,14 +250,15 @@ def test_time_per_update_claim_is_judged_only_on_undisturbed_times():
 
 
 def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
-    from largebatch.train.study import StudySpec
+    from largebatch.train.study import StudySpec, method_table
 
     spec = dict(StudySpec.load(preset="paper-small").to_dict(), models=[{"name": "mlp", "epochs": 1}])
+    table = method_table(StudySpec.load(preset="paper-small"))
     tuning = {"mlp": {"sgd": {"lr": 1.0, "grid": {"0.1": 0.8, "1": 0.9, "10": 0.1}},
                       "lars": {"lr": 10.0, "grid": {"0.1": 0.5, "1": 0.7, "10": 0.9}}}}
     from largebatch.report.study import Study
 
-    study = Study({"spec": spec, "tuning": tuning, "runs": []}, Path("."), Path("."))
+    study = Study({"spec": spec, "methods": table, "tuning": tuning, "runs": []}, Path("."), Path("."))
     lines = study.tuning_section("mlp")
     assert [line.split(" | ")[0] for line in lines if "**no**" in line] == ["| lars"]
     assert study.caveats("mlp", ("clars", "lena")) == "the lars family's best rate is an end of its tuning grid"

@@ -28,6 +28,7 @@ from largebatch.train.study import (
     StudySpec,
     ablation_config,
     ablation_runs,
+    method_table,
     choose_epochs,
     collect,
     min_epochs_for_updates,
@@ -491,9 +492,10 @@ def test_summaries_written_before_clars_had_a_family_of_its_own_keep_their_cavea
     spec = dict(StudySpec.load(preset="paper-small").to_dict(), models=[{"name": "mlp", "epochs": 1}])
     earlier = {"mlp": {"sgd": {"lr": 0.1, "grid": {"0.01": 0.8, "0.1": 0.9, "1": 0.1}},
                        "lars": {"lr": 10.0, "grid": {"0.1": 0.5, "1": 0.7, "10": 0.9}}}}
-    study = Study({"spec": spec, "tuning": earlier, "runs": []}, Path("."), Path("."))
+    table = method_table(StudySpec.load(preset="paper-small"))
+    study = Study({"spec": spec, "methods": table, "tuning": earlier, "runs": []}, Path("."), Path("."))
     assert study.family_of("clars") == "lars"  # its runs carried the lars family's rate
     assert study.caveats("mlp", ("clars",)) == "the lars family's best rate is an end of its tuning grid"
     both = {"mlp": {**earlier["mlp"], "clars": {"lr": 30.0, "grid": {"3": 0.8, "30": 0.9, "300": 0.1}}}}
-    study = Study({"spec": spec, "tuning": both, "runs": []}, Path("."), Path("."))
+    study = Study({"spec": spec, "methods": table, "tuning": both, "runs": []}, Path("."), Path("."))
     assert study.family_of("clars") == "clars" and study.caveats("mlp", ("clars",)) == ""

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..train.metrics import CONFIG, read_json
-from ..train.runner import LAYER_DEFINITION
-from ..train.sweep import BASELINE_METHOD, SWEEP_FILE
+from ..records import BASELINE_METHOD, CONFIG, LAYER_DEFINITION, SWEEP_FILE, read_json
 from . import plots
 from .results import RunResult, load_runs, table, targets
 

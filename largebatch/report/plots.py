@@ -21,7 +21,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..train.metrics import LAYERS, METRICS, read_jsonl
+from ..records import LAYERS, METRICS, read_jsonl
 from .results import RunResult
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")

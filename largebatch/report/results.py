@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.metrics import SUMMARY, read_json
+from ..records import SUMMARY, read_json
 
 
 @dataclass

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .plots import noise_scale_over_training
 
-if TYPE_CHECKING:
-    from .study import Study
+Study = Any  # largebatch.report.study.Study, the page's view of summaries.json (not imported: it imports this)
 
 TUNE_SEEDS, SENSITIVITY, NOISE_SCALE = "tune-seeds", "sensitivity", "noise-scale"
 FALL = 0.01  # a method "falls" at a batch where its mean accuracy is this far below the mean target

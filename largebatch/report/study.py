@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.metrics import read_json
+from ..records import read_json
 from . import plots, robustness
 from .results import RunResult
 
@@ -145,6 +145,8 @@ class Study:
         self.records = data["runs"]
         self.artifacts, self.page_dir = artifacts, page_dir
         self.models = [m["name"] for m in self.spec["models"]]
+        # each method's family, and the sweep method equal to it under each warm-up mode (collect writes it)
+        self.method_table: dict[str, dict] = data.get("methods", {})
         self.model_spec = {m["name"]: m for m in self.spec["models"]}
         self._clock: tuple[str, str] | None = None
 
@@ -166,6 +168,9 @@ class Study:
 
     def ablation_batches(self, model: str) -> list[int]:
         return sorted(self.spec.get("ablation_batches") or self.batches(model)[-2:])
+
+    def known(self, method: str) -> bool:
+        return method in self.method_table
 
     def records_of(self, model: str, phase: str = "sweep", **match) -> list[dict]:
         return [r for r in self.records if r["model"] == model and r["phase"] == phase
@@ -195,9 +200,7 @@ class Study:
         own = self.runs(model, "ablation", method=method, warmup=mode, batch=batch)
         if own:
             return own
-        from ..train.study import same_run_in_sweep
-
-        same = same_run_in_sweep(method, mode, self.spec["methods"])
+        same = self.method_table.get(method, {}).get("same_in_sweep", {}).get(mode)
         if not same:
             return []
         seeds = self.spec.get("ablation_seeds")
@@ -318,7 +321,7 @@ class Study:
             "",
         ]
         families: dict[str, list[str]] = {}
-        for method in filter(_known, s["methods"]):
+        for method in filter(self.known, s["methods"]):
             families.setdefault(self.family_of(method), []).append(method)
         if families:
             at = next(k for k, line in enumerate(lines) if line.startswith("- Base rates")) + 1
@@ -770,9 +773,7 @@ class Study:
     def family_of(self, method: str) -> str:
         """The family whose tuned rate the method's runs carry: today's, or the one it had when these
         summaries were written (CLARS carried LARS's rate before the study v2's amendment)."""
-        from ..train.methods import get_method
-
-        family = get_method(method).family
+        family = self.method_table[method]["family"]
         tuned = {f for entries in self.tuning.values() for f in entries}
         earlier = _EARLIER_FAMILIES.get(method)
         return earlier if tuned and family not in tuned and earlier in tuned else family
@@ -783,7 +784,7 @@ class Study:
         decision = self.plateau.get(model)
         if decision and decision.get("rule_met") is False:
             notes.append("the base batch had not converged by the budget rule at any candidate")
-        families = {self.family_of(m) for m in methods if _known(m)}
+        families = {self.family_of(m) for m in methods if self.known(m)}
         for family, entry in sorted(self.tuning.get(model, {}).items()):
             if family in families and not _inside(entry):
                 notes.append(f"the {family} family's best rate is an end of its tuning grid")
@@ -949,12 +950,6 @@ class Study:
 
 # method -> the family it belonged to before it got its own (summaries written then tuned only that one)
 _EARLIER_FAMILIES = {"clars": "lars"}
-
-
-def _known(method: str) -> bool:
-    from ..train.methods import methods
-
-    return method in methods()
 
 
 def _inside(entry: dict) -> bool:

@@ -42,7 +42,7 @@ from torch import nn
 from ..data import load_dataset
 from ..models import MODELS, build_model
 from .loop import accumulate_gradients, batch_indices, epoch_permutation
-from .metrics import CONFIG, read_json, write_json
+from ..records import CONFIG, read_json, write_json
 from .runner import prepare_run_dir
 
 PAYS, DIMINISHING, DOES_NOT_PAY = "pays (near-linear speed-up)", "diminishing returns", "does not pay"

@@ -13,33 +13,7 @@ from pathlib import Path
 
 import torch
 
-METRICS = "metrics.jsonl"
-LAYERS = "layers.jsonl"
-CONFIG = "config.json"
-SUMMARY = "summary.json"
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return records
+from ..records import read_jsonl
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import TrainConfig
-from .metrics import write_json
-from .sweep import BASELINE_METHOD, TUNED_FILE, SweepSpec
+from ..records import BASELINE_METHOD, write_json
+from .sweep import TUNED_FILE, SweepSpec
 
 TUNE_SEEDS = "tune-seeds"
 SENSITIVITY = "sensitivity"

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
+from ..records import CONFIG, LAYER_DEFINITION, LAYERS, METRICS, SUMMARY, read_json, read_jsonl, write_json
 from ..data import ImageDataset, load_dataset
 from ..models import build_model
 from . import checkpoint as ckpt
@@ -47,24 +48,9 @@ from .loop import (
     precision_context,
 )
 from .methods import RunShape, base_iterations, build, get_method, peak_lr, warmup_steps
-from .metrics import (
-    CONFIG,
-    LAYERS,
-    METRICS,
-    SUMMARY,
-    JsonlLog,
-    TensorBoard,
-    layer_names,
-    layer_record,
-    read_json,
-    read_jsonl,
-    tensorboard_installed,
-    truncate_after,
-    write_json,
-)
+from .metrics import JsonlLog, TensorBoard, layer_names, layer_record, tensorboard_installed, truncate_after
 from .noise import NoiseScaleProbe
 
-LAYER_DEFINITION = "one parameter tensor (keyed by its name in model.named_parameters())"
 CRASH_AT_STEP_ENV = "LARGEBATCH_TEST_CRASH_AT_STEP"  # fault injection for the resume tests
 CRASH_RANK_ENV = "LARGEBATCH_TEST_CRASH_RANK"
 SIGNAL_AT_STEP_ENV = "LARGEBATCH_TEST_SIGNAL_AT_STEP"  # "k" or "k:TERM": this process signals itself during step k

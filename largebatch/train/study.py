@@ -56,12 +56,12 @@ import torch
 
 from .config import TrainConfig
 from .methods import WARMUP_MODES, get_method
-from .metrics import LAYERS, METRICS, SUMMARY, read_json, read_jsonl, write_json
+from ..records import BASELINE_METHOD, LAYERS, METRICS, SUMMARY, read_json, read_jsonl, write_json
 from .noise import windowed_noise_scale
 from .robustness import (NOISE_SCALE, ONE_SE, SENSITIVITY, TUNE_RULES, TUNE_SEEDS, next_rate, noise_scale_config,
                          run_configs, run_tune_seeds, sensitivity_configs, tune_seed_configs)
 from .runner import Interrupted, load_data, train
-from .sweep import (BASELINE_METHOD, TUNED_FILE, Progress, SweepSpec, finished_differently, is_finished, outcome,
+from .sweep import (TUNED_FILE, Progress, SweepSpec, finished_differently, is_finished, outcome,
                     run_sweep)
 
 SUMMARIES = "summaries.json"
@@ -834,8 +834,11 @@ def run_tuning(spec: StudySpec, sweep: SweepSpec, committer: Committer, log: Cal
     return tuned
 
 
-def run_study(spec: StudySpec, log: Callable[[str], None] = print, commit: bool = False) -> Path:
-    """Plateau, tune, sweep and ablate every model (skipping finished runs), then write summaries and the page.
+def run_study(spec: StudySpec, log: Callable[[str], None] = print, commit: bool = False,
+              write_page: Callable[[Path], Path] | None = None) -> Path:
+    """Plateau, tune, sweep and ablate every model (skipping finished runs), then write summaries.json and,
+    with ``write_page`` (summaries.json -> the page it wrote; the command line passes the report's), the page.
+    Returns the page, or summaries.json without ``write_page``.
 
     Stopped by a signal or Ctrl-C, it commits what finished (with ``commit``) and says how far it got.
     """
@@ -849,10 +852,9 @@ def run_study(spec: StudySpec, log: Callable[[str], None] = print, commit: bool 
         committer.commit("interrupted; finished runs kept")
         log(f"stopped: {progress_note(spec)}; run the same command to resume")
         raise
-    from ..report.study import write_study_report
-
-    page = write_study_report(Path(spec.artifacts) / SUMMARIES, spec.out)
-    committer.commit("results page")
+    summaries = collect(spec)
+    page = write_page(summaries) if write_page is not None else summaries
+    committer.commit("results page" if write_page is not None else "every run")
     log(f"done: {progress_note(spec)}")
     return page
 
@@ -1038,11 +1040,20 @@ def collect(spec: StudySpec) -> Path:
             runs.append(_superseded_record(summary.parent, root / SUPERSEDED, model.name, spec))
     path = Path(spec.artifacts) / SUMMARIES
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"spec": spec.to_dict(), "environment": _environment(), "tuning": tuning}
+    header = {"spec": spec.to_dict(), "environment": _environment(), "methods": method_table(spec), "tuning": tuning}
     if plateau:
         header["plateau"] = plateau
     _write_one_run_per_line(path, header, runs)
     return path
+
+
+def method_table(spec: StudySpec) -> dict[str, dict]:
+    """What the page needs of each method, so that it reads no registry: its family, and per warm-up mode of
+    the ablation the main-sweep method that trains exactly that (None: the ablation trains it)."""
+    names = sorted({*spec.methods, *spec.ablation_methods, BASELINE_METHOD})
+    return {m: {"family": get_method(m).family,
+                "same_in_sweep": {mode: same_run_in_sweep(m, mode, spec.methods) for mode in ABLATION_MODES}}
+            for m in names}
 
 
 def _superseded_record(directory: Path, superseded_root: Path, model: str, spec: StudySpec) -> dict:

@@ -27,12 +27,10 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .methods import get_method
-from .metrics import SUMMARY, read_json, write_json
+from ..records import BASELINE_METHOD, SUMMARY, SWEEP_FILE, read_json, write_json
 from .runner import prepare_run_dir, train
 
-SWEEP_FILE = "sweep.json"
 TUNED_FILE = "tuned.json"
-BASELINE_METHOD = "sgd"
 
 
 @dataclass
