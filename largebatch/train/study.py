@@ -887,6 +887,11 @@ def _run_model(spec: StudySpec, model: ModelBudget, committer: Committer, log: C
                                  Path(spec.run_dir) / model.name, log)
     if moved:
         committer.finished_run()
+    if spec.noise_scale:  # one run, and the page's explanation of every fall-off: before the long phases
+        log(f"== {model.name}: gradient noise scale over the base-batch run")
+        noise = [noise_scale_config(sweep, spec.base_batch)]
+        run_configs(noise, NOISE_SCALE, _trainer(noise, committer, log))
+        committer.commit(f"{model.name}: gradient noise scale")
     log(f"== {model.name}: main sweep, {epochs} epochs, batches {sweep.batches}, seeds {sweep.seeds}")
     run_sweep(sweep, log=_then_collect(committer, log))
     committer.commit(f"{model.name}: main sweep")
@@ -905,11 +910,6 @@ def _run_model(spec: StudySpec, model: ModelBudget, committer: Committer, log: C
             f"{spec.sensitivity_seeds_of(model)}")
         run_configs(sensitivity, SENSITIVITY, _trainer(sensitivity, committer, log))
         committer.commit(f"{model.name}: rate sensitivity")
-    if spec.noise_scale:
-        log(f"== {model.name}: gradient noise scale over the base-batch run")
-        noise = [noise_scale_config(sweep, spec.base_batch)]
-        run_configs(noise, NOISE_SCALE, _trainer(noise, committer, log))
-        committer.commit(f"{model.name}: gradient noise scale")
 
 
 def _trainer(configs: list[TrainConfig], committer: Committer, log: Callable[[str], None]):
