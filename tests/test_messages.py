@@ -155,3 +155,20 @@ def test_the_guides_example_statistics_command_runs(tmp_path, capsys):
     finally:
         os.chdir(cwd)
     assert "lena batch 1024: test accuracy" in capsys.readouterr().out
+
+
+def stated_minutes(text: str) -> list[float]:
+    return [float(m) for m in re.findall(r"about (\d+(?:\.\d+)?) min", text)]
+
+
+def test_readme_and_dev_state_the_same_duration_for_the_main_job():
+    readme = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("./dev main"))
+    dev = (ROOT / "dev").read_text()
+    dev_main = dev[dev.index("    main)"):dev.index("exec", dev.index("    main)"))]
+    assert stated_minutes(readme) and stated_minutes(readme) == stated_minutes(dev_main), (readme, dev_main)
+
+
+def test_the_front_page_says_what_study_commit_does_wherever_it_suggests_it():
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if "--commit" in line:
+            assert "git" in line and "checkout" in line, line
