@@ -143,7 +143,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .train.study import StudySpec, collect, estimate, run_study
+    from .study import StudySpec, collect, estimate, run_study
 
     spec = StudySpec.load(args.spec, args.preset, run_dir=args.run_dir, artifacts=args.artifacts, out=args.out,
                           progress=True if args.progress else None, device=args.device, precision=args.precision,

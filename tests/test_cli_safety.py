@@ -271,7 +271,8 @@ def test_sweep_shows_run_k_of_n_and_the_time_left(tmp_path, capsys):
 
 
 def test_study_takes_device_precision_and_threads():
-    from largebatch.train.study import StudySpec, template
+    from largebatch.study import StudySpec
+    from largebatch.study.phases import template
 
     spec = StudySpec.load(preset="paper-small", precision="bf16", device="cpu", threads=1)
     config = template(spec, spec.models[0])

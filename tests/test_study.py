@@ -250,7 +250,8 @@ def test_time_per_update_claim_is_judged_only_on_undisturbed_times():
 
 
 def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
-    from largebatch.train.study import StudySpec, method_table
+    from largebatch.study import StudySpec
+    from largebatch.study.records import method_table
 
     spec = dict(StudySpec.load(preset="paper-small").to_dict(), models=[{"name": "mlp", "epochs": 1}])
     table = method_table(StudySpec.load(preset="paper-small"))

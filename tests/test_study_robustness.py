@@ -14,7 +14,7 @@ from torch import nn
 
 from largebatch.cli import main
 from largebatch.train.noise import GRAD_SQ, TRACE, NoiseScaleProbe, windowed_noise_scale
-from largebatch.train.robustness import near_best_rates, next_rate, one_standard_error
+from largebatch.study import near_best_rates, next_rate, one_standard_error
 
 
 def test_near_best_rates_are_those_within_the_margin_of_the_best():

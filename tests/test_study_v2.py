@@ -23,21 +23,19 @@ from largebatch.report.study import (
     write_study_report,
 )
 from largebatch.train.methods import get_method
-from largebatch.train.study import (
-    Committer,
+from largebatch.study import (
     StudySpec,
-    ablation_config,
-    ablation_runs,
-    method_table,
     choose_epochs,
     collect,
     min_epochs_for_updates,
     next_rate,
     restore_committed,
-    set_aside_superseded,
-    sweep_spec,
     tune_with_extension,
 )
+from largebatch.study.committer import Committer
+from largebatch.study.phases import ablation_config, ablation_runs, sweep_spec
+from largebatch.study.records import method_table
+from largebatch.study.run import set_aside_superseded
 from largebatch.train.sweep import finished_differently, run_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -3,7 +3,7 @@
 Each function takes the page's :class:`largebatch.report.study.Study` (the
 records of summaries.json) and returns Markdown lines; nothing here trains or
 reads a run directory. The phases are described in
-:mod:`largebatch.train.robustness` and docs/study.md (amendment 2).
+:mod:`largebatch.study` and docs/study.md (amendment 2).
 """
 
 from __future__ import annotations
