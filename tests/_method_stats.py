@@ -38,6 +38,7 @@ class Summary:
     example_norm_mean: torch.Tensor | None = None
     example_sq_norm_mean: torch.Tensor | None = None
     grad_scale: float = 1.0  # B_k is computed from p.grad itself
+    loss_scale: float = 1.0
 
 
 class FakeStats:

@@ -233,7 +233,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
     weight_decay=st.floats(0.0, 1e-1), trust=st.floats(1e-4, 1.0),
 )
 def test_trust_ratio_never_above_lars(weight_norm, grad_norm, spread, weight_decay, trust):
-    from largebatch.optim._trust import trust_ratios
+    from largebatch.optim.lars import trust_ratios
     from largebatch.optim.clars import clars_trust_ratios
 
     w, g = torch.tensor([weight_norm], dtype=torch.float64), torch.tensor([grad_norm], dtype=torch.float64)

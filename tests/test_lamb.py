@@ -203,7 +203,7 @@ def test_update_norm_is_lr_times_phi_of_weight_norm(seed, lr, clamp, weight_deca
 def test_workspace_path_matches_reference(options, monkeypatch):
     """Lists of large tensors build the update in a workspace reused across steps
     (per-tensor ``out=``) instead of two allocated lists; force that path here."""
-    import largebatch.optim._trust as trust
+    import largebatch.optim._foreach as trust
 
     monkeypatch.setattr(trust, "WORKSPACE_MIN_MEAN_NUMEL", 1)
     grad_steps = make_grads(len(LRS))

@@ -206,7 +206,7 @@ def test_update_invariant_to_gradient_scale_without_decay(scale, denominator, se
 def test_workspace_path_matches_reference(options, monkeypatch):
     """Lists of large tensors write d = g + wd*w into a reused workspace (per-tensor
     ``out=``) instead of allocating it; force that path on the small test tensors."""
-    import largebatch.optim._trust as trust
+    import largebatch.optim._foreach as trust
 
     monkeypatch.setattr(trust, "WORKSPACE_MIN_MEAN_NUMEL", 1)
     grad_steps = make_grads(len(LRS))

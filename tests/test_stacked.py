@@ -1,4 +1,4 @@
-"""The stacked layout (largebatch/optim/_stacked.py): lists of many small tensors of few
+"""The stacked layout (largebatch/optim/_layout.py): lists of many small tensors of few
 shapes are stepped as per-shape stacks. Each optimiser on such a list must equal its
 per-tensor path (foreach=False, itself checked against the formulas in the per-method
 tests), keep its state as ordinary per-parameter entries (state_dict round trip, in-place
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from largebatch.optim import CLARS, LAMB, LARS, LENA, AdaScale
-from largebatch.optim._stacked import MIN_TENSORS, StackedLayout
+from largebatch.optim._layout import MIN_TENSORS, StackedLayout
 
 from _method_stats import FakeStats
 

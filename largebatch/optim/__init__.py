@@ -14,7 +14,7 @@ CLARS, LENA and AdaScale read their statistics from
 (or worker) samples, or with ``statistics="example"`` from per-example norms.
 """
 
-from ._methods import SingleSampleWarning
+from ._statistics import SingleSampleWarning
 from ._sharded import layer_sq_norms
 from .adascale import AdaScale, ProgressLR, adascale_gain
 from .clars import CLARS, clars_trust_ratios

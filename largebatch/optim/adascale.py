@@ -57,27 +57,20 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
-from torch.optim.optimizer import Optimizer
 
-from ._methods import (
-    LayerIntrospection,
-    StatisticsConsumer,
-    check_group_base_batch,
-    check_sgd_group,
+from ._checks import check_bool, check_group_base_batch, check_sgd_group
+from ._statistics import (
+    StatisticsOptimizer,
     check_source,
     check_statistics,
     clamp_gain,
     ema_update,
-    group_parts,
     group_vector,
-    momentum_sgd_by_group,
     scalar_dtype,
     smoothing,
-    stacked_state,
-    stepped_parameters,
     zeros_state,
 )
-from ._trust import check_bool
+from .base import Part
 
 __all__ = ["AdaScale", "ProgressLR", "adascale_gain"]
 
@@ -137,7 +130,7 @@ def adascale_gain(
     return new_state, gain, layer_gain
 
 
-class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
+class AdaScale(StatisticsOptimizer):
     r"""AdaScale SGD (Johnson et al., ICML 2020, Algorithm 1). See the module docstring.
 
     .. math::
@@ -208,16 +201,17 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, base_batch=base_batch, maximize=maximize,
             foreach=foreach,
         )
-        super().__init__(params, defaults)
-        self._attach_statistics(stats, reset_statistics)
-        self._clear_introspection()
+        super().__init__(params, defaults, stats=stats, reset_statistics=reset_statistics)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def step(self, closure: Any = None) -> Any:
+        """One AdaScale update (Johnson et al. 2020, Algorithm 1): A, B from ``stats.summary()``,
+        r_t from ``adascale_gain``, momentum SGD at r_t * eta0(tau_t), tau += r_t."""
+        return super().step(closure)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
         check_sgd_group(group)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
-        check_group_base_batch(self, group)
+        check_group_base_batch(self.statistics, group, self.param_groups[0])
         if group.get("adapt", True) is not True:
             # refused rather than ignored: largebatch.param_groups gives adapt=False to biases
             raise ValueError(
@@ -225,8 +219,8 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
                 "adaptation to turn off; build its groups with param_groups(model, no_adapt=())"
             )
 
-    def _clear_introspection(self) -> None:
-        super()._clear_introspection()
+    def _clear_transient(self) -> None:
+        super()._clear_transient()
         self.last_gain: Tensor | None = None
 
     @property
@@ -261,14 +255,11 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         where = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return torch.tensor([where[id(p)] for p in params], dtype=torch.long)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        r"""One AdaScale update (Johnson et al. 2020, Algorithm 1): A, B from ``stats.summary()``,
-        r_t from ``adascale_gain``, momentum SGD at r_t * eta0(tau_t), tau += r_t."""
-        loss, summary, n = self._begin_step(closure)
-        params, groups_of, stepped = stepped_parameters(self.param_groups, "AdaScale")
-        if not params:
-            return loss
+    def _scales(self, parts: list[Part], params: list[Tensor], groups_of: list[dict], source: tuple
+                ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        r"""One AdaScale update's rates (Johnson et al. 2020, Algorithm 1): A, B from
+        ``stats.summary()``, r_t from ``adascale_gain``, rates r_t * eta0(tau_t); tau += r_t."""
+        summary, n = source
         dtype = scalar_dtype(params)
         # every parameter carries the model-wide clock, also those without a gradient now
         all_states = [self._init_state(p) for g in self.param_groups for p in g["params"]]
@@ -277,8 +268,8 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         A, B, n = self._gain_statistics(summary, n, params, dtype)
         # per-parameter entries are views of one vector per key (no stack, one copy_ per key): the
         # layer estimates over the stepped parameters, the model-wide clock over all parameters
-        layers = stacked_state(self, "layers")
-        clock = stacked_state(self, "clock")
+        layers = self.state_vectors("layers")
+        clock = self.state_vectors("clock")
         stacked = layers.vectors(self.state, states, ("step", "var_avg", "sq_avg"), dtype)
         shared = clock.vectors(self.state, all_states, ("avg_weight", "progress"), dtype)
         if len(states) == len(all_states):  # every parameter stepped (the usual case): the same order
@@ -290,11 +281,13 @@ class AdaScale(StatisticsConsumer, LayerIntrospection, Optimizer):
         layers.write({key: new_state[key] for key in ("step", "var_avg", "sq_avg")})
         clock.write({key: new_state[key][0].clone() for key in ("avg_weight", "progress")})  # may alias the vector
         rates = gain * group_vector(groups_of, "lr", params[0].device, dtype)  # r_t * eta0(tau_t)
-        momentum_sgd_by_group(self, group_parts(self, params, stepped), rates)
         self.last_gain = gain
-        self._record(stepped, layer_gain=layer_gain, effective_lr=rates)
-        self._reset_statistics()
-        return loss
+        return [rates] * len(parts), {"layer_gain": layer_gain, "effective_lr": rates}
+
+    def _update(self, part: Part, rates: Tensor) -> dict[str, Tensor | None]:
+        """Momentum SGD at r_t * eta0(tau_t), the rate outside the buffer (``torch.optim.SGD``)."""
+        self._sgd_update(part, rates)
+        return {}
 
 
 class ProgressLR(LRScheduler):

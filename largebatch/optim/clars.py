@@ -58,24 +58,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._methods import (
-    StatisticsConsumer,
-    _update_buffers,
-    apply_by_group,
-    check_sgd_group,
+from ._checks import check_bool, check_choice, check_range, check_sgd_group
+from ._statistics import (
+    ExampleSource,
+    LabelledExamples,
+    StatisticsOptimizer,
+    Summary,
     check_source,
-    decayed_gradients,
-    grad_scale,
     group_vector,
-    local_list,
     loss_scale_sq,
-    group_parts,
     scalar_dtype,
-    stepped_parameters,
 )
-from ._trust import TrustRatioOptimizer, check_bool, check_choice, check_range
+from .base import Part
+from .lars import trust_ratios
 
-__all__ = ["CLARS", "clars_trust_ratios", "clars_"]
+__all__ = ["CLARS", "clars_trust_ratios"]
 
 STATISTICS = ("mean_norm", "rms_norm")
 INEXACT_METHODS = ("batchnorm-contribution",)
@@ -90,112 +87,18 @@ def clars_trust_ratios(
     eps: Tensor,
     adapt: Tensor,
 ) -> Tensor:
-    """CLARS trust ratios (Huo, Gu, Huang, AAAI 2021; the LARS ratio with G_k for ||g_k||):
+    """CLARS trust ratios (Huo, Gu, Huang, AAAI 2021): LARS's ratio with G_k in place of ||g_k||,
 
         local_k = eta * ||w_k|| / (G_k + beta ||w_k|| + eps),   G_k = (1/B) sum_i ||grad_k f_i(w)||
 
     1 where ||w_k|| = 0, where the denominator G_k + beta ||w_k|| is 0 (as LARS), or where
     the group is not adapted. Vectors over the layers; no host sync.
     """
-    denominator = gradient_measure + weight_decay * weight_norms
-    ratio = trust_coefficient * weight_norms / (denominator + eps)
-    keep = (weight_norms > 0) & (denominator > 0) & adapt
-    return torch.where(keep, ratio, torch.ones_like(ratio))
+    return trust_ratios(weight_norms, gradient_measure + weight_decay * weight_norms,
+                        coefficient=trust_coefficient, eps=eps, adapt=adapt)
 
 
-def clars_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    scales: Tensor,
-    *,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
-    foreach: bool,
-    workspace: list[Tensor] | None = None,
-) -> list[Tensor]:
-    """The CLARS update (Huo, Gu, Huang, AAAI 2021), LARS's, with the rate inside the buffer:
-
-        s_k = eta_t * local_k;  d = g + beta w;  v = m v + (1 - dampening) s_k d  (v = s_k d first);
-        w -= v   (nesterov: w -= s_k d + m v).
-
-    ``scales`` holds s_k per parameter; returns the momentum buffers. ``p.grad`` is never
-    modified. ``workspace`` (optional, local scratch shaped like the parameters) receives d.
-    """
-    if not params:
-        return momentum_buffers
-    s = list(scales.unbind(0))
-    neg = list((-scales).unbind(0)) if momentum == 0 or nesterov else None
-    return _clars(
-        params, grads, momentum_buffers, s, neg, momentum=momentum, dampening=dampening, nesterov=nesterov,
-        weight_decay=weight_decay, maximize=maximize, foreach=foreach, workspace=workspace,
-    )
-
-
-def _clars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    scales: list[Tensor],
-    neg_scales: list[Tensor] | None,
-    *,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
-    foreach: bool,
-    workspace: list[Tensor] | None = None,
-) -> list[Tensor]:
-    """``clars_`` with s_k (and -s_k, needed without momentum or with Nesterov) as 0-d tensors.
-
-    As LARS's multi-tensor path: d formed once (into ``workspace`` for lists of
-    large tensors), ``v.mul_(m).addcmul_(d, s_k)``, then the weights in place;
-    no parameter-sized temporaries otherwise and no host sync.
-    """
-    originals = params
-    params = local_list(params)
-    d = decayed_gradients(params, grads, weight_decay, maximize=maximize, foreach=foreach, workspace=workspace)
-    if momentum == 0:
-        if foreach:
-            torch._foreach_addcmul_(params, d, neg_scales)
-        else:
-            for p, u, r in zip(params, d, neg_scales):
-                p.addcmul_(u, r)
-        return momentum_buffers
-    bufs = _update_buffers(originals, d, momentum_buffers, momentum, dampening, foreach, scales=scales)
-    if foreach:
-        if nesterov:
-            torch._foreach_addcmul_(params, d, neg_scales)
-            torch._foreach_add_(params, bufs, alpha=-momentum)
-        else:
-            torch._foreach_sub_(params, bufs)
-    else:
-        for i, (p, b) in enumerate(zip(params, bufs)):
-            if nesterov:
-                p.addcmul_(d[i], neg_scales[i])
-                p.add_(b, alpha=-momentum)
-            else:
-                p.sub_(b)
-    return momentum_buffers
-
-
-def _inexact_mask(stats, count: int) -> list[bool] | None:
-    """Per statistics index: True where the engine says the per-example norm is not exact."""
-    source = getattr(stats, "per_example", None)
-    methods = getattr(source, "methods", None) or getattr(stats, "example_norm_methods", None)
-    if not callable(methods):
-        return None
-    labels = list(methods().values())
-    if len(labels) != count:
-        return None
-    return [any(part in INEXACT_METHODS for part in label.split("+")) for label in labels]
-
-
-class CLARS(StatisticsConsumer, TrustRatioOptimizer):
+class CLARS(StatisticsOptimizer):
     r"""CLARS (Huo, Gu, Huang, AAAI 2021): LARS with the mean per-example layer gradient norm.
 
     .. math::
@@ -239,6 +142,7 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
     """
 
     method = "clars"
+    _introspected = ("trust_ratio", "gradient_measure")
 
     def __init__(
         self,
@@ -265,12 +169,15 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
             trust_coefficient=trust_coefficient, eps=eps, statistic=statistic, adapt=adapt, inexact=inexact,
             maximize=maximize, foreach=foreach,
         )
-        super().__init__(params, defaults)
-        self._attach_statistics(stats, reset_statistics)
-        self.last_gradient_measures: list[Tensor | None] = [None] * len(self.param_groups)
-        self._fallback: Tensor | None = None
-        self._fallback_params: list[Tensor] = []
+        super().__init__(params, defaults, stats=stats, reset_statistics=reset_statistics)
+        # how the engine computed each layer's per-example norm, where it says so
+        examples = stats.per_example if isinstance(stats, ExampleSource) else None
+        self._labels = examples.methods if isinstance(examples, LabelledExamples) else None
         self._inexact_cache: tuple[tuple[bool, ...] | None, Tensor | None] = (None, None)
+
+    def step(self, closure: Any = None) -> Any:
+        """One CLARS update (Huo et al. 2021): G_k from ``stats.summary()``, local_k, then LARS's momentum step."""
+        return super().step(closure)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_sgd_group(group)
@@ -280,10 +187,21 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         check_choice("inexact", group["inexact"], ("fallback", "use"))
         check_bool("adapt", group["adapt"])
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.last_gradient_measures = [None] * len(self.param_groups)
-        self._fallback, self._fallback_params = None, []
+    def _clear_transient(self) -> None:
+        super()._clear_transient()
+        self._fallback: Tensor | None = None
+        self._fallback_params: list[Tensor] = []
+
+    @property
+    def last_trust_ratios(self) -> list[Tensor | None]:
+        return self.last("trust_ratio")
+
+    @property
+    def last_gradient_measures(self) -> list[Tensor | None]:
+        return self.last("gradient_measure")
+
+    def trust_ratios_by_name(self) -> dict[str, Tensor]:
+        return self.by_name("trust_ratio")
 
     @property
     def fallback_layers(self) -> list[str]:
@@ -298,7 +216,16 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         flags = self._fallback.tolist()
         return [names[id(p)] for p, used in zip(self._fallback_params, flags) if used]
 
-    def _gradient_measure(self, summary, params: list[Tensor], groups_of: list[dict]) -> tuple[Tensor, Tensor]:
+    def _inexact_mask(self, count: int) -> list[bool] | None:
+        """Per statistics index: True where the engine says the per-example norm is not exact."""
+        if self._labels is None:
+            return None
+        labels = list(self._labels().values())
+        if len(labels) != count:
+            return None
+        return [any(part in INEXACT_METHODS for part in label.split("+")) for label in labels]
+
+    def _gradient_measure(self, summary: Summary, params: list[Tensor], groups_of: list[dict]) -> tuple[Tensor, Tensor]:
         if summary.example_norm_mean is None or summary.example_sq_norm_mean is None:
             raise ValueError(
                 "CLARS needs per-example gradient norms: build the statistics source with "
@@ -312,7 +239,7 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         fallback = torch.isnan(measure)
         wants_fallback = [g["inexact"] == "fallback" for g in groups_of]
         if any(wants_fallback):
-            inexact = _inexact_mask(self.stats, summary.example_norm_mean.numel())
+            inexact = self._inexact_mask(summary.example_norm_mean.numel())
             if inexact is not None and any(inexact):
                 index = self._index.index(params, measure.device)
                 key = tuple(inexact)
@@ -328,18 +255,13 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
         # p.grad itself: clipping rescales it, and G_k must stay the raw gradients' measure.
         scale_sq = loss_scale_sq(summary, dtype, measure.device)
         loss_scale = scale_sq.sqrt() if isinstance(scale_sq, Tensor) else scale_sq**0.5
-        return measure * (grad_scale(summary) / loss_scale), fallback
+        return measure * (float(summary.grad_scale) / loss_scale), fallback
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One CLARS update (Huo et al. 2021): G_k from ``stats.summary()``, local_k, then LARS's momentum step."""
-        loss, summary, _ = self._begin_step(closure)
-        params, groups_of, stepped = stepped_parameters(self.param_groups, "CLARS")
-        if not params:
-            return loss
+    def _scales(self, parts: list[Part], params: list[Tensor], groups_of: list[dict], source: tuple
+                ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """LARS's ratio with G_k from ``stats.summary()`` (Huo et al. 2021), times each group's rate."""
+        summary, _ = source
         device, dtype = params[0].device, scalar_dtype(params)
-        # each group through its layout (chosen once per group): weight norms, then the update
-        parts = group_parts(self, params, stepped)
         weight_norms = torch.cat([part.weight_norms() for part in parts]).to(dtype)
         measure, fallback = self._gradient_measure(summary, params, groups_of)
         ratio = clars_trust_ratios(
@@ -348,22 +270,10 @@ class CLARS(StatisticsConsumer, TrustRatioOptimizer):
             eps=group_vector(groups_of, "eps", device, dtype), adapt=group_vector(groups_of, "adapt", device, torch.bool),
         )
         rates = ratio * group_vector(groups_of, "lr", device, dtype)
-        apply_by_group(
-            self, parts,
-            lambda ps, grads, buffers, group, scales, neg_scales, workspace: _clars(
-                ps, grads, buffers, scales, neg_scales,
-                momentum=group["momentum"], dampening=group["dampening"],
-                nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                foreach=group["foreach"] is not False, workspace=workspace,
-            ),
-            rates, -rates, decays=lambda group: group["weight_decay"] != 0,
-        )
-        start = 0
-        for index, indices in enumerate(stepped):
-            count = len(indices)
-            self._record(index, indices, ratio[start : start + count] if count else None)
-            self.last_gradient_measures[index] = measure[start : start + count] if count else None
-            start += count
         self._fallback, self._fallback_params = fallback, params
-        self._reset_statistics()
-        return loss
+        return [part.in_layout_order(rates) for part in parts], {"trust_ratio": ratio, "gradient_measure": measure}
+
+    def _update(self, part: Part, rates: Tensor) -> dict[str, Tensor | None]:
+        """LARS's momentum step, the rate inside the buffer (``inner`` = eta_t * local_k)."""
+        self._momentum_update(part, inner=rates, outer=1.0, weight_decay=part.group["weight_decay"])
+        return {}

@@ -12,13 +12,14 @@ tensor) :math:`w` with gradient :math:`g`:
     u = r + \lambda w,\quad
     w \leftarrow w - \eta_t \frac{\phi(\lVert w\rVert)}{\lVert u\rVert} u.
 
-The functional core is :func:`lamb` with a per-tensor path
+The per-layer scale is :func:`lamb_trust_ratios`, a pure function of the
+norms. The functional core is :func:`lamb` with a per-tensor path
 (:func:`_single_tensor_lamb`, a loop over :func:`_lamb_tensor_`), a
 multi-tensor path (:func:`_multi_tensor_lamb`, the default) and a fused path
 (:func:`_fused_lamb`: :func:`_lamb_tensor_` compiled once, run per tensor);
-:class:`LAMB` gathers the state and calls it. FSDP2 (``fully_shard``, DTensor) parameters take the multi-tensor
-path on their local shards, with the norms of whole layers from one
-all-reduce per step (:func:`_sharded_lamb`).
+:class:`LAMB` steps each group through its layout (:mod:`._layout`: the
+tensors, FSDP2 local shards with the norms of whole layers from one
+all-reduce per step, or per-shape stacks) and calls it.
 """
 
 from __future__ import annotations
@@ -28,28 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layout import ShardedLayout, TensorLayout
-from ._sharded import check_not_flat, local
-from ._stacked import StackedLayout
-from ._trust import (
-    TrustRatioOptimizer,
-    add_scaled_,
-    any_sharded,
-    check_bool,
-    check_foreach_fused,
-    check_lr,
-    check_range,
-    compiled,
-    group_by_device_and_dtype,
-    into,
-    scatter_by_indices,
-    trust_ratios,
-)
+from ._checks import check_bool, check_foreach_fused, check_lr, check_range
+from ._foreach import add_scaled_, compiled, group_by_device_and_dtype, into, scatter_by_indices
+from ._layout import UNBOUND, Layout, ShardedLayout
+from ._sharded import any_sharded, check_not_flat, local
+from .base import LayerwiseOptimizer, Part
+from .lars import trust_ratios
 
-__all__ = ["LAMB", "lamb"]
+__all__ = ["LAMB", "lamb", "lamb_trust_ratios"]
 
 
-class LAMB(TrustRatioOptimizer):
+class LAMB(LayerwiseOptimizer):
     r"""LAMB (You et al. 2020, arXiv:1904.00962), with its common variants as options.
 
     Per parameter tensor ("layer") and step :math:`t` (counted per parameter):
@@ -141,71 +131,50 @@ class LAMB(TrustRatioOptimizer):
         )
         super().__init__(params, defaults)
 
+    def step(self, closure: Any = None) -> Any:
+        """One LAMB step (You et al. 2020, Algorithm 2): per group, the Adam moments, the
+        update u, the trust ratios of ``lamb_trust_ratios``, then w -= eta_t * rho * u."""
+        return super().step(closure)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         validate_lamb_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
         check_not_flat(group["params"])  # FSDP1 / ZeRO flat layouts: per-layer norms impossible
 
-    def _step_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-    ) -> Tensor | None:
-        layout = self._layouts.of(params, foreach=group["foreach"] is not False and not group["fused"])
-        if isinstance(layout, StackedLayout):
-            stepped, ratios = self._step_stacked(group, params, grads, layout)
-            if stepped:
-                return ratios
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        steps: list[Tensor] = []
-        for p in params:
+    _state_names = ("exp_avg", "exp_avg_sq", "step")
+
+    def _multi_tensor(self, group: dict[str, Any]) -> bool:
+        return group["foreach"] is not False and not group["fused"]
+
+    @property
+    def last_trust_ratios(self) -> list[Tensor | None]:
+        """Per group, the trust ratios of the last step (see the class docstring)."""
+        return self.last("trust_ratio")
+
+    def trust_ratios_by_name(self) -> dict[str, Tensor]:
+        """``{name: 0-d ratio}`` from the last step (names from ``named_parameters()``
+        when the optimiser was built from them, else ``"group{g}.{i}"``)."""
+        return self.by_name("trust_ratio")
+
+    def _update(self, part: Part, scale: None) -> dict[str, Tensor | None]:
+        """The functional core on the group's lists, as its layout holds them (the state is
+        created per parameter, as ``torch.optim.Adam`` does, then laid out)."""
+        group, layout = part.group, part.layout
+        for p in part.params:
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        return lamb(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
+        exp_avgs, exp_avg_sqs, steps = (layout.state(self.state, part.params, name) for name in self._state_names)
+        ratios = lamb(
+            part.weights, part.grads, exp_avgs, exp_avg_sqs, steps,
             **{k: group[k] for k in _HYPERPARAMETERS},
-            foreach=group["foreach"],
-            fused=group["fused"],
-            workspace=None if group["fused"] else self._workspace.like(params),
+            foreach=group["foreach"], fused=group["fused"],
+            workspace=None if group["fused"] else layout.scratch(part.params, self._workspace),
+            layout=layout,
         )
+        return {"trust_ratio": ratios}
 
-    def _step_stacked(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], layout: StackedLayout
-    ) -> tuple[bool, Tensor | None]:
-        """The multi-tensor core on per-shape stacks (:mod:`._stacked`): many small tensors."""
-        hyper = {k: group[k] for k in _HYPERPARAMETERS}
-        validate_lamb_hyperparameters(**hyper, read_lr=False)
-        state = {name: layout.state(self.state, params, name) for name in _STATE}
-        if any(s is False for s in state.values()):  # partly new state: the per-tensor lists handle it
-            return False, None
-        if any(s is None for s in state.values()):
-            if not all(s is None for s in state.values()):
-                return False, None
-            zeros = layout.empty_stacks(params[0])
-            state = {"exp_avg": [z.zero_() for z in zeros],
-                     "exp_avg_sq": [torch.zeros_like(z) for z in zeros],
-                     "step": [torch.zeros(k, dtype=torch.float32) for k in layout.sizes]}
-            for name, stacks in state.items():
-                layout.adopt(self.state, params, name, stacks)
-        weights, grad_stacks = layout.enter(params, grads)
-        lr = hyper.pop("lr")
-        ratios = _lamb_device_step(
-            weights, grad_stacks, state["exp_avg"], state["exp_avg_sq"], state["step"], lr,
-            workspace=layout.workspace(params), layout=layout, **_core_options(**hyper),
-        )
-        layout.leave(params)
-        return True, layout.to_param_order(ratios)
-
-
-_STATE = ("exp_avg", "exp_avg_sq", "step")
 
 _HYPERPARAMETERS = (
     "lr",
@@ -275,6 +244,7 @@ def lamb(
     foreach: bool | None = None,
     fused: bool = False,
     workspace: list[Tensor] | None = None,
+    layout: Layout | None = None,
 ) -> Tensor | None:
     """Functional LAMB: update ``params`` and the state in place; see :class:`LAMB`.
 
@@ -299,14 +269,17 @@ def lamb(
         phi_clamp=phi_clamp, decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize,
     )
     state = (params, grads, exp_avgs, exp_avg_sqs, steps)
-    if any_sharded(params):
+    if layout is None and any_sharded(params):
         return _sharded_lamb(*state, lr=lr, workspace=workspace, **options)
+    layout = UNBOUND if layout is None else layout
+    if not layout.own_tensors:
+        return _lamb_device_step(*state, lr, workspace=workspace, layout=layout, **options)
     if foreach is None:
         foreach = not torch.jit.is_scripting()
     if fused:
         return _fused_lamb(*state, lr=lr, **options)
     if foreach:
-        return _multi_tensor_lamb(*state, lr=lr, workspace=workspace, **options)
+        return _multi_tensor_lamb(*state, lr=lr, workspace=workspace, layout=layout, **options)
     return _single_tensor_lamb(*state, lr=lr, **options)
 
 
@@ -323,8 +296,12 @@ def _core_options(
     )
 
 
-def _phi(weight_norm: Tensor, phi_clamp: tuple[float, float] | None) -> Tensor:
-    return weight_norm if phi_clamp is None else weight_norm.clamp(*phi_clamp)
+def lamb_trust_ratios(weight_norms: Tensor, update_norms: Tensor, phi_clamp: tuple[float, float] | None) -> Tensor:
+    r"""LAMB's per-layer scale (You et al. 2020, Algorithm 2), a pure function of the norms:
+    :math:`\rho = \phi(\lVert w\rVert) / \lVert u\rVert`, 1 where either is 0; :math:`\phi`
+    the identity or the clamp to ``phi_clamp``."""
+    phi = weight_norms if phi_clamp is None else weight_norms.clamp(*phi_clamp)
+    return trust_ratios(phi, update_norms)
 
 
 def _single_tensor_lamb(
@@ -353,8 +330,7 @@ def _advance_steps(
     as 0-d tensors in the parameter's precision (tensor arithmetic: no host read), or None.
 
     Computed outside :func:`_lamb_tensor_` so that its compiled form reads them
-    as scalars: computed inside, Inductor evaluated the powers once per element
-    (1.9x slower on a ResNet-50 list)."""
+    as scalars: computed inside, Inductor evaluates the powers once per element."""
     for step in steps:
         step += 1
     if not bias_correction:
@@ -381,10 +357,9 @@ def _fused_lamb(
 
     Inductor makes the per-tensor update two kernels, one for the moments and
     both norms, one for the weight update: about 10 passes over memory against
-    about 20 for AdamW's foreach step. A whole-list compilation of the
-    multi-tensor core measured 0.86x AdamW on a ResNet-50 list, after a 67 s
-    cold compile; this form 0.64-0.83x (three runs), after 4-6 s
-    (benchmarks/optimizer_step.py, 2 threads)."""
+    about 20 for AdamW's foreach step. Compiling one tensor's update with
+    dynamic shapes, rather than the whole-list multi-tensor core, is both faster
+    to compile and faster to run (benchmarks/README.md)."""
     step_fn = compiled(_lamb_tensor_, tuple(sorted(options.items())), dynamic=True)
     # The rate as a tensor: a schedule never triggers recompilation.
     rate = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float32)
@@ -446,7 +421,7 @@ def _lamb_tensor_(
     if not adapt:
         param.sub_(update * lr)
         return None
-    ratio = trust_ratios(_phi(torch.linalg.vector_norm(param), phi_clamp), torch.linalg.vector_norm(update))
+    ratio = lamb_trust_ratios(torch.linalg.vector_norm(param), torch.linalg.vector_norm(update), phi_clamp)
     param.sub_(update * (ratio * lr))
     return ratio
 
@@ -460,6 +435,7 @@ def _multi_tensor_lamb(
     *,
     lr: float | Tensor,
     workspace: list[Tensor] | None = None,
+    layout: Layout = UNBOUND,
     **options: Any,
 ) -> Tensor | None:
     """Multi-tensor path: per (device, dtype) group, moments with foreach ops,
@@ -470,7 +446,7 @@ def _multi_tensor_lamb(
         [params, grads, exp_avgs, exp_avg_sqs, steps, *scratch]
     ):
         lists, device_scratch = grouped[:5], (grouped[5] if scratch else None)
-        ratios = _lamb_device_step(*lists, lr, workspace=device_scratch, **options)
+        ratios = _lamb_device_step(*lists, lr, workspace=device_scratch, layout=layout, **options)
         if ratios is not None:
             results.append((ratios, indices))
     return scatter_by_indices(results, len(params))
@@ -517,7 +493,7 @@ def _lamb_device_step(
     adapt: bool,
     maximize: bool,
     workspace: list[Tensor] | None = None,
-    layout: TensorLayout | StackedLayout = TensorLayout(()),
+    layout: Layout = UNBOUND,
 ) -> Tensor | None:
     """One LAMB step for tensors on one device with one dtype.
 
@@ -570,7 +546,7 @@ def _lamb_device_step(
         weight_norms, update_norms = norms([params, updates])
         if c is not None:
             update_norms = update_norms * c
-        ratios = trust_ratios(_phi(weight_norms, phi_clamp), update_norms)
+        ratios = lamb_trust_ratios(weight_norms, update_norms, phi_clamp)
         scale = ratios * lr if c is None else ratios * c * lr
         add_scaled_(params, updates, per_layer(-scale))
         return ratios

@@ -11,14 +11,15 @@ Networks", arXiv:1708.03888, Algorithm 1. For each layer (parameter tensor)
     \qquad v \leftarrow m v + \eta_t\,\text{local}\,(g + \beta w),
     \qquad w \leftarrow w - v.
 
-The functional core is :func:`lars` with a per-tensor path
+The per-layer scale is :func:`lars_trust_ratios`, a pure function of the
+norms; the update is the shared momentum kernel
+(:func:`~.base.scaled_momentum_`, the rate inside the buffer by default). The
+functional core is :func:`lars` with a per-tensor path
 (:func:`_single_tensor_lars`) and a multi-tensor path
-(:func:`_multi_tensor_lars`, the default); :class:`LARS` gathers the state and
-calls it. Each group is stepped through its layout (:mod:`._layout`, chosen
-once per group): the tensors themselves, FSDP2 (``fully_shard``, DTensor)
-local shards with the norms of whole layers from one all-reduce per step
-(:func:`_sharded_lars`), or per-shape stacks of many small CPU tensors; the
-core :func:`_lars_device_step` calls the layout's ``norms`` and ``per_layer``.
+(:func:`_multi_tensor_lars`, the default); :class:`LARS` steps each group
+through its layout (:mod:`._layout`: the tensors themselves, FSDP2 local
+shards with the norms of whole layers from one all-reduce per step, or
+per-shape stacks of many small CPU tensors) and calls it.
 """
 
 from __future__ import annotations
@@ -28,32 +29,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layout import ShardedLayout, TensorLayout
-from ._sharded import check_not_flat, local
-from ._stacked import StackedLayout
-from ._trust import (
-    TrustRatioOptimizer,
-    add_scaled_,
-    any_sharded,
-    as_sharded_like,
-    check_bool,
-    check_choice,
-    check_foreach_fused,
-    check_lr,
-    check_range,
-    compiled,
-    group_by_device_and_dtype,
-    into,
-    scatter_by_indices,
-    trust_ratios,
-)
+from ._checks import check_bool, check_choice, check_foreach_fused, check_lr, check_range
+from ._foreach import compiled, group_by_device_and_dtype, scatter_by_indices
+from ._layout import UNBOUND, Layout, ShardedLayout
+from ._sharded import any_sharded, as_sharded_like, check_not_flat, local
+from .base import LayerwiseOptimizer, Part, directions, scaled_momentum_
 
-__all__ = ["LARS", "lars"]
+__all__ = ["LARS", "lars", "lars_trust_ratios", "trust_ratios"]
 
 DENOMINATORS = ("separate", "combined")
 
 
-class LARS(TrustRatioOptimizer):
+class LARS(LayerwiseOptimizer):
     r"""LARS (You, Gitman, Ginsburg 2017, arXiv:1708.03888), with its common variants as options.
 
     Per parameter tensor ("layer") and step, with :math:`d = g + \beta w`
@@ -163,54 +150,44 @@ class LARS(TrustRatioOptimizer):
         )
         super().__init__(params, defaults)
 
+    def step(self, closure: Any = None) -> Any:
+        """One LARS step (You, Gitman, Ginsburg 2017, Algorithm 1): per group, the trust ratios of
+        ``lars_trust_ratios`` from the norms, then the momentum kernel with s = eta_t * local."""
+        return super().step(closure)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
         check_not_flat(group["params"])  # FSDP1 / ZeRO flat layouts: per-layer norms impossible
 
-    def _step_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-    ) -> Tensor | None:
-        layout = self._layouts.of(params, foreach=group["foreach"] is not False and not group["fused"])
-        if isinstance(layout, StackedLayout):
-            stepped, ratios = self._step_stacked(group, params, grads, layout)
-            if stepped:
-                return ratios
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
-        new_buffers = group["momentum"] != 0 and any(b is None for b in buffers)
-        ratios = lars(
-            params,
-            grads,
-            buffers,
-            **{k: group[k] for k in _HYPERPARAMETERS},
-            foreach=group["foreach"],
-            fused=group["fused"],
-            workspace=None if group["fused"] else self._workspace.like(params),
-        )
-        if new_buffers:
-            for p, buffer in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buffer
-        return ratios
+    def _multi_tensor(self, group: dict[str, Any]) -> bool:
+        return group["foreach"] is not False and not group["fused"]
 
-    def _step_stacked(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], layout: StackedLayout
-    ) -> tuple[bool, Tensor | None]:
-        """The multi-tensor core on per-shape stacks (:mod:`._stacked`): many small tensors."""
-        validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS}, read_lr=False)
-        buffers: list[Tensor] | None | bool = None
-        if group["momentum"] != 0:
-            buffers = layout.state(self.state, params, "momentum_buffer")
-            if buffers is False:  # some buffers new, some not: the per-tensor lists handle it
-                return False, None
-        weights, grad_stacks = layout.enter(params, grads)
-        stacks = buffers if isinstance(buffers, list) else [None] * len(weights)
-        options = {k: group[k] for k in _HYPERPARAMETERS if k != "lr"}
-        ratios = _lars_device_step(
-            weights, grad_stacks, stacks, group["lr"], workspace=layout.workspace(params), layout=layout, **options,
+    @property
+    def last_trust_ratios(self) -> list[Tensor | None]:
+        """Per group, the trust ratios of the last step (see the class docstring)."""
+        return self.last("trust_ratio")
+
+    def trust_ratios_by_name(self) -> dict[str, Tensor]:
+        """``{name: 0-d ratio}`` from the last step (names from ``named_parameters()``
+        when the optimiser was built from them, else ``"group{g}.{i}"``)."""
+        return self.by_name("trust_ratio")
+
+    def _update(self, part: Part, scale: None) -> dict[str, Tensor | None]:
+        """The functional core on the group's lists, as its layout holds them."""
+        group, layout = part.group, part.layout
+        momentum = group["momentum"] != 0
+        buffers = layout.state(self.state, part.params, "momentum_buffer") if momentum else [None] * len(part.weights)
+        new = momentum and any(b is None for b in buffers)
+        ratios = lars(
+            part.weights, part.grads, buffers,
+            **{k: group[k] for k in _HYPERPARAMETERS},
+            foreach=group["foreach"], fused=group["fused"],
+            workspace=None if group["fused"] else layout.scratch(part.params, self._workspace),
+            layout=layout,
         )
-        layout.leave(params)
-        if buffers is None and group["momentum"] != 0:
-            layout.adopt(self.state, params, "momentum_buffer", stacks)
-        return True, layout.to_param_order(ratios)
+        if new:
+            layout.adopt(self.state, part.params, "momentum_buffer", buffers)
+        return {"trust_ratio": ratios}
 
 
 _HYPERPARAMETERS = (
@@ -266,6 +243,50 @@ def validate_lars_hyperparameters(
         raise ValueError("nesterov: Nesterov momentum needs momentum > 0 and dampening = 0")
 
 
+def trust_ratios(
+    numerator_norms: Tensor,
+    denominator_norms: Tensor,
+    *,
+    coefficient: float | Tensor = 1.0,
+    eps: float | Tensor = 0.0,
+    clip: bool = False,
+    adapt: Tensor | None = None,
+) -> Tensor:
+    """``coefficient * num / (den + eps)`` per layer, 1 where either norm is 0 (You et al. 2017).
+
+    Both arguments are 1-D tensors (one entry per layer). A zero weight norm (a
+    zero-initialised bias) or a zero update norm gives ratio 1, so such a layer is
+    still updated at the global rate; the test is ``> 0`` on both, never ``>= 0``,
+    through ``torch.where`` (no host sync). ``clip`` caps the ratio at 1 (LARC: the
+    effective rate never exceeds the global one); ``adapt`` (a bool mask) gives 1
+    where it is False. Hyperparameters may be numbers or per-layer vectors.
+    """
+    ratio = coefficient * numerator_norms / (denominator_norms + eps)
+    keep = (numerator_norms > 0) & (denominator_norms > 0)
+    if adapt is not None:
+        keep = keep & adapt
+    ratio = torch.where(keep, ratio, torch.ones_like(ratio))
+    if clip:
+        ratio = ratio.clamp(max=1.0)
+    return ratio
+
+
+def lars_trust_ratios(
+    weight_norms: Tensor, gradient_norms: Tensor, *, weight_decay: float, trust_coefficient: float,
+    eps: float, trust_clip: bool = False,
+) -> Tensor:
+    r"""LARS's per-layer scale (You, Gitman, Ginsburg 2017, Algorithm 1), a pure function of the norms:
+
+    .. math:: \text{local} = \eta\,\lVert w\rVert / (\lVert g\rVert + \beta\lVert w\rVert + \epsilon)
+
+    ``gradient_norms`` is :math:`\lVert g\rVert` (``denominator="separate"``) or
+    :math:`\lVert g + \beta w\rVert` with ``weight_decay=0`` (``"combined"``); CLARS
+    passes its own gradient measure."""
+    if weight_decay != 0:
+        gradient_norms = torch.add(gradient_norms, weight_norms, alpha=weight_decay)
+    return trust_ratios(weight_norms, gradient_norms, coefficient=trust_coefficient, eps=eps, clip=trust_clip)
+
+
 def lars(
     params: list[Tensor],
     grads: list[Tensor],
@@ -286,17 +307,19 @@ def lars(
     foreach: bool | None = None,
     fused: bool = False,
     workspace: list[Tensor] | None = None,
+    layout: Layout | None = None,
 ) -> Tensor | None:
     """Functional LARS: update ``params`` in place; see :class:`LARS` for the maths.
 
     ``momentum_buffers`` holds one entry per parameter (``None`` before the
     first step); new buffers are written into it. Returns the 1-D tensor of
-    trust ratios (one per parameter), or ``None`` when ``adapt`` is False.
-    ``grads`` are never modified. ``workspace`` (optional, one scratch tensor
-    per parameter, e.g. ``Workspace.like(params)``) lets the eager
-    multi-tensor path write ``g + weight_decay * w`` there instead of
-    allocating it. DTensor (FSDP2) parameters always take the multi-tensor
-    path on their local shards (:func:`_sharded_lars`).
+    trust ratios (one per parameter, in the layout's order), or ``None`` when
+    ``adapt`` is False. ``grads`` are never modified. ``workspace`` (optional,
+    one scratch tensor per parameter, e.g. ``Workspace.like(params)``) lets the
+    eager multi-tensor path write ``g + weight_decay * w`` there instead of
+    allocating it. ``layout`` (:mod:`._layout`): the lists are a layout's
+    (shards or stacks, stepped by the multi-tensor path); without one, DTensor
+    (FSDP2) parameters take the multi-tensor path on their local shards.
     """
     options = dict(
         momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -307,15 +330,18 @@ def lars(
     validate_lars_hyperparameters(lr=lr, **options, read_lr=False)
     if not params:
         return None
-    if any_sharded(params):
+    if layout is None and any_sharded(params):
         return _sharded_lars(params, grads, momentum_buffers, lr=lr, workspace=workspace, **options)
+    layout = UNBOUND if layout is None else layout
+    if not layout.own_tensors:
+        return _lars_device_step(params, grads, momentum_buffers, lr, workspace=workspace, layout=layout, **options)
     if foreach is None:
         foreach = not torch.jit.is_scripting()
     if fused:
         return _multi_tensor_lars(params, grads, momentum_buffers, lr=lr, compile=True, **options)
     if foreach:
         return _multi_tensor_lars(
-            params, grads, momentum_buffers, lr=lr, workspace=workspace, **options
+            params, grads, momentum_buffers, lr=lr, workspace=workspace, layout=layout, **options
         )
     return _single_tensor_lars(params, grads, momentum_buffers, lr=lr, **options)
 
@@ -338,39 +364,25 @@ def _single_tensor_lars(
     adapt: bool,
     maximize: bool,
 ) -> Tensor | None:
-    """Per-tensor loop: the readable form of the update, and the path for foreach=False."""
-    outer = 1.0 if lr_in_momentum else lr  # the rate applied to the buffer
-    ratios = []
-    for i, param in enumerate(params):
-        grad = -grads[i] if maximize else grads[i]
+    """Per-tensor loop (the path for foreach=False): each tensor's norms and ratio, then the
+    kernel one tensor at a time."""
+    updates, ratios = [], []
+    for param, grad in zip(params, grads):
+        grad = -grad if maximize else grad
         update = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
-
+        updates.append(update)
         if adapt:
             weight_norm = torch.linalg.vector_norm(param)
             if denominator == "combined":
-                update_norm = torch.linalg.vector_norm(update)
+                ratios.append(lars_trust_ratios(weight_norm, torch.linalg.vector_norm(update), weight_decay=0.0,
+                                                trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip))
             else:
-                update_norm = torch.linalg.vector_norm(grad) + weight_decay * weight_norm
-            ratio = trust_ratios(
-                weight_norm, update_norm, coefficient=trust_coefficient, eps=eps, clip=trust_clip
-            )
-            ratios.append(ratio)
-            scale = ratio * lr if lr_in_momentum else ratio
-        else:
-            scale = lr if lr_in_momentum else 1.0
-
-        if momentum != 0:
-            buffer = momentum_buffers[i]
-            if buffer is None:
-                # Seed with the scaled update (as SGD seeds with d): never the raw gradient.
-                buffer = momentum_buffers[i] = update * scale
-            else:
-                buffer.mul_(momentum).add_(update * (scale * (1 - dampening)))
-            step = update * scale + momentum * buffer if nesterov else buffer
-        else:
-            step = update * scale
-        param.sub_(step * outer if isinstance(outer, Tensor) or outer != 1.0 else step)
-    return torch.stack(ratios) if adapt else None
+                ratios.append(lars_trust_ratios(weight_norm, torch.linalg.vector_norm(grad), weight_decay=weight_decay,
+                                                trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip))
+    ratio = torch.stack(ratios) if adapt else None
+    _lars_momentum(params, updates, momentum_buffers, ratio, lr, momentum=momentum, dampening=dampening,
+                   nesterov=nesterov, lr_in_momentum=lr_in_momentum, per_layer=UNBOUND.per_layer, foreach=False)
+    return ratio
 
 
 def _multi_tensor_lars(
@@ -381,6 +393,7 @@ def _multi_tensor_lars(
     lr: float | Tensor,
     compile: bool = False,
     workspace: list[Tensor] | None = None,
+    layout: Layout = UNBOUND,
     **options: Any,
 ) -> Tensor | None:
     """Multi-tensor path: per (device, dtype) group, norms with one
@@ -405,7 +418,7 @@ def _multi_tensor_lars(
         else:
             ratios = _lars_device_step(
                 device_params, device_grads, device_buffers, lr,
-                workspace=device_scratch[0] if device_scratch else None, **options,
+                workspace=device_scratch[0] if device_scratch else None, layout=layout, **options,
             )
         if first_step:
             for i, buffer in zip(indices, device_buffers):
@@ -424,15 +437,16 @@ def _sharded_lars(
     workspace: list[Tensor] | None = None,
     **options: Any,
 ) -> Tensor | None:
-    """FSDP2: the multi-tensor step on the local shards; the norms of whole layers
-    (weights and gradients together) come from one all-reduce (:class:`~._layout.ShardedLayout`).
+    """FSDP2 parameters given to the functional form: the multi-tensor step on the local
+    shards, the norms of whole layers from one all-reduce (:class:`~._layout.ShardedLayout`).
     New momentum buffers are DTensors laid out like their parameters."""
     check_not_flat(params)
+    layout = ShardedLayout(params)
+    weights, local_grads = layout.enter(params, grads)
     local_buffers = [local(b) for b in momentum_buffers]
     ratios = _lars_device_step(
-        [local(p) for p in params], [local(g) for g in grads], local_buffers, lr,
-        workspace=None if workspace is None else [local(w) for w in workspace],
-        layout=ShardedLayout(params), **options,
+        weights, local_grads, local_buffers, lr,
+        workspace=None if workspace is None else [local(w) for w in workspace], layout=layout, **options,
     )
     for i, buffer in enumerate(local_buffers):
         if momentum_buffers[i] is None and buffer is not None:
@@ -458,79 +472,36 @@ def _lars_device_step(
     adapt: bool,
     maximize: bool,
     workspace: list[Tensor] | None = None,
-    layout: TensorLayout | StackedLayout = TensorLayout(()),
+    layout: Layout = UNBOUND,
 ) -> Tensor | None:
     """One LARS step for tensors on one device with one dtype (``buffers`` filled in place).
 
     ``layout`` (:mod:`._layout`) gives the per-layer norms of several lists at once
-    (``norms``: foreach norms, whole-layer norms of FSDP2 shards with one all-reduce, or
-    row norms of stacks) and splits a per-layer vector to match the list entries
-    (``per_layer``)."""
-    norms, per_layer = layout.norms, layout.per_layer
-    if maximize:
-        grads = torch._foreach_neg(grads)
+    (foreach norms, whole-layer norms of FSDP2 shards with one all-reduce, or row norms
+    of stacks) and splits a per-layer vector to match the list entries."""
     # d = g + wd*w is materialised once (into the workspace when there is one):
     # the momentum update needs it, and so does the norm of the "combined" denominator.
-    updates = into(workspace, torch.add, grads, params, alpha=weight_decay) if weight_decay != 0 else grads
-
+    updates = directions(params, grads, weight_decay, maximize=maximize, workspace=workspace)
     ratios = None
     if adapt:
+        options = dict(trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip)
         if denominator == "combined":
-            weight_norms, update_norms = norms([params, updates])
+            weight_norms, update_norms = layout.norms([params, updates])
+            ratios = lars_trust_ratios(weight_norms, update_norms, weight_decay=0.0, **options)
         else:
-            weight_norms, update_norms = norms([params, grads])
-            if weight_decay != 0:
-                update_norms = torch.add(update_norms, weight_norms, alpha=weight_decay)
-        ratios = trust_ratios(
-            weight_norms, update_norms, coefficient=trust_coefficient, eps=eps, clip=trust_clip
-        )
-
-    # scale: what multiplies d on its way into the buffer; outer: what
-    # multiplies the buffer on its way into the weights. Per-tensor scales are
-    # a vector (one op) handed to the foreach ops as 0-d tensors from unbind.
-    if ratios is not None:
-        scale: float | Tensor = ratios * lr if lr_in_momentum else ratios
-    else:
-        scale = lr if lr_in_momentum else 1.0
-    outer = 1.0 if lr_in_momentum else lr
-
-    if momentum == 0:
-        add_scaled_(params, updates, _per_tensor(-(scale * outer), per_layer))
-        return ratios
-
-    if all(b is not None for b in buffers):
-        torch._foreach_mul_(buffers, momentum)
-        add_scaled_(buffers, updates, _per_tensor(scale * (1 - dampening), per_layer))
-    else:
-        _seed_or_accumulate(buffers, updates, _per_tensor(scale, per_layer), momentum, dampening)
-
-    if nesterov:
-        add_scaled_(params, updates, _per_tensor(-(scale * outer), per_layer))
-        add_scaled_(params, buffers, -momentum * outer)
-    else:
-        add_scaled_(params, buffers, -outer)
+            weight_norms, grad_norms = layout.norms([params, grads])
+            ratios = lars_trust_ratios(weight_norms, grad_norms, weight_decay=weight_decay, **options)
+    _lars_momentum(params, updates, buffers, ratios, lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                   lr_in_momentum=lr_in_momentum, per_layer=layout.per_layer,
+                   owns_directions=maximize or weight_decay != 0)
     return ratios
 
 
-def _per_tensor(scale: float | Tensor, per_layer) -> float | Tensor | list[Tensor]:
-    """A vector of per-layer scales becomes one broadcastable tensor per list entry
-    (``per_layer``: 0-d tensors, or ``[k, 1, ...]`` views for stacks); scalars stay."""
-    if isinstance(scale, Tensor) and scale.dim() == 1:
-        return per_layer(scale)
-    return scale
-
-
-def _seed_or_accumulate(
-    buffers: list[Tensor | None],
-    updates: list[Tensor],
-    scales: float | Tensor | list[Tensor],
-    momentum: float,
-    dampening: float,
-) -> None:
-    """Steps where some buffers are new: seed those with ``scale * d``, update the rest."""
-    for i, update in enumerate(updates):
-        s = scales[i] if isinstance(scales, list) else scales
-        if buffers[i] is None:
-            buffers[i] = update * s
-        else:
-            buffers[i].mul_(momentum).add_(update * (s * (1 - dampening)))
+def _lars_momentum(params, updates, buffers, ratios: Tensor | None, lr, *, lr_in_momentum: bool, **options) -> None:
+    """The shared kernel with LARS's scales: s = lr * local inside the buffer (the paper), or
+    s = local inside and the rate outside (``lr_in_momentum=False``)."""
+    if ratios is not None:
+        inner = ratios * lr if lr_in_momentum else ratios
+    else:
+        inner = lr if lr_in_momentum else 1.0
+    scaled_momentum_(params, updates, buffers, inner=inner, outer=1.0 if lr_in_momentum else lr, **options)

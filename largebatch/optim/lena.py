@@ -62,28 +62,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import Optimizer
 
-from ._methods import (
-    LayerIntrospection,
-    StatisticsConsumer,
-    check_alpha,
-    check_group_base_batch,
-    check_sgd_group,
+from ._checks import check_alpha, check_bool, check_group_base_batch, check_range, check_sgd_group
+from ._statistics import (
+    StatisticsOptimizer,
     check_source,
     check_statistics,
     clamp_gain,
     ema_update,
-    group_parts,
     group_vector,
-    momentum_sgd_by_group,
     scalar_dtype,
     smoothing,
-    stacked_state,
-    stepped_parameters,
     zeros_state,
 )
-from ._trust import check_bool, check_range
+from .base import Part
 
 __all__ = ["LENA", "lena_rates"]
 
@@ -174,7 +166,7 @@ def _module_layers(params: list[Tensor], model: nn.Module | None, names: dict[in
     return keys
 
 
-class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
+class LENA(StatisticsOptimizer):
     r"""LENA (Ko, Lee, Kim, WWW 2022): per-layer gain, state-aware warm-up. See the module docstring.
 
     .. math::
@@ -282,6 +274,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
         check_source(stats, "LENA")
         check_statistics(statistics, stats, base_batch, "LENA")
         self.statistics = statistics  # before the groups are added: they check base_batch by it
+        self._layer_key = None
         if base_iterations is None:
             raise ValueError("base_iterations (T1, iterations of the base-batch schedule) is required")
         if layer_grouping not in ("parameter", "module"):
@@ -292,8 +285,7 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             decoupled_weight_decay=decoupled_weight_decay, base_batch=base_batch, maximize=maximize,
             foreach=foreach,
         )
-        super().__init__(params, defaults)
-        self._attach_statistics(stats, reset_statistics)
+        super().__init__(params, defaults, stats=stats, reset_statistics=reset_statistics)
         self.layer_grouping = layer_grouping
         if layer_grouping == "module":
             names = {
@@ -303,22 +295,22 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
                 if name is not None
             }
             self._layer_key = _module_layers([p for g in self.param_groups for p in g["params"]], model, names)
-        else:
-            self._layer_key = None
         self._layer_index_cache: tuple[tuple[int, ...], Tensor] | None = None
-        self._clear_introspection()
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def step(self, closure: Any = None) -> Any:
+        """One LENA update (Ko et al. 2022, Algorithm 1): A_k, B_k from ``stats.summary()``, the rates
+        of ``lena_rates`` (Eq. 4-8), then momentum SGD at eta_{t,k}."""
+        return super().step(closure)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
         check_sgd_group(group)
         check_range("eps", group["eps"], 0.0)
         check_alpha(group["alpha"])
         check_range("base_iterations", group["base_iterations"], 1e-12)  # T1 > 0
         for name in ("warmup", "adapt", "decoupled_weight_decay"):
             check_bool(name, group[name])
-        check_group_base_batch(self, group)
-        if getattr(self, "_layer_key", None) is not None:
+        check_group_base_batch(self.statistics, group, self.param_groups[0])
+        if self._layer_key is not None:
             raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
 
     @property
@@ -370,24 +362,21 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             state.update(zeros_state(p, _STAT_KEYS[:-1]), warmup_end=torch.full((), -1, dtype=torch.long, device=p.device))
         return state
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One LENA update (Ko et al. 2022, Algorithm 1): A_k, B_k from ``stats.summary()``, the rates
-        of ``lena_rates`` (Eq. 4-8), then momentum SGD at eta_{t,k}."""
-        loss, summary, n = self._begin_step(closure)
-        params, groups_of, stepped = stepped_parameters(self.param_groups, "LENA")
-        if not params:
-            return loss
+    def _scales(self, parts: list[Part], params: list[Tensor], groups_of: list[dict], source: tuple
+                ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """One LENA update's rates (Ko et al. 2022, Algorithm 1): A_k, B_k from ``stats.summary()``,
+        then ``lena_rates`` (Eq. 4-8); the new state is written, the rates go to the update."""
+        summary, n = source
         device, dtype = params[0].device, scalar_dtype(params)
         states = [self._init_state(p) for p in params]
         # mean-gradient scale, eps in its units; example statistics: A_eq and n = N/b
         A, B, n = self._gain_statistics(summary, n, params, dtype)
         # the per-parameter entries are views of one vector per key: no stack, one copy_ per key
-        stacked = stacked_state(self)
+        vectors = self.state_vectors("layers")
         new_state, intro = lena_rates(
             A,
             B,
-            stacked.vectors(self.state, states, _STAT_KEYS, dtype),
+            vectors.vectors(self.state, states, _STAT_KEYS, dtype),
             n=n,
             lr=group_vector(groups_of, "lr", device, dtype),
             # theta = alpha * T1 formed in double precision on the host (no truncation to epochs)
@@ -397,8 +386,10 @@ class LENA(StatisticsConsumer, LayerIntrospection, Optimizer):
             adapt=group_vector(groups_of, "adapt", device, dtype=torch.bool),
             layer_index=self._layer_index(params, device),
         )
-        stacked.write(new_state)
-        momentum_sgd_by_group(self, group_parts(self, params, stepped), intro["effective_lr"])
-        self._record(stepped, **intro)
-        self._reset_statistics()
-        return loss
+        vectors.write(new_state)
+        return [intro["effective_lr"]] * len(parts), intro
+
+    def _update(self, part: Part, rates: Tensor) -> dict[str, Tensor | None]:
+        """Momentum SGD at eta_{t,k}, the rate outside the buffer (``torch.optim.SGD``)."""
+        self._sgd_update(part, rates)
+        return {}
