@@ -239,14 +239,17 @@ def _timing_study(sgd_seconds):
 
 
 def test_time_per_update_claim_is_judged_only_on_undisturbed_times():
-    quiet = _timing_study(sgd_seconds=1.02).lena_throughput("mlp")
+    from largebatch.report.study_page import throughput_section
+    from largebatch.report.verdicts import lena_throughput
+
+    quiet = lena_throughput(_timing_study(sgd_seconds=1.02), "mlp")
     assert quiet.status == "held" and quiet.numbers == (
         "Measured +5.0% (wall time per update, mean over the large batches) (held: at most 7.5% slower).")
     # sgd and lsw do the same work per update: 1.3x between them means the machine was busy
     busy = _timing_study(sgd_seconds=1.3)
-    lines = busy.throughput_section("mlp")
+    lines = throughput_section(busy, "mlp")
     assert any("load moved these times" in line and "1.30" in line for line in lines)
-    assert busy.lena_throughput("mlp").status == "inconclusive"
+    assert lena_throughput(busy, "mlp").status == "inconclusive"
 
 
 def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
@@ -260,7 +263,9 @@ def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
     from largebatch.report.study import Study
 
     study = Study({"spec": spec, "methods": table, "tuning": tuning, "runs": []}, Path("."), Path("."))
-    lines = study.tuning_section("mlp")
+    from largebatch.report.study_page import tuning_section
+
+    lines = tuning_section(study, "mlp")
     assert [line.split(" | ")[0] for line in lines if "**no**" in line] == ["| lars"]
     assert study.caveats("mlp", ("clars", "lena")) == "the lars family's best rate is an end of its tuning grid"
     assert study.caveats("mlp", ("lena", "lsw")) == ""

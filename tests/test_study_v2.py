@@ -12,16 +12,8 @@ from _cli_data import needs_fashion_mnist
 from torch import nn
 
 from largebatch.cli import main
-from largebatch.report.study import (
-    HELD,
-    INCONCLUSIVE,
-    NOT_HELD,
-    Study,
-    combine,
-    compare,
-    headline_table,
-    write_study_report,
-)
+from largebatch.report.study import Study, headline_table, write_study_report
+from largebatch.report.verdicts import HELD, INCONCLUSIVE, NOT_HELD, combine, compare, verdicts
 from largebatch.train.methods import get_method
 from largebatch.study import (
     StudySpec,
@@ -175,8 +167,8 @@ def _base():
 
 
 def verdict(data, claim_part):
-    found = [v for v in Study(data, Path("."), Path(".")).verdicts() if claim_part in v.claim]
-    assert len(found) == 1, [v.claim for v in Study(data, Path("."), Path(".")).verdicts()]
+    found = [v for v in verdicts(Study(data, Path("."), Path("."))) if claim_part in v.claim]
+    assert len(found) == 1, [v.claim for v in verdicts(Study(data, Path("."), Path(".")))]
     return found[0]
 
 
