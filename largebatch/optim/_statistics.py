@@ -108,8 +108,6 @@ def check_source(stats: Any, method: str, need_per_example: bool = False) -> Non
 def check_statistics(statistics: str, stats: Any, base_batch, method: str) -> None:
     """The statistics source of LENA and AdaScale: ``"micro_batch"`` samples, or ``"example"``
     norms with a base batch (ValueError naming the argument)."""
-    from ._checks import check_base_batch
-
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
     if statistics == "micro_batch":

@@ -59,18 +59,9 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from ._checks import check_bool, check_group_base_batch, check_sgd_group
-from ._statistics import (
-    StatisticsOptimizer,
-    check_source,
-    check_statistics,
-    clamp_gain,
-    ema_update,
-    group_vector,
-    scalar_dtype,
-    smoothing,
-    zeros_state,
-)
-from .base import Part
+from ._statistics import StatisticsOptimizer, check_source, check_statistics, group_vector, scalar_dtype
+from ._statistics import clamp_gain, ema_update, smoothing, zeros_state
+from .base import Part, recorded
 
 __all__ = ["AdaScale", "ProgressLR", "adascale_gain"]
 
@@ -223,9 +214,7 @@ class AdaScale(StatisticsOptimizer):
         super()._clear_transient()
         self.last_gain: Tensor | None = None
 
-    @property
-    def last_layer_gains(self) -> list[Tensor | None]:
-        return self.last("layer_gain")
+    last_layer_gains = recorded("layer_gain", "Per group, each layer's gain from the averages (for plots).")
 
     @property
     def progress(self) -> Tensor:

@@ -34,7 +34,7 @@ from torch.optim.optimizer import Optimizer
 from ._foreach import Workspace, add_scaled_, into
 from ._layout import UNBOUND, Layout, Layouts
 
-__all__ = ["LayerwiseOptimizer", "Part", "directions", "scaled_momentum_", "stepped_parameters"]
+__all__ = ["LayerwiseOptimizer", "Part", "directions", "recorded", "scaled_momentum_", "stepped_parameters"]
 
 #: a scale of the kernel: a number, a 0-d tensor, or a 1-D per-layer vector (layout order)
 Scale = Union[float, Tensor]
@@ -59,19 +59,9 @@ def directions(
 
 
 def scaled_momentum_(
-    params: list[Tensor],
-    directions: list[Tensor],
-    buffers: list[Tensor | None],
-    *,
-    inner: Scale | None,
-    outer: Scale,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    per_layer=UNBOUND.per_layer,
-    owns_directions: bool = False,
-    decay: Scale | None = None,
-    foreach: bool = True,
+    params: list[Tensor], directions: list[Tensor], buffers: list[Tensor | None], *,
+    inner: Scale | None, outer: Scale, momentum: float, dampening: float, nesterov: bool,
+    per_layer=UNBOUND.per_layer, owns_directions: bool = False, decay: Scale | None = None, foreach: bool = True,
 ) -> None:
     r"""Momentum SGD with per-layer scales, the rate inside or outside the buffer, in place.
 
@@ -95,16 +85,17 @@ def scaled_momentum_(
     not ``p.grad``). ``foreach=False`` runs the same ops one tensor at a time.
     """
     s, o = inner, outer
+    moving = momentum != 0
     # per-entry scales, each per-layer vector into a slot of its own (valid for this call)
-    if s is None:
+    if s is None:  # the buffer holds d; the rate multiplies it on its way into the weights
         neg_step = neg_outer = _each(per_layer, -o, 0)
         into_buffer = seed = neg_m_outer = None
-    else:
+    else:  # the buffer holds s * d
         neg_step = _each(per_layer, -(s if not isinstance(o, Tensor) and o == 1.0 else s * o), 0)
-        into_buffer = _each(per_layer, s if dampening == 0 else s * (1 - dampening), 1)
-        seed = into_buffer if dampening == 0 else _each(per_layer, s, 2)
-        neg_outer = None if momentum == 0 else -o
-        neg_m_outer = -momentum * o if momentum != 0 and nesterov else None
+        into_buffer = _each(per_layer, s if dampening == 0 else s * (1 - dampening), 1) if moving else None
+        seed = into_buffer if dampening == 0 or not moving else _each(per_layer, s, 2)
+        neg_outer = -o if moving else None
+        neg_m_outer = -momentum * o if moving and nesterov else None
     options = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, scaled=s is not None,
                    owns_directions=owns_directions, decay=decay)
     if foreach:
@@ -269,8 +260,9 @@ class LayerwiseOptimizer(Optimizer):
     def _finish(self) -> None:
         """After the update (statistics consumers reset their source)."""
 
-    def _foreach(self, group: dict) -> bool:
-        return group["foreach"] is not False
+    def _multi_tensor(self, group: dict) -> bool:
+        """Whether the group takes the eager multi-tensor path (where stacks may step it)."""
+        return group["foreach"] is not False and not group.get("fused", False)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -288,16 +280,16 @@ class LayerwiseOptimizer(Optimizer):
         for group, indices in zip(self.param_groups, stepped):
             if indices:
                 ps = params[start : start + len(indices)]
-                layout = self._layouts.of(ps, foreach=self._foreach(group), state=self.state, names=self._state_names)
+                layout = self._layouts.of(ps, foreach=self._multi_tensor(group), state=self.state, names=self._state_names)
                 parts.append(Part(group, ps, start, layout))
                 start += len(indices)
-        scales, recorded = self._scales(parts, params, groups_of, source)
+        scales, vectors = self._scales(parts, params, groups_of, source)
         per_part = []
         for part, scale in zip(parts, scales):
             found = self._update(part, scale)
             part.layout.leave(part.params)
             per_part.append({name: part.layout.to_param_order(value) for name, value in found.items()})
-        self._record(stepped, per_part, recorded)
+        self._record(stepped, per_part, vectors)
         self._finish()
         return loss
 
@@ -306,7 +298,7 @@ class LayerwiseOptimizer(Optimizer):
         """:func:`scaled_momentum_` on a part, with its group's options; the momentum buffers
         are the layout's (new ones kept in the state), d goes into scratch."""
         group, layout = part.group, part.layout
-        foreach = self._foreach(group)
+        foreach = self._multi_tensor(group)
         owns = group["maximize"] or weight_decay != 0
         scratch = layout.scratch(part.params, self._workspace) if foreach and weight_decay != 0 else None
         d = directions(part.weights, part.grads, weight_decay, maximize=group["maximize"], workspace=scratch)
@@ -370,3 +362,8 @@ class LayerwiseOptimizer(Optimizer):
             None if ratios is None else ratios * group["lr"]
             for group, ratios in zip(self.param_groups, self.last("trust_ratio"))
         ]
+
+
+def recorded(name: str, doc: str) -> property:
+    """A per-group introspection attribute (``last_gains``, ...): ``optimizer.last(name)``."""
+    return property(lambda optimizer: optimizer.last(name), doc=doc)

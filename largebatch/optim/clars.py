@@ -69,7 +69,7 @@ from ._statistics import (
     loss_scale_sq,
     scalar_dtype,
 )
-from .base import Part
+from .base import Part, recorded
 from .lars import trust_ratios
 
 __all__ = ["CLARS", "clars_trust_ratios"]
@@ -192,15 +192,11 @@ class CLARS(StatisticsOptimizer):
         self._fallback: Tensor | None = None
         self._fallback_params: list[Tensor] = []
 
-    @property
-    def last_trust_ratios(self) -> list[Tensor | None]:
-        return self.last("trust_ratio")
-
-    @property
-    def last_gradient_measures(self) -> list[Tensor | None]:
-        return self.last("gradient_measure")
+    last_trust_ratios = recorded("trust_ratio", "Per group, the trust ratios of the last step.")
+    last_gradient_measures = recorded("gradient_measure", "Per group, G_k of the last step.")
 
     def trust_ratios_by_name(self) -> dict[str, Tensor]:
+        """``{name: 0-d ratio}`` of the last step (``by_name``)."""
         return self.by_name("trust_ratio")
 
     @property

@@ -33,7 +33,7 @@ from ._checks import check_bool, check_foreach_fused, check_lr, check_range
 from ._foreach import add_scaled_, compiled, group_by_device_and_dtype, into, scatter_by_indices
 from ._layout import UNBOUND, Layout, ShardedLayout
 from ._sharded import any_sharded, check_not_flat, local
-from .base import LayerwiseOptimizer, Part
+from .base import LayerwiseOptimizer, Part, recorded
 from .lars import trust_ratios
 
 __all__ = ["LAMB", "lamb", "lamb_trust_ratios"]
@@ -117,16 +117,9 @@ class LAMB(LayerwiseOptimizer):
     ) -> None:
         check_foreach_fused(foreach, fused)
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            bias_correction=bias_correction,
-            phi_clamp=tuple(phi_clamp) if isinstance(phi_clamp, list) else phi_clamp,
-            decoupled_weight_decay=decoupled_weight_decay,
-            adapt=adapt,
-            maximize=maximize,
-            foreach=foreach,
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay,
+            bias_correction=bias_correction, phi_clamp=tuple(phi_clamp) if isinstance(phi_clamp, list) else phi_clamp,
+            decoupled_weight_decay=decoupled_weight_decay, adapt=adapt, maximize=maximize, foreach=foreach,
             fused=fused,
         )
         super().__init__(params, defaults)
@@ -142,17 +135,10 @@ class LAMB(LayerwiseOptimizer):
 
     _state_names = ("exp_avg", "exp_avg_sq", "step")
 
-    def _multi_tensor(self, group: dict[str, Any]) -> bool:
-        return group["foreach"] is not False and not group["fused"]
-
-    @property
-    def last_trust_ratios(self) -> list[Tensor | None]:
-        """Per group, the trust ratios of the last step (see the class docstring)."""
-        return self.last("trust_ratio")
+    last_trust_ratios = recorded("trust_ratio", "Per group, the trust ratios of the last step.")
 
     def trust_ratios_by_name(self) -> dict[str, Tensor]:
-        """``{name: 0-d ratio}`` from the last step (names from ``named_parameters()``
-        when the optimiser was built from them, else ``"group{g}.{i}"``)."""
+        """``{name: 0-d ratio}`` of the last step (``by_name``)."""
         return self.by_name("trust_ratio")
 
     def _update(self, part: Part, scale: None) -> dict[str, Tensor | None]:
@@ -305,14 +291,8 @@ def lamb_trust_ratios(weight_norms: Tensor, update_norms: Tensor, phi_clamp: tup
 
 
 def _single_tensor_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    **options: Any,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, lr: float | Tensor, **options: Any,
 ) -> Tensor | None:
     """Per-tensor loop: the path for foreach=False."""
     corrections = _advance_steps(steps, params, options["beta1"], options["beta2"], options["bias_correction"])
@@ -343,14 +323,8 @@ def _advance_steps(
 
 
 def _fused_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    **options: Any,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, lr: float | Tensor, **options: Any,
 ) -> Tensor | None:
     """fused=True: :func:`_lamb_tensor_` compiled once per configuration with
     dynamic shapes, called per tensor on flat views.
@@ -384,22 +358,10 @@ def _flat_views(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def _lamb_tensor_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    bias_corrections: tuple[Tensor, Tensor] | None,
-    lr: float | Tensor,
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction: bool,
-    phi_clamp: tuple[float, float] | None,
-    decoupled_weight_decay: bool,
-    adapt: bool,
-    maximize: bool,
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+    bias_corrections: tuple[Tensor, Tensor] | None, lr: float | Tensor, *, beta1: float, beta2: float,
+    eps: float, weight_decay: float, bias_correction: bool, phi_clamp: tuple[float, float] | None,
+    decoupled_weight_decay: bool, adapt: bool, maximize: bool,
 ) -> Tensor | None:
     """One tensor's LAMB step, in place (Algorithm 2, the readable form); returns its trust ratio.
 
@@ -427,16 +389,9 @@ def _lamb_tensor_(
 
 
 def _multi_tensor_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    workspace: list[Tensor] | None = None,
-    layout: Layout = UNBOUND,
-    **options: Any,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, lr: float | Tensor,
+    workspace: list[Tensor] | None = None, layout: Layout = UNBOUND, **options: Any,
 ) -> Tensor | None:
     """Multi-tensor path: per (device, dtype) group, moments with foreach ops,
     norms with one ``_foreach_norm`` each, ratios in one vectorised op."""
@@ -453,15 +408,8 @@ def _multi_tensor_lamb(
 
 
 def _sharded_lamb(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    workspace: list[Tensor] | None = None,
-    **options: Any,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], *, lr: float | Tensor, workspace: list[Tensor] | None = None, **options: Any,
 ) -> Tensor | None:
     """FSDP2: the multi-tensor step on the local shards (the moments are DTensors
     like their parameters); the norms of whole layers (weights and updates
@@ -476,24 +424,10 @@ def _sharded_lamb(
 
 
 def _lamb_device_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    lr: float | Tensor,
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    bias_correction: bool,
-    phi_clamp: tuple[float, float] | None,
-    decoupled_weight_decay: bool,
-    adapt: bool,
-    maximize: bool,
-    workspace: list[Tensor] | None = None,
-    layout: Layout = UNBOUND,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], lr: float | Tensor, *, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, phi_clamp: tuple[float, float] | None, decoupled_weight_decay: bool, adapt: bool,
+    maximize: bool, workspace: list[Tensor] | None = None, layout: Layout = UNBOUND,
 ) -> Tensor | None:
     """One LAMB step for tensors on one device with one dtype.
 

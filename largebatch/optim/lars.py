@@ -33,7 +33,7 @@ from ._checks import check_bool, check_choice, check_foreach_fused, check_lr, ch
 from ._foreach import compiled, group_by_device_and_dtype, scatter_by_indices
 from ._layout import UNBOUND, Layout, ShardedLayout
 from ._sharded import any_sharded, as_sharded_like, check_not_flat, local
-from .base import LayerwiseOptimizer, Part, directions, scaled_momentum_
+from .base import LayerwiseOptimizer, Part, directions, recorded, scaled_momentum_
 
 __all__ = ["LARS", "lars", "lars_trust_ratios", "trust_ratios"]
 
@@ -133,20 +133,9 @@ class LARS(LayerwiseOptimizer):
     ) -> None:
         check_foreach_fused(foreach, fused)
         defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            trust_coefficient=trust_coefficient,
-            eps=eps,
-            denominator=denominator,
-            lr_in_momentum=lr_in_momentum,
-            trust_clip=trust_clip,
-            adapt=adapt,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            trust_coefficient=trust_coefficient, eps=eps, denominator=denominator, lr_in_momentum=lr_in_momentum,
+            trust_clip=trust_clip, adapt=adapt, maximize=maximize, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -159,17 +148,10 @@ class LARS(LayerwiseOptimizer):
         validate_lars_hyperparameters(**{k: group[k] for k in _HYPERPARAMETERS})
         check_not_flat(group["params"])  # FSDP1 / ZeRO flat layouts: per-layer norms impossible
 
-    def _multi_tensor(self, group: dict[str, Any]) -> bool:
-        return group["foreach"] is not False and not group["fused"]
-
-    @property
-    def last_trust_ratios(self) -> list[Tensor | None]:
-        """Per group, the trust ratios of the last step (see the class docstring)."""
-        return self.last("trust_ratio")
+    last_trust_ratios = recorded("trust_ratio", "Per group, the trust ratios of the last step.")
 
     def trust_ratios_by_name(self) -> dict[str, Tensor]:
-        """``{name: 0-d ratio}`` from the last step (names from ``named_parameters()``
-        when the optimiser was built from them, else ``"group{g}.{i}"``)."""
+        """``{name: 0-d ratio}`` of the last step (``by_name``)."""
         return self.by_name("trust_ratio")
 
     def _update(self, part: Part, scale: None) -> dict[str, Tensor | None]:
@@ -347,22 +329,9 @@ def lars(
 
 
 def _single_tensor_lars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    trust_coefficient: float,
-    eps: float,
-    denominator: str,
-    lr_in_momentum: bool,
-    trust_clip: bool,
-    adapt: bool,
-    maximize: bool,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float | Tensor,
+    weight_decay: float, trust_coefficient: float, eps: float, denominator: str, lr_in_momentum: bool,
+    trust_clip: bool, adapt: bool, maximize: bool, **momentum: Any,
 ) -> Tensor | None:
     """Per-tensor loop (the path for foreach=False): each tensor's norms and ratio, then the
     kernel one tensor at a time."""
@@ -380,21 +349,14 @@ def _single_tensor_lars(
                 ratios.append(lars_trust_ratios(weight_norm, torch.linalg.vector_norm(grad), weight_decay=weight_decay,
                                                 trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip))
     ratio = torch.stack(ratios) if adapt else None
-    _lars_momentum(params, updates, momentum_buffers, ratio, lr, momentum=momentum, dampening=dampening,
-                   nesterov=nesterov, lr_in_momentum=lr_in_momentum, per_layer=UNBOUND.per_layer, foreach=False)
+    _lars_momentum(params, updates, momentum_buffers, ratio, lr, lr_in_momentum=lr_in_momentum,
+                   per_layer=UNBOUND.per_layer, foreach=False, **momentum)
     return ratio
 
 
 def _multi_tensor_lars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    compile: bool = False,
-    workspace: list[Tensor] | None = None,
-    layout: Layout = UNBOUND,
-    **options: Any,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float | Tensor,
+    compile: bool = False, workspace: list[Tensor] | None = None, layout: Layout = UNBOUND, **options: Any,
 ) -> Tensor | None:
     """Multi-tensor path: per (device, dtype) group, norms with one
     ``_foreach_norm`` each, ratios in one vectorised op, updates with foreach ops."""
@@ -429,13 +391,8 @@ def _multi_tensor_lars(
 
 
 def _sharded_lars(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    workspace: list[Tensor] | None = None,
-    **options: Any,
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *, lr: float | Tensor,
+    workspace: list[Tensor] | None = None, **options: Any,
 ) -> Tensor | None:
     """FSDP2 parameters given to the functional form: the multi-tensor step on the local
     shards, the norms of whole layers from one all-reduce (:class:`~._layout.ShardedLayout`).
@@ -455,26 +412,13 @@ def _sharded_lars(
 
 
 def _lars_device_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    buffers: list[Tensor | None],
-    lr: float | Tensor,
-    *,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    trust_coefficient: float,
-    eps: float,
-    denominator: str,
-    lr_in_momentum: bool,
-    trust_clip: bool,
-    adapt: bool,
-    maximize: bool,
-    workspace: list[Tensor] | None = None,
-    layout: Layout = UNBOUND,
+    params: list[Tensor], grads: list[Tensor], buffers: list[Tensor | None], lr: float | Tensor, *,
+    weight_decay: float, trust_coefficient: float, eps: float, denominator: str, lr_in_momentum: bool,
+    trust_clip: bool, adapt: bool, maximize: bool, workspace: list[Tensor] | None = None,
+    layout: Layout = UNBOUND, **momentum: Any,
 ) -> Tensor | None:
-    """One LARS step for tensors on one device with one dtype (``buffers`` filled in place).
+    """One LARS step for tensors on one device with one dtype (``buffers`` filled in place);
+    ``momentum`` holds ``momentum``, ``dampening`` and ``nesterov``.
 
     ``layout`` (:mod:`._layout`) gives the per-layer norms of several lists at once
     (foreach norms, whole-layer norms of FSDP2 shards with one all-reduce, or row norms
@@ -491,9 +435,8 @@ def _lars_device_step(
         else:
             weight_norms, grad_norms = layout.norms([params, grads])
             ratios = lars_trust_ratios(weight_norms, grad_norms, weight_decay=weight_decay, **options)
-    _lars_momentum(params, updates, buffers, ratios, lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                   lr_in_momentum=lr_in_momentum, per_layer=layout.per_layer,
-                   owns_directions=maximize or weight_decay != 0)
+    _lars_momentum(params, updates, buffers, ratios, lr, lr_in_momentum=lr_in_momentum, per_layer=layout.per_layer,
+                   owns_directions=maximize or weight_decay != 0, **momentum)
     return ratios
 
 

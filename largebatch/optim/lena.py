@@ -64,18 +64,9 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_alpha, check_bool, check_group_base_batch, check_range, check_sgd_group
-from ._statistics import (
-    StatisticsOptimizer,
-    check_source,
-    check_statistics,
-    clamp_gain,
-    ema_update,
-    group_vector,
-    scalar_dtype,
-    smoothing,
-    zeros_state,
-)
-from .base import Part
+from ._statistics import StatisticsOptimizer, check_source, check_statistics, group_vector, scalar_dtype
+from ._statistics import clamp_gain, ema_update, smoothing, zeros_state
+from .base import Part, recorded
 
 __all__ = ["LENA", "lena_rates"]
 
@@ -313,17 +304,9 @@ class LENA(StatisticsOptimizer):
         if self._layer_key is not None:
             raise ValueError("add_param_group after construction is not supported with layer_grouping='module'")
 
-    @property
-    def last_gains(self) -> list[Tensor | None]:
-        return self.last("gain")
-
-    @property
-    def last_warmup_factors(self) -> list[Tensor | None]:
-        return self.last("warmup_factor")
-
-    @property
-    def last_warmup_progress(self) -> list[Tensor | None]:
-        return self.last("warmup_progress")
+    last_gains = recorded("gain", "Per group, r_k of the last step.")
+    last_warmup_factors = recorded("warmup_factor", "Per group, min(S_k / theta, 1) of the last step.")
+    last_warmup_progress = recorded("warmup_progress", "Per group, S_k / theta after the last step.")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "layer_grouping": self.layer_grouping}
