@@ -15,7 +15,7 @@ from _dist import run_command
 from matplotlib.image import imread
 
 from largebatch.cli import main
-from largebatch.train.runner import CRASH_AT_STEP_ENV
+from largebatch.train.faults import CRASH_AT_STEP_ENV
 
 pytestmark = needs_fashion_mnist
 

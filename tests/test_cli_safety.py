@@ -15,7 +15,7 @@ import torch
 from _cli_data import SLICE, needs_fashion_mnist
 
 from largebatch.cli import build_parser, main
-from largebatch.train.runner import SIGNAL_AT_STEP_ENV
+from largebatch.train.faults import SIGNAL_AT_STEP_ENV
 
 pytestmark = needs_fashion_mnist
 
@@ -288,13 +288,14 @@ def test_study_takes_device_precision_and_threads():
 def test_fp16_statistics_methods_see_the_loss_scale(method, tmp_path):
     """With a GradScaler the statistics carry S^2: the engine must know the scaler, or the gains are off."""
     from largebatch.train.config import TrainConfig
-    from largebatch.train.runner import _Run
     from largebatch.train.distributed import Context
+    from largebatch.train.parts import build_parts
+    from largebatch.train.runner import load_data
 
     config = TrainConfig(method=method, batch=256, epochs=1, run_dir=str(tmp_path / "run"), precision="fp16",
                          train_limit=1024, test_limit=500, val_size=500, progress=False)
-    run = _Run(config, Context())
-    assert run.scaler is not None and run.optimizer.stats.grad_scaler is run.scaler
+    parts = build_parts(config, load_data(config), Context())
+    assert parts.scaler is not None and parts.optimizer.stats.grad_scaler is parts.scaler
 
 
 def test_training_flushes_denormals_and_restores_the_setting(tmp_path, monkeypatch):

@@ -18,7 +18,8 @@ from _dist import run_command
 from largebatch.cli import main
 from largebatch.train import distributed
 from largebatch.train.config import TrainConfig
-from largebatch.train.runner import CRASH_AT_STEP_ENV, train
+from largebatch.train.faults import CRASH_AT_STEP_ENV
+from largebatch.train.runner import train
 
 pytestmark = [needs_fashion_mnist, pytest.mark.distributed]
 
@@ -126,7 +127,8 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path):
 
 def train_until_signalled(rank: int, world_size: int, run_dir: str) -> int:
     """Rank 1 alone gets SIGTERM during step 3; returns the step each rank stopped at."""
-    from largebatch.train.runner import SIGNAL_AT_STEP_ENV, Interrupted
+    from largebatch.train.faults import SIGNAL_AT_STEP_ENV
+    from largebatch.train.runner import Interrupted
 
     os.environ[SIGNAL_AT_STEP_ENV], os.environ["LARGEBATCH_TEST_CRASH_RANK"] = "3:TERM", "1"
     try:

@@ -17,7 +17,8 @@ from ..records import BASELINE_METHOD
 from ..train.config import TrainConfig
 from ..train.loop import accumulate_gradients, evaluate
 from ..train.methods import RunShape, build, get_method
-from ..train.runner import load_data, make_model
+from ..train.parts import make_model
+from ..train.runner import load_data
 from ..train.sweep import is_finished
 from .phases import phases
 from .spec import StudySpec

@@ -43,7 +43,7 @@ from ..data import load_dataset
 from ..models import MODELS, build_model
 from .loop import accumulate_gradients, batch_indices, epoch_permutation
 from ..records import CONFIG, read_json, write_json
-from .runner import prepare_run_dir
+from .rundir import prepare_run_dir
 
 PAYS, DIMINISHING, DOES_NOT_PAY = "pays (near-linear speed-up)", "diminishing returns", "does not pay"
 
@@ -380,7 +380,8 @@ def _from_scratch(config: AdviseConfig) -> Advice:
 def _from_checkpoint(config: AdviseConfig) -> Advice:
     """The run's model at its checkpoint, on the run's training data, over ``steps`` batches; no updates."""
     from . import checkpoint as ckpt
-    from .runner import load_data, make_model
+    from .parts import make_model
+    from .runner import load_data
     from .config import TrainConfig
 
     path = Path(config.checkpoint)

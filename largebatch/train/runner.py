@@ -27,16 +27,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
-from ..records import CONFIG, LAYER_DEFINITION, LAYERS, METRICS, SUMMARY, read_json, read_jsonl, write_json
+from ..records import LAYER_DEFINITION, LAYERS, METRICS, SUMMARY, write_json
 from ..data import ImageDataset, load_dataset
-from ..models import build_model
 from . import checkpoint as ckpt
 from . import distributed
-from .config import NOT_PART_OF_THE_RUN, TrainConfig, available_cores
+from .config import TrainConfig, available_cores
 from .distributed import Context
 from .loop import (
     accumulate_gradients,
@@ -44,21 +42,12 @@ from .loop import (
     epoch_permutation,
     epoch_seed,
     evaluate,
-    grad_scaler,
-    precision_context,
 )
-from .methods import RunShape, base_iterations, build, get_method, peak_lr, warmup_steps
-from .metrics import JsonlLog, TensorBoard, layer_names, layer_record, tensorboard_installed, truncate_after
-from .noise import NoiseScaleProbe
-
-CRASH_AT_STEP_ENV = "LARGEBATCH_TEST_CRASH_AT_STEP"  # fault injection for the resume tests
-CRASH_RANK_ENV = "LARGEBATCH_TEST_CRASH_RANK"
-SIGNAL_AT_STEP_ENV = "LARGEBATCH_TEST_SIGNAL_AT_STEP"  # "k" or "k:TERM": this process signals itself during step k
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used."""
-
+from .methods import peak_lr, warmup_steps
+from .metrics import JsonlLog, TensorBoard, layer_record, tensorboard_installed
+from .faults import maybe_crash, maybe_signal
+from .parts import build_parts
+from .rundir import RunDirectory
 
 class Interrupted(Exception):
     """SIGINT or SIGTERM stopped the run after a step; its checkpoint at that step was written."""
@@ -125,39 +114,6 @@ def load_average() -> list[float] | None:
         return None
 
 
-def holds_a_run(run_dir: Path) -> str | None:
-    """What run ``run_dir`` holds, in a few words (None: nothing a new run would destroy)."""
-    if (run_dir / SUMMARY).exists():
-        try:
-            summary = read_json(run_dir / SUMMARY)
-            if summary.get("diverged_at_step") is not None:
-                return f"diverged at step {summary['diverged_at_step']}"
-            return f"finished after {summary['steps']} steps"
-        except (ValueError, KeyError, OSError):
-            return "finished"
-    logged = [r["step"] for r in read_jsonl(run_dir / METRICS) if "step" in r]
-    if ckpt.checkpoint_path(run_dir).exists():
-        return "a checkpoint" + (f", logged up to step {max(logged)}" if logged else "")
-    if logged:
-        return f"logs up to step {max(logged)}"
-    return None
-
-
-def prepare_run_dir(path: str | Path, rank: int) -> Path:
-    run_dir = Path(path)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{rank}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise RunDirError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from None
-    for stale in run_dir.glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):
-        if rank == 0:  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
-    return run_dir
-
-
 def load_data(config: TrainConfig) -> ImageDataset:
     return _load_dataset_once(
         config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit, config.test_limit
@@ -173,43 +129,19 @@ def _load_dataset_once(name, data_dir, val_size, split_seed, train_limit, test_l
     )
 
 
-def make_model(config: TrainConfig, data: ImageDataset, device: torch.device) -> nn.Module:
-    torch.manual_seed(config.seed)
-    channels, size = data.image_shape[0], data.image_shape[-1]
-    return build_model(config.model, data.num_classes, channels, size).to(device)
-
-
 class _Run:
-    """The state of a run in progress; the step loop is in :meth:`run`."""
+    """A run in progress: its parts (:mod:`.parts`), its directory (:mod:`.rundir`) and the step loop (:meth:`run`),
+    which logs every step, evaluates, checkpoints and stops on divergence, a signal, --max-steps or the clock."""
 
     def __init__(self, config: TrainConfig, context: Context):
         self.config, self.context = config, context
-        self.run_dir = prepare_run_dir(config.run_dir, context.rank)
+        self.directory = RunDirectory(config, context)
+        self.run_dir = self.directory.path
         self.data = load_data(config)
-        self.method = get_method(config.method)
-        self.steps_per_epoch = len(self.data.train) // config.batch
-        self.shape = RunShape(
-            base_lr=config.base_lr(), base_batch=config.base_batch, batch=config.batch,
-            steps_per_epoch=self.steps_per_epoch, epochs=config.epochs,
-            warmup_fraction=config.warmup_fraction, decay_to=config.decay_to, warmup=config.warmup,
-            statistics=config.statistics,
-        )
-        self.model = make_model(config, self.data, context.device)
-        self.wrapped = self._wrap(self.model)
-        self.optimizer, self.scheduler = build(self.method, self.model, self.shape, self.wrapped)
-        self.autocast = precision_context(config.precision, context.device)
-        self.scaler = grad_scaler(config.precision, context.device)
-        stats = getattr(self.optimizer, "stats", None)
-        if self.scaler is not None and hasattr(stats, "grad_scaler"):
-            # The statistics carry the loss scale the backwards ran with; the optimiser divides it out.
-            stats.grad_scaler = self.scaler
-        self.names = layer_names(self.model)
-        self.layer_every = config.effective_layer_every(self.shape.total_steps)
-        # The noise scale's two terms, recorded with the per-layer values (largebatch.train.noise).
-        self.noise = NoiseScaleProbe(self.wrapped) if config.noise_scale else None
-        # A method that ends on its clock (AdaScale) trains until tau reaches T1, at most clock_cap x the epochs.
-        self.t1 = base_iterations(self.shape) if self.method.ends_on_clock else None
-        self.epoch_limit = math.ceil(config.clock_cap * config.epochs) if self.t1 is not None else config.epochs
+        self.parts = build_parts(config, self.data, context)
+        self.method, self.shape = self.parts.method, self.parts.shape
+        self.model, self.optimizer, self.scheduler = self.parts.model, self.parts.optimizer, self.parts.scheduler
+        self.steps_per_epoch = self.shape.steps_per_epoch
         self.position = ckpt.Position(epoch_seed=epoch_seed(config.seed, 0))
         self.evals: list[dict] = []
         self.diverged_at: int | None = None
@@ -217,59 +149,11 @@ class _Run:
         self.load_start = load_average()
         self.signal: int | None = None  # the first SIGINT/SIGTERM received
         self.finished_summary: dict | None = None  # set by start() when resuming a finished run
+        self._layer_values: dict = {}
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if not self.context.distributed:
-            return model
-        device_ids = [self.context.local_rank] if self.context.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-    # -- start: fresh or resumed ---------------------------------------------
     def start(self, asked_to_resume: bool = False) -> None:
-        config, path = self.config, ckpt.checkpoint_path(self.run_dir)
-        held = holds_a_run(self.run_dir)
-        if held and not (config.resume or config.overwrite):
-            raise RunDirError(f"{self.run_dir} already holds a run ({held}): pass --resume to continue it or "
-                              "--overwrite to replace it")
-        if config.resume and path.exists():
-            self._resume(path)
-        else:
-            if config.resume and asked_to_resume and self.context.is_main:
-                print(f"largebatch: nothing to resume in {self.run_dir} (no {ckpt.CHECKPOINT_NAME}): starting at "
-                      "step 0", file=sys.stderr, flush=True)
-            if self.context.is_main:
-                path.unlink(missing_ok=True)  # a stale checkpoint must not be resumed into this run
-                for name in (METRICS, LAYERS, SUMMARY):
-                    (self.run_dir / name).unlink(missing_ok=True)
-        if self.context.is_main:
-            write_json(self.run_dir / CONFIG, self.describe())
-
-    def _resume(self, path: Path) -> None:
-        try:
-            payload = ckpt.load(path)
-        except ckpt.CheckpointError as e:
-            raise RunDirError(f"{e}: nothing was changed; move it away to keep it, or pass --overwrite instead of "
-                              "--resume to start the run again") from None
-        changed = ckpt.differences(payload["run"], self.config.run_identity(), ignored=NOT_PART_OF_THE_RUN)
-        if changed:
-            raise ValueError(
-                f"{path} belongs to a different run ({'; '.join(changed)}); use a new --run-dir or drop --resume"
-            )
-        summary_path = self.run_dir / SUMMARY
-        if summary_path.exists():
-            # Finished (or diverged) already: the checkpoint is its last state; nothing to train.
-            self.finished_summary = read_json(summary_path)
-            if self.context.is_main:
-                print(f"largebatch: {self.run_dir} has finished already; nothing to resume", file=sys.stderr,
-                      flush=True)
-            return
-        self.position = ckpt.restore(payload, self.model, self.optimizer, self.scheduler, self.context.rank,
-                                     self.scaler)
-        if self.context.is_main:
-            for name in (METRICS, LAYERS):
-                truncate_after(self.run_dir / name, self.position.step)
-            print(f"resuming {path} at step {self.position.step}", file=sys.stderr, flush=True)
-        self.evals = [r for r in read_jsonl(self.run_dir / METRICS) if r.get("kind") == "eval"]
+        start = self.directory.start(self.parts, self.describe(), asked_to_resume)
+        self.position, self.evals, self.finished_summary = start.position, start.evals, start.finished_summary
 
     def describe(self) -> dict:
         return {
@@ -289,9 +173,9 @@ class _Run:
             "device": str(self.context.device),
             "precision": self.config.precision,
             "threads": torch.get_num_threads(),
-            "layer_every": self.layer_every,
+            "layer_every": self.parts.layer_every,
             "layer": LAYER_DEFINITION,
-            "layers": list(self.names.values()),
+            "layers": list(self.parts.names.values()),
             "dataset": {
                 "name": self.data.name, "source": self.data.source, "train": len(self.data.train),
                 "val": len(self.data.val), "test": len(self.data.test),
@@ -318,7 +202,7 @@ class _Run:
         layers = JsonlLog(self.run_dir / LAYERS, enabled=main)
         board = TensorBoard(self.run_dir, enabled=main and config.tensorboard)
         bar = tqdm(
-            total=self.steps_per_epoch * self.epoch_limit, initial=self.position.step,
+            total=self.steps_per_epoch * self.parts.epoch_limit, initial=self.position.step,
             disable=not (main and config.progress),
             desc=f"{config.method} B={config.batch}", unit="step", dynamic_ncols=True,
         )
@@ -326,7 +210,7 @@ class _Run:
         outcome = "finished"
         try:
             with self._stop_on_signals(), self._no_single_sample_warning_at_the_base_batch():
-                while self.position.epoch < self.epoch_limit:
+                while self.position.epoch < self.parts.epoch_limit:
                     outcome = self._run_epoch(metrics, layers, board, bar)
                     if outcome != "finished":
                         break
@@ -403,14 +287,14 @@ class _Run:
             record, stop = self._step(indices)
             metrics.write(record)
             board.scalars(record, position.step)
-            if position.step % self.layer_every == 0 and self._layer_values:
+            if position.step % self.parts.layer_every == 0 and self._layer_values:
                 layers.write({"step": position.step, "epoch": position.epoch, **self._layer_values})
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", refresh=False)
             if not math.isfinite(record["loss"]):
                 self.diverged_at, self.diverged_loss = position.step, record["loss"]
                 return "diverged"
-            _maybe_crash(position.step, self.context, self.run_dir)
+            maybe_crash(position.step, self.context, self.run_dir)
             end_of_epoch = position.step_in_epoch == self.steps_per_epoch
             if end_of_epoch or (config.eval_every and position.step % config.eval_every == 0):
                 self._evaluate(metrics, board, bar, with_val=end_of_epoch)
@@ -418,7 +302,7 @@ class _Run:
                 position.epoch += 1
                 position.step_in_epoch = 0
                 position.epoch_seed = epoch_seed(config.seed, position.epoch)
-            if self.t1 is not None and self.optimizer.done(self.t1):
+            if self.parts.clock_done():
                 return "t1"
             if stop:
                 return "interrupted"
@@ -430,29 +314,29 @@ class _Run:
 
     def _step(self, indices: torch.Tensor) -> tuple[dict, bool]:
         """One update; returns its record and whether any rank was asked to stop (SIGINT/SIGTERM)."""
-        _maybe_signal(self.position.step + 1, self.context)
+        maybe_signal(self.position.step + 1, self.context)
         started, cpu_started = time.perf_counter(), time.process_time()
         config, context = self.config, self.context
         local = distributed.rank_slice(indices, context)
         images = self.data.train.images[local].to(context.device, non_blocking=True)
         labels = self.data.train.labels[local].to(context.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.noise is not None:
-            self.noise.reset()
-        no_sync = self.wrapped.no_sync if context.distributed else None
-        loss = accumulate_gradients(self.wrapped, images, labels, config.micro_batch, no_sync=no_sync,
-                                    autocast=self.autocast, scaler=self.scaler)
+        if self.parts.noise is not None:
+            self.parts.noise.reset()
+        no_sync = self.parts.wrapped.no_sync if context.distributed else None
+        loss = accumulate_gradients(self.parts.wrapped, images, labels, config.micro_batch, no_sync=no_sync,
+                                    autocast=self.parts.autocast, scaler=self.parts.scaler)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if self.scaler is None:
+        if self.parts.scaler is None:
             self.optimizer.step()
         else:
-            self.scaler.step(self.optimizer)  # unscales first; skips a step with inf/NaN gradients
-            self.scaler.update()
+            self.parts.scaler.step(self.optimizer)  # unscales first; skips a step with inf/NaN gradients
+            self.parts.scaler.update()
         # Read before the scheduler moves the rates: the values of this step.
-        due = (self.position.step + 1) % self.layer_every == 0
-        self._layer_values = layer_record(self.optimizer, self.names) if due and context.is_main else {}
-        if due and self.noise is not None:  # a collective under DDP: every rank reads
-            noise = self.noise.read()
+        due = (self.position.step + 1) % self.parts.layer_every == 0
+        self._layer_values = layer_record(self.optimizer, self.parts.names) if due and context.is_main else {}
+        if due and self.parts.noise is not None:  # a collective under DDP: every rank reads
+            noise = self.parts.noise.read()
             if context.is_main:
                 self._layer_values.update(noise)
         if self.scheduler is not None:
@@ -468,8 +352,8 @@ class _Run:
             "kind": "step", "step": self.position.step, "epoch": self.position.epoch, "loss": loss,
             "lr": lr, "train_seconds": self.position.train_seconds,
         }
-        if self.scaler is not None:
-            record["loss_scale"] = float(self.scaler.get_scale())
+        if self.parts.scaler is not None:
+            record["loss_scale"] = float(self.parts.scaler.get_scale())
         return record, stop > 0
 
     def _evaluate(self, metrics: JsonlLog, board: TensorBoard, bar: tqdm, with_val: bool) -> None:
@@ -481,23 +365,17 @@ class _Run:
             "epoch": position.epoch + position.step_in_epoch / self.steps_per_epoch,
             "train_seconds": position.train_seconds, "train_cpu_seconds": position.train_cpu_seconds,
             "load": (load_average() or [None])[0],
-            "test_accuracy": evaluate(self.model, self.data.test, autocast=self.autocast),
+            "test_accuracy": evaluate(self.model, self.data.test, autocast=self.parts.autocast),
         }
         if with_val and len(self.data.val):
-            record["val_accuracy"] = evaluate(self.model, self.data.val, autocast=self.autocast)
+            record["val_accuracy"] = evaluate(self.model, self.data.val, autocast=self.parts.autocast)
         self.evals.append(record)
         metrics.write(record)
         board.scalars(record, position.step)
         bar.set_postfix(test_acc=f"{100 * record['test_accuracy']:.1f}%", refresh=False)
 
     def _save_checkpoint(self) -> None:
-        states = distributed.gather_objects(ckpt.rng_state(), self.context)
-        if self.context.is_main:
-            payload = ckpt.make_payload(
-                self.model, self.optimizer, self.scheduler, self.position, states, self.config.run_identity(),
-                self.scaler,
-            )
-            ckpt.save_atomic(payload, ckpt.checkpoint_path(self.run_dir))
+        self.directory.save_checkpoint(self.parts, self.position)
 
     def summary(self) -> dict:
         final = self.evals[-1] if self.evals else {}
@@ -526,46 +404,10 @@ class _Run:
                 {k: r[k] for k in ("step", "epoch", "train_seconds", "train_cpu_seconds", "load", "test_accuracy")
                  if k in r} for r in self.evals
             ],
-            **self.clock_summary(),
+            **self.parts.clock_summary(self.position.step),
         }
-
-    def clock_summary(self) -> dict:
-        """Where a run that ends on its clock stopped: "t1" (tau reached T1) or "cap" (clock_cap x epochs)."""
-        if self.t1 is None:
-            return {}
-        tau = float(self.optimizer.progress)
-        return {"stopped": "t1" if tau >= self.t1 else "cap", "tau": tau, "base_iterations": self.t1,
-                "epochs_used": self.position.step / self.steps_per_epoch, "epoch_cap": self.epoch_limit}
-
-
 
 def _train(config: TrainConfig, context: Context, asked_to_resume: bool = False) -> dict | None:
     run = _Run(config, context)
     run.start(asked_to_resume)
     return run.run()
-
-
-def _maybe_crash(step: int, context: Context, run_dir: Path) -> None:
-    """Kill this process once at the given step (fault injection for the resume tests)."""
-    at = os.environ.get(CRASH_AT_STEP_ENV)
-    if at is None or int(at) != step:
-        return
-    crash_rank = int(os.environ.get(CRASH_RANK_ENV, "1" if context.distributed else "0"))
-    marker = run_dir / f".crashed-at-step-{step}"
-    if context.rank != crash_rank or marker.exists():
-        return
-    marker.write_text("")
-    os._exit(17)
-
-
-def _maybe_signal(step: int, context: Context) -> None:
-    """Send this process SIGINT (or SIGTERM) during the given step (for the interruption tests).
-
-    Only the rank ``LARGEBATCH_TEST_CRASH_RANK`` (default 0) is signalled: the others must stop with it.
-    """
-    at = os.environ.get(SIGNAL_AT_STEP_ENV)
-    if at is None:
-        return
-    when, _, name = at.partition(":")
-    if int(when) == step and context.rank == int(os.environ.get(CRASH_RANK_ENV, "0")):
-        os.kill(os.getpid(), getattr(signal, f"SIG{name or 'INT'}"))

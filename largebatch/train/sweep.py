@@ -28,7 +28,8 @@ from pathlib import Path
 from .config import TrainConfig
 from .methods import get_method
 from ..records import BASELINE_METHOD, SUMMARY, SWEEP_FILE, read_json, write_json
-from .runner import prepare_run_dir, train
+from .rundir import prepare_run_dir
+from .runner import train
 
 TUNED_FILE = "tuned.json"
 
