@@ -4,6 +4,8 @@ Optimisers (``torch.optim`` drop-ins): :class:`CLARS`, :class:`LENA`,
 :class:`AdaScale`, :class:`LARS`, :class:`LAMB`.
 Scaling rules and warm-up: :func:`linear_scaling`, :func:`sqrt_scaling`,
 :func:`scale_lr`, :class:`GradualWarmup`, :func:`warmup_then`.
+Adaptive batch size from the gradient noise scale: :class:`AdaptiveBatch`,
+with :class:`BatchScaledLR` for a rate that follows the batch.
 Parameter groups with the two exclusion masks (weight decay, adaptation):
 :func:`param_groups`, :func:`plan_param_groups`.
 Gradient statistics: :class:`GradientStatistics`.
@@ -31,6 +33,8 @@ _EXPORTS = {
     "ProgressLR": ".optim",
     "param_groups": ".param_groups",
     "plan_param_groups": ".param_groups",
+    "AdaptiveBatch": ".schedules",
+    "BatchScaledLR": ".schedules",
     "GradualWarmup": ".schedules",
     "linear_scaling": ".schedules",
     "scale_lr": ".schedules",
@@ -48,7 +52,7 @@ __all__ = sorted(_EXPORTS, key=str.lower)
 if TYPE_CHECKING:
     from .optim import CLARS, LAMB, LARS, LENA, AdaScale, ProgressLR
     from .param_groups import param_groups, plan_param_groups
-    from .schedules import GradualWarmup, linear_scaling, scale_lr, sqrt_scaling, warmup_then
+    from .schedules import AdaptiveBatch, BatchScaledLR, GradualWarmup, linear_scaling, scale_lr, sqrt_scaling, warmup_then
     from .stats import GradientStatistics, GradientSummary
     from .train.advise import Advice, advise, format_advice
 
