@@ -12,20 +12,24 @@ the per-example gradient in one of two representations:
 * a dense tensor ``(B, *param.shape)`` -- biases, norm affine parameters and the
   torch.func fallback, where the per-example gradient is small or unavoidable.
 
-Squared norms of factored gradients use, per layer, the cheaper of
+Squared norms of factored gradients come from one of three strategies, all
+exact (:mod:`largebatch.stats.strategy` chooses per layer):
 
-* the Gram ("ghost") form ``||L^T R||^2 = <L L^T, R R^T>``, O(T^2 (m + n)),
+* ``"ghost"``, the Gram form ``||L^T R||^2 = <L L^T, R R^T>``, O(T^2 (m + n)),
   Goodfellow 2015 (arXiv 1510.01799) for T = 1, Li et al. 2021
-  (arXiv 2110.05679) for sequences, and
-* the direct form ``||L^T R||^2`` with ``L^T R`` formed per example, O(T m n)
-  (for convolutions by the convolution's own weight-gradient kernel with the
-  examples as extra groups, not by unfold + bmm),
+  (arXiv 2110.05679) for sequences and convolutions;
+* ``"bmm"``, the per-example gradients ``L_i^T R_i`` materialised by a batched
+  matrix product, O(T m n) (for convolutions after unfold / im2col);
+* ``"conv-backward"`` (convolutions only), the per-example gradients from the
+  convolution's own weight-gradient kernel with the examples as extra groups.
 
-choosing Gram when ``2 T^2 <= m n`` ("mixed ghost norm", Bu et al. 2022,
-arXiv 2210.00038). For Linear layers on sequences the direct form can also
-replace autograd's weight gradient (``summed_direct``: the per-example
-gradients are summed into it), which makes it cheaper than Gram far more
-often (``layers.linear.prefers_summed_direct``). Uses of one parameter are combined
+Each runs over blocks of examples whose intermediates fit ``block_bytes``
+(``examples_per_block``), so a micro-batch of any size holds a bounded
+amount of per-example work at a time. For Linear layers on sequences the
+materialised form can also replace autograd's weight gradient
+(``summed_direct``: the per-example gradients are summed into it), which
+makes it cheaper than Gram far more often
+(``layers.linear.prefers_summed_direct``). Uses of one parameter are combined
 exactly through the inner products
 ``<L_u^T R_u, L_v^T R_v> = <L_u L_v^T, R_u R_v^T>``.
 
@@ -41,7 +45,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BLOCK_BYTES",
     "Factored",
+    "examples_per_block",
+    "ghost_sq_norms",
+    "sq_norms_by",
     "Use",
     "compute_dtype",
     "gram_sq_norms",
@@ -82,9 +90,38 @@ class Factored:
     def n(self) -> int:
         return self.right.shape[2]
 
+    @property
+    def tensor(self) -> Tensor:
+        """A tensor of the use's device and dtype, at no cost."""
+        return self.right
+
+    #: the strategies exact for this use (see the module docstring)
+    strategies = ("ghost", "bmm")
+    #: entries an unfold adds per example and group before the Gram or bmm form (convolutions)
+    unfolded = 0
+    #: the parameter name this use belongs to, for the record of choices (set by the engine)
+    layer: str | None = None
+
     def direct(self) -> Tensor:
         """Per-example gradients (B * groups, m, n)."""
         return torch.bmm(self.left.transpose(1, 2), self.right)
+
+    def materialise(self, strategy: str) -> Tensor:
+        """Per-example gradients (B * groups, m, n) by ``strategy`` (``"bmm"`` here)."""
+        return self.direct()
+
+    def select(self, start: int, stop: int) -> "Factored":
+        """The use restricted to examples ``start .. stop``."""
+        g = self.groups
+        rows = slice(start * g, stop * g)
+        return Factored(
+            left=None if self.left is None else self.left[rows], right=self.right[rows], m=self.m,
+            groups=g, ids=None if self.ids is None else self.ids[start:stop],
+        )
+
+    def signature(self) -> tuple:
+        """What the cost of a strategy depends on besides the batch, dtype and device."""
+        return (type(self).__name__, self.length, self.m, self.n, self.groups)
 
 
 Use = Factored | Tensor
@@ -164,6 +201,56 @@ def gram_sq_norms(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     return w_diagonal + 2 * w12, b_diagonal + 2 * b12
 
 
+# Default bound on the per-example intermediates of one layer call held at a time
+# (Gram matrices, unfolded inputs, materialised per-example gradients): 64 MiB.
+BLOCK_BYTES = 64 << 20
+
+
+def per_example_elements(use: "Factored", strategy: str) -> int:
+    """Entries of the intermediates one example needs under ``strategy`` (all its groups).
+
+    ghost: two T x T Gram matrices (and the unfolded input of a convolution);
+    bmm: the m x n gradient (and the unfolded input); conv-backward: the m x n
+    gradient.
+    """
+    t, m, n = use.length, use.m, use.n
+    per_group = {"ghost": 2 * t * t + use.unfolded, "bmm": m * n + use.unfolded, "conv-backward": m * n}[strategy]
+    return use.groups * per_group
+
+
+def examples_per_block(use: "Factored", strategy: str, block_bytes: int) -> int:
+    """Examples per block so that a block's intermediates take at most ``block_bytes`` (at least 1)."""
+    size = torch.promote_types(use.tensor.dtype, torch.float32).itemsize
+    return max(1, block_bytes // (per_example_elements(use, strategy) * size))
+
+
+def _blocks(batch: int, step: int):
+    return ((start, min(start + step, batch)) for start in range(0, batch, step))
+
+
+def ghost_sq_norms(use: "Factored", block_bytes: int = BLOCK_BYTES) -> tuple[Tensor, Tensor]:
+    """(||L_i^T R_i||^2, ||sum_t L_it||^2) per example by the Gram form, a block of examples at a time."""
+    step = examples_per_block(use, "ghost", block_bytes)
+    if step >= use.batch:
+        w, b = gram_sq_norms(use.left, use.right)
+        return _per_example(w, use.groups), _per_example(b, use.groups)
+    parts = [ghost_sq_norms(use.select(start, stop), block_bytes) for start, stop in _blocks(use.batch, step)]
+    return torch.cat([w for w, _ in parts]), torch.cat([b for _, b in parts])
+
+
+def sq_norms_by(use: "Factored", strategy: str, block_bytes: int = BLOCK_BYTES) -> Tensor:
+    """Per-example squared norms (B,) of a factored use by ``strategy``, a block of examples at a time."""
+    if strategy == "ghost":
+        return ghost_sq_norms(use, block_bytes)[0]
+    step = examples_per_block(use, strategy, block_bytes)
+    if step >= use.batch:
+        return _per_example(_sq(use.materialise(strategy)), use.groups)
+    return torch.cat([
+        _per_example(_sq(use.select(start, stop).materialise(strategy)), use.groups)
+        for start, stop in _blocks(use.batch, step)
+    ])
+
+
 # An example block of per-example gradients of at most this size stays in cache
 # while it is summed and measured (2 MB measured fastest for 512 x 128 weights).
 _BLOCK_BYTES = 2 << 20
@@ -193,21 +280,31 @@ def summed_direct(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def prefers_gram(f: Factored) -> bool:
-    """Gram form when 2 T^2 <= m n (Bu et al. 2022, mixed ghost norm)."""
+    """Gram form when 2 T^2 <= m n (fastDP / private_vision's mixed ghost norm, Bu et al. 2022)."""
     return 2 * f.length * f.length <= f.m * f.n
 
 
-def sq_norm(use: Use, method: str = "auto") -> tuple[Tensor, str]:
-    """Per-example squared norms (B,) of one use, and the method's name."""
+_LABELS = {"ghost": "gram", "bmm": "direct", "conv-backward": "direct"}
+
+
+def _rule_strategy(use: Factored) -> str:
+    return "ghost" if prefers_gram(use) else use.strategies[-1]
+
+
+def sq_norm(use: Use, choose=None, block_bytes: int = BLOCK_BYTES) -> tuple[Tensor, str]:
+    """Per-example squared norms (B,) of one use, and the method's name ("gram" or "direct" for factored uses).
+
+    ``choose(use) -> strategy`` picks the strategy of a factored use with more
+    than one position (default: the Gram form when ``prefers_gram``).
+    """
     if isinstance(use, Tensor):
         return _sq(use), "direct"
     if use.ids is not None:
         return _embedding_sq_norm(use.ids, use.right), "embedding"
     if use.length == 1:  # one position: ||g||^2 ||a||^2 (Goodfellow 2015)
         return _per_example(_sq(use.left) * _sq(use.right), use.groups), "linear-outer"
-    if method == "gram" or (method == "auto" and prefers_gram(use)):
-        return _per_example(gram_sq_norms(use.left, use.right)[0], use.groups), "gram"
-    return _per_example(_sq(use.direct()), use.groups), "direct"
+    strategy = (choose or _rule_strategy)(use)
+    return sq_norms_by(use, strategy, block_bytes), _LABELS[strategy]
 
 
 def _dense(use: Use) -> Tensor:
@@ -243,16 +340,15 @@ def inner(u: Use, v: Use) -> Tensor:
     return (_dense(u) * _dense(v)).sum(1)
 
 
-def combined_sq_norm(
-    uses: list[Use], method: str = "auto", labels: list[str | None] | None = None
-) -> tuple[Tensor, str]:
+def combined_sq_norm(uses: list[Use], measure=sq_norm, labels: list[str | None] | None = None) -> tuple[Tensor, str]:
     """||sum_u grad_u||^2 = sum_u ||grad_u||^2 + 2 sum_{u<v} <grad_u, grad_v>, per example.
 
+    ``measure(use) -> (sq, name)`` gives each use's own squared norms;
     ``labels`` overrides the method names reported for dense uses.
     """
     total, names = None, []
     for u, label in zip(uses, labels or [None] * len(uses)):
-        sq, name = sq_norm(u, method)
+        sq, name = measure(u)
         total = sq if total is None else total + sq
         names.append(label or name)
     for u, v in itertools.combinations(uses, 2):

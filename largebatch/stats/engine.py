@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
+from ._ghost import BLOCK_BYTES
 from ._norms import sq_norm_into, sq_norms
 from .ddp import all_reduce_sum, forward_synchronises, may_launch_before_finalize
 from .summary import GradientSummary, loss_scale, warn_if_unscaled
@@ -72,6 +73,9 @@ class GradientStatistics:
         batchnorm: per-example policy for BatchNorm layers (per_example only).
         per_example_fallback: allow the per-module torch.func fallback for
             layers without a ghost-norm rule (per_example only).
+        per_example_strategy, per_example_block_bytes: how each layer's
+            per-example norms are formed and the memory bound of their blocks
+            (``PerExampleNorms``' ``strategy`` and ``block_bytes``; see ``strategies()``).
         applied_norm: when B = ||p.grad||^2 is read. "backward" (default): as
             the step's last backward leaves p.grad, so GradScaler.unscale_ or
             clipping before summary() cannot skew A/B. Under DDP that is the
@@ -112,6 +116,8 @@ class GradientStatistics:
         sample: str = "micro_batch",
         batchnorm: str = "contribution",
         per_example_fallback: bool = True,
+        per_example_strategy: str = "rule",
+        per_example_block_bytes: int = BLOCK_BYTES,
         applied_norm: str = "backward",
         process_group=None,
         params=None,
@@ -155,7 +161,8 @@ class GradientStatistics:
 
             try:
                 self.per_example = PerExampleNorms(
-                    self.module, loss_reduction=loss_reduction, batchnorm=batchnorm, fallback=per_example_fallback, params=self.params
+                    self.module, loss_reduction=loss_reduction, batchnorm=batchnorm, fallback=per_example_fallback,
+                    params=self.params, strategy=per_example_strategy, block_bytes=per_example_block_bytes,
                 )
             except BaseException:  # a refused model keeps no hook of a half-built engine
                 for handle in self._handles:
@@ -210,6 +217,12 @@ class GradientStatistics:
         if self.per_example is not None:
             self.per_example.remove()
         self._active = False
+
+    def strategies(self) -> dict:
+        """Parameter name -> how its per-example norms were formed, and why (``PerExampleNorms.strategies``)."""
+        if self.per_example is None:
+            raise RuntimeError("GradientStatistics.strategies(): built without per_example=True, no per-example norms")
+        return self.per_example.strategies()
 
     def summary(self) -> GradientSummary:
         """Statistics of the backwards since ``reset()``; nothing is synced to host.

@@ -40,6 +40,27 @@ parameter that receives a gradient but was used by no hooked module call (e.g.
 ``RuntimeError`` naming it; a parameter used both through a module and
 functionally cannot be detected and gets only the module's share.
 
+Strategies. A Linear layer on sequences, a convolution or an attention
+projection has more than one exact way to its norms: the Gram ("ghost")
+form, per-example gradients by bmm (after unfold for a convolution), or a
+convolution's grouped weight-gradient kernel. ``strategy="rule"`` picks per
+call by fastDP's 2 T^2 <= p d rule and a documented cost estimate,
+``"measure"`` times them once per layer shape, or one is forced
+(:mod:`largebatch.stats.strategy`); ``strategies()`` says which each parameter
+got and why.
+
+Memory. The per-example work of one layer call runs over blocks of
+examples whose intermediates (Gram matrices, unfolded inputs, materialised
+per-example gradients) take at most ``block_bytes`` (64 MiB by default; one
+example's share if that is larger). Beyond that a call holds only tensors of
+the size of its input and output gradient (which autograd holds anyway:
+normalised inputs, padded inputs, BatchNorm contributions) and O(B) norms,
+so peak memory does not grow with the micro-batch faster than the plain
+backward's, up to B = 8192 and beyond (``tests/test_norm_strategies.py``
+measures the largest tensor allocated). Not blocked: the torch.func fallback
+(its per-example gradients are the module's parameters times B) and the
+inner products that combine the uses of a shared parameter.
+
 Scale. Norms are of the gradient of example ``i``'s loss on the scale the loss
 was backpropagated, multiplied by the micro-batch size when
 ``loss_reduction="mean"`` (so a mean loss and a sum loss give the same numbers).
@@ -56,6 +77,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _ghost
+from .strategy import Choice, Chooser, fixed_choice
 from .layers import Call, Deferred, FallbackRule, Forward, Rule, batch_size, rule_class, sequence_first_layers
 from .layers.base import is_reshape_of_base
 
@@ -80,8 +102,15 @@ class PerExampleNorms:
             tensors whose dimension 0 is the batch size are treated as batched.
         params: the parameters to track, in this order; default: the model's
             trainable parameters, deduplicated.
-        method: ``"auto"`` (cheaper of Gram and direct per layer call, from the
-            shapes), ``"gram"`` or ``"direct"`` for Linear and Conv weights.
+        method: ``"auto"`` (the strategy chooses), ``"gram"`` (the Gram form)
+            or ``"direct"`` (per-example gradients, the cheaper form by the
+            rule's estimate) for Linear and Conv weights; kept for
+            compatibility, ``strategy`` says more.
+        strategy: ``"rule"`` (default), ``"measure"``, or a forced
+            ``"ghost"``, ``"bmm"`` or ``"conv-backward"`` (module docstring,
+            :mod:`largebatch.stats.strategy`).
+        block_bytes: bound on the per-example intermediates of one layer
+            call held at a time (module docstring, "Memory").
 
     ``accumulators()`` returns ``(norm_sum [K], sq_norm_sum [K], num_examples)``
     on the parameters' device, without a host synchronisation.
@@ -98,6 +127,8 @@ class PerExampleNorms:
         fallback: bool = True,
         params: list[nn.Parameter] | None = None,
         method: str = "auto",
+        strategy: str = "rule",
+        block_bytes: int = _ghost.BLOCK_BYTES,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -105,7 +136,13 @@ class PerExampleNorms:
             raise ValueError(f"batchnorm must be 'contribution' or 'error', got {batchnorm!r}")
         if method not in ("auto", "gram", "direct"):
             raise ValueError(f"method must be 'auto', 'gram' or 'direct', got {method!r}")
-        self.loss_reduction, self.batchnorm, self.method = loss_reduction, batchnorm, method
+        if method != "auto" and strategy != "rule":
+            raise ValueError(f"pass method={method!r} or strategy={strategy!r}, not both (strategy supersedes method)")
+        allowed = {"gram": ("ghost",), "direct": ("bmm", "conv-backward")}.get(method)
+        self._chooser = Chooser(strategy, block_bytes, allowed)
+        # The Linear rule's weight-gradient tap reads method: never with the Gram form, always with bmm.
+        method = {"ghost": "gram", "bmm": "direct"}.get(strategy, method)
+        self.loss_reduction, self.batchnorm, self.method, self.strategy = loss_reduction, batchnorm, method, strategy
         self.fallback = fallback
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -132,6 +169,8 @@ class PerExampleNorms:
         self._count = torch.zeros((), device=device, dtype=dtype)
         self._backwards = 0
         self._labels = [_UNRESOLVED] * len(self.params)
+        self._choices: list[Choice | None] = [None] * len(self.params)
+        self._noted: dict[int, list[Choice]] = {}  # this backward's choices, by parameter
         self._owners = [0] * len(self.params)
         self._rules: dict[type[Rule], Rule] = {}  # one object per rule class, for this engine
         self._plan: dict[nn.Module, tuple[Rule, dict[str, int]]] = {}
@@ -226,6 +265,7 @@ class PerExampleNorms:
         self._pending = {}
         self._seen = set()
         self._deferred = []
+        self._noted = {}
         self._forward = None
         self._tapped_now = 0
         for rule in self._rules.values():
@@ -265,6 +305,39 @@ class PerExampleNorms:
         their first backward (the choice depends on the input's shape).
         """
         return dict(zip(self._names, self._labels))
+
+    def strategies(self) -> dict[str, Choice]:
+        """Parameter name -> the strategy of its norms in the latest backward, and why (a ``Choice``).
+
+        Factored weights (Linear on sequences, convolutions, attention) get
+        ``"ghost"``, ``"bmm"`` or ``"conv-backward"`` with the rule's numbers
+        or the measured times (:mod:`largebatch.stats.strategy`); the rest say
+        what their one formula is (``"outer"``, ``"segment-sum"``,
+        ``"dense"``, ``"torch.func"``). Uses combined exactly are joined with
+        "+". Parameters no backward has reached yet are absent.
+        """
+        return {name: choice for name, choice in zip(self._names, self._choices) if choice is not None}
+
+    def _note(self, k: int, choice: Choice) -> None:
+        self._noted.setdefault(k, []).append(choice)
+
+    def _sq_norm(self, k: int, use: _ghost.Use) -> tuple[Tensor, str]:
+        """A use's squared norms by the strategy the chooser picks for it, the choice noted for ``k``."""
+
+        def choose(factored: _ghost.Factored) -> str:
+            choice = self._chooser.choose(factored)
+            self._note(k, choice)
+            return choice.strategy
+
+        return _ghost.sq_norm(use, choose, self._chooser.block_bytes)
+
+    def _record_choice(self, k: int, label: str) -> None:
+        """The choice of the latest backward for ``k``: the chooser's for factored uses, else what the label says."""
+        noted = self._noted.pop(k, [])
+        parts = [noted.pop(0) if part in ("gram", "direct") and noted else fixed_choice(part) for part in label.split("+")]
+        self._choices[k] = parts[0] if len(parts) == 1 else Choice(
+            "+".join(c.strategy for c in parts), "; ".join(c.reason for c in parts)
+        )
 
     # ------------------------------------------------------------ forward side
 
@@ -359,7 +432,7 @@ class PerExampleNorms:
         single_call = call.forward.calls[call.module] == 1
         for k, use, label in uses:
             if single_call and self._owners[k] == 1:
-                sq, name = _ghost.sq_norm(use, self.method)
+                sq, name = self._sq_norm(k, use)
                 pending[k] = (sq, label or name, call.batch)
             else:
                 pending.setdefault(k, []).append((use, label, call.batch))
@@ -408,7 +481,7 @@ class PerExampleNorms:
                     sq, label, batch_k = entry
                 else:
                     sq, label = _ghost.combined_sq_norm(
-                        [use for use, _, _ in entry], self.method, [lab for _, lab, _ in entry]
+                        [use for use, _, _ in entry], functools.partial(self._sq_norm, k), [lab for _, lab, _ in entry]
                     )
                     batch_k = entry[0][2]
                 if batch is not None and batch_k != batch:
@@ -420,6 +493,7 @@ class PerExampleNorms:
                 ks.append(k)
                 sqs.append(sq.to(self._sq_sum.dtype))
                 self._labels[k] = label
+                self._record_choice(k, label)
             reached.update(ks)
             self._accumulate(ks, torch.stack(sqs), batch)
         missing = seen - reached

@@ -2,7 +2,11 @@
 
 Strides, padding modes, dilation, groups and depthwise convolutions; the
 bias gradient of example i is the sum of its output gradient over positions.
-The direct form runs the convolution's own weight-gradient kernel.
+The weight's norms come from any of three exact strategies
+(:mod:`largebatch.stats.strategy` chooses): the Gram form of the unfolded
+input (``"ghost"``), the per-example gradients by unfold + bmm (``"bmm"``), or
+by the convolution's own weight-gradient kernel with the examples as extra
+groups (``"conv-backward"``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ class ConvRule(Rule):
 class ConvFactored(_ghost.Factored):
     """A convolution's use: ``right`` (the unfolded input) is built only if needed.
 
-    The direct form runs the convolution's own weight-gradient kernel once with
-    the examples as extra groups, which is much faster than unfold + bmm.
+    ``direct()`` runs the convolution's own weight-gradient kernel once with
+    the examples as extra groups; ``materialise("bmm")`` unfolds the input
+    and multiplies, the faster of the two for few positions and many output
+    channels (``strategy.estimate``).
     """
+
+    strategies = ("ghost", "bmm", "conv-backward")
+    layer = None
 
     def __init__(self, module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor, padding: tuple[int, ...]):
         self.module, self.x, self.g, self.padding = module, x, g, padding  # g: (B, C_out, *S')
@@ -56,6 +65,14 @@ class ConvFactored(_ghost.Factored):
         return math.prod(self.module.weight.shape[1:])
 
     @property
+    def tensor(self) -> Tensor:
+        return self.x
+
+    @property
+    def unfolded(self) -> int:
+        return self.length * self.n
+
+    @property
     def left(self) -> Tensor:
         return self.g.reshape(self.batch * self.groups, self.m, -1).transpose(1, 2)
 
@@ -67,7 +84,20 @@ class ConvFactored(_ghost.Factored):
             self._right = cols.reshape(self.batch * self.groups, self.n, -1).transpose(1, 2)
         return self._right
 
+    def select(self, start: int, stop: int) -> "ConvFactored":
+        return ConvFactored(self.module, self.x[start:stop], self.g[start:stop], self.padding)
+
+    def signature(self) -> tuple:
+        m = self.module
+        return ("conv", tuple(self.x.shape[1:]), tuple(m.weight.shape), m.stride, self.padding, m.dilation, m.groups)
+
+    def materialise(self, strategy: str) -> Tensor:
+        if strategy == "bmm":
+            return torch.bmm(self.left.transpose(1, 2), self.right)
+        return self.direct()
+
     def direct(self) -> Tensor:
+        """Per-example gradients by the convolution's weight-gradient kernel, the examples as extra groups."""
         batch, module = self.batch, self.module
         nd = self.x.dim() - 2
         weight_shape = (batch * self.g.shape[1], *module.weight.shape[1:])

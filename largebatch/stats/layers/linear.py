@@ -21,10 +21,13 @@ module; ``backward(create_graph=True)`` gets exact second derivatives.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from .. import _ghost
+from ..strategy import Choice
 from .base import Call, Rule, is_reshape_of_base
 
 __all__ = ["LinearRule", "linear_uses", "linear_sq_norms", "prefers_summed_direct"]
@@ -40,21 +43,22 @@ def linear_uses(a: Tensor, g: Tensor, has_bias: bool) -> tuple[_ghost.Factored, 
     return _ghost.Factored(left=g, right=a, m=g.shape[-1]), bias
 
 
-def linear_sq_norms(a: Tensor, g: Tensor, method: str, bias: bool) -> dict[str, tuple[Tensor, str]]:
-    """Squared norms (B,) and method names for a Linear layer's weight and bias in one pass."""
+def linear_sq_norms(a: Tensor, g: Tensor, bias: bool, chooser) -> tuple[dict[str, tuple[Tensor, str]], Any]:
+    """Squared norms (B,) and method names for a Linear layer's weight and bias in one pass, and the
+    strategy ``chooser`` (``strategy.Chooser``) picked for the weight (None for one position)."""
     weight, _ = linear_uses(a, g, has_bias=False)
     left, sq = weight.left, _ghost.row_sq_norms
     if weight.length == 1:  # ||dW_i||^2 = ||a_i||^2 ||g_i||^2 (Goodfellow 2015)
         g_sq = sq(left)
-        out = {"weight": (g_sq * sq(weight.right), "linear-outer"), "bias": (g_sq, "direct")}
-    elif method == "gram" or (method == "auto" and _ghost.prefers_gram(weight)):
-        w_sq, b_sq = _ghost.gram_sq_norms(left, weight.right)
-        out = {"weight": (w_sq, "gram"), "bias": (b_sq, "direct")}
-    else:
-        out = {"weight": (sq(weight.direct()), "direct")}
-        if bias:
-            out["bias"] = (sq(left.sum(1)), "direct")
-    return out
+        return {"weight": (g_sq * sq(weight.right), "linear-outer"), "bias": (g_sq, "direct")}, None
+    choice = chooser.choose(weight)
+    if choice.strategy == "ghost":
+        w_sq, b_sq = _ghost.ghost_sq_norms(weight, chooser.block_bytes)
+        return {"weight": (w_sq, "gram"), "bias": (b_sq, "direct")}, choice
+    out = {"weight": (_ghost.sq_norms_by(weight, "bmm", chooser.block_bytes), "direct")}
+    if bias:
+        out["bias"] = (sq(left.sum(1)), "direct")
+    return out, choice
 
 
 def prefers_summed_direct(length: int, m: int, n: int, element_size: int) -> bool:
@@ -97,7 +101,10 @@ class LinearRule(Rule):
 
     def sq_norms(self, call: Call, g: Tensor, tracked: dict[str, int]) -> dict:
         # The common case, with the bias norm taken from the weight's computation.
-        return linear_sq_norms(call.args[0], g, self.norms.method, "bias" in tracked)
+        results, choice = linear_sq_norms(call.args[0], g, "bias" in tracked, self.norms._chooser)
+        if choice is not None and "weight" in tracked:
+            self.norms._note(tracked["weight"], choice)
+        return results
 
     def uses(self, call: Call, x: Tensor, g: Tensor, tracked: dict[str, int]):
         weight, bias = linear_uses(x, g, "bias" in tracked)
@@ -180,11 +187,15 @@ class LinearRule(Rule):
             return left.flatten(0, 1).t().mm(right.flatten(0, 1))
         _, tracked = norms._plan[module]
         grad, sq = _ghost.summed_direct(left, right)
+        norms._note(tracked["weight"], _TAPPED)
         pending = norms._pending.setdefault(call.forward, {})
         pending[tracked["weight"]] = (sq, "direct", batch)
         if "bias" in tracked:
             pending[tracked["bias"]] = (_ghost.row_sq_norms(left.detach().sum(1)), "direct", batch)
         return grad
+
+
+_TAPPED = Choice("bmm", "per-example gradients by blocks of 2 MB also supply the weight gradient (prefers_summed_direct)")
 
 
 class _WeightGradientTap(torch.autograd.Function):
