@@ -117,7 +117,9 @@ def test_a_real_ctrl_c_during_start_up_is_quiet(delay, tmp_path):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     # Whenever it lands (imports, data, or the first steps, where the run stops with a checkpoint): exit 130.
-    assert process.returncode in (0, 128 + signal.SIGINT), err
+    # A Ctrl-C inside code that exec() runs (dataclass set-up during the imports) makes Python end by SIGINT
+    # after main() returned, which a shell reports as 130 too.
+    assert process.returncode in (0, 128 + signal.SIGINT, -signal.SIGINT), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
