@@ -67,12 +67,17 @@ class Summary(Protocol):
 
 @runtime_checkable
 class StatisticsSource(Protocol):
-    """A statistics source: the step's summary, each parameter's position in it, and a reset
-    between steps (``largebatch.stats.GradientStatistics``)."""
+    """A statistics source: the step's summary and each parameter's position in it
+    (``largebatch.stats.GradientStatistics``)."""
 
     def summary(self) -> Summary: ...
 
     def index_of(self, p: Tensor) -> int: ...
+
+
+@runtime_checkable
+class Resettable(Protocol):
+    """A source that starts the next step's statistics afresh (``GradientStatistics.reset``)."""
 
     def reset(self) -> None: ...
 
@@ -98,11 +103,10 @@ def check_source(stats: Any, method: str, need_per_example: bool = False) -> Non
         raise ValueError(
             f"{method} needs a gradient-statistics source: pass stats=largebatch.stats.GradientStatistics(model"
             + (", per_example=True" if need_per_example else "")
-            + ") (or an object with summary(), index_of() and reset())"
+            + ") (or an object with summary() and index_of())"
         )
     if not isinstance(stats, StatisticsSource):
-        missing = [name for name in ("summary", "index_of", "reset") if not callable(getattr(stats, name, None))]
-        raise ValueError(f"stats must provide {', '.join(f'{m}()' for m in missing)}; got {type(stats).__name__}")
+        raise ValueError(f"stats must provide summary() and index_of(); got {type(stats).__name__}")
 
 
 def check_statistics(statistics: str, stats: Any, base_batch, method: str) -> None:
@@ -366,6 +370,7 @@ class StatisticsOptimizer(LayerwiseOptimizer):
                  reset_statistics: bool) -> None:
         self.stats = stats
         self.reset_statistics = reset_statistics
+        self._resets = reset_statistics and isinstance(stats, Resettable)
         self._index = StatisticsIndex(stats)
         self._warned_single_sample = False
         super().__init__(params, defaults)
@@ -386,12 +391,12 @@ class StatisticsOptimizer(LayerwiseOptimizer):
         return summary, summary_n(summary)
 
     def _finish(self) -> None:
-        if self.reset_statistics:
+        if self._resets:
             self.stats.reset()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        if self.reset_statistics:
+        if self._resets:
             self.stats.reset()
 
     def _gain_statistics(self, summary: Summary, n: int, params: Sequence[Tensor], dtype) -> tuple:
