@@ -13,13 +13,19 @@ own copy of the same model with the same data:
   reports a throughput about 5% below fixed scaling.
 * ``clars`` vs ``lars``: :class:`largebatch.CLARS` with per-example norms from
   the statistics engine (ghost norms; BatchNorm layers fall back to the
-  micro-batch norms) vs :class:`largebatch.LARS`.
+  micro-batch norms) vs :class:`largebatch.LARS`; also ``clars/sgd``, the
+  whole CLARS update over a momentum-SGD update at the same batch.
+  ``--clars-strategies measure,ghost,bmm,conv-backward`` adds one CLARS
+  contender per per-example strategy (``clars:<strategy>``, the engine's
+  ``per_example_strategy``; ``clars`` itself is the default ``"rule"``),
+  each with its ratios to ``lars`` and ``sgd`` in the same run.
 * ``adascale`` vs ``sgd``: :class:`largebatch.AdaScale` with
   :class:`largebatch.ProgressLR` (one host read of tau per step) vs
   ``torch.optim.SGD``.
 
 Models: LeNet-5 with BatchNorm (``largebatch.models.LeNet5(batch_norm=True)``,
-28x28 inputs) and the MLP (784-512-512-10). All contenders step once per
+28x28 inputs), the MLP (784-512-512-10) and, with ``--models resnet20``,
+``largebatch.models.ResNet20`` (32x32x3 inputs). All contenders step once per
 round, round-robin, so machine noise hits all alike; the JSON holds the
 medians (also split into the backwards, with the statistics hooks, and the
 rest: summary, step, scheduler), the ratio of the medians and the median of
@@ -30,6 +36,7 @@ Usage::
 
     python benchmarks/method_overhead.py            # 30 timed rounds
     python benchmarks/method_overhead.py --quick    # 8 timed rounds
+    python benchmarks/method_overhead.py --models lenet5-bn,resnet20,mlp --clars-strategies measure,bmm,conv-backward
 """
 
 from __future__ import annotations
@@ -48,19 +55,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import largebatch
-from largebatch.models import MLP, LeNet5
+from largebatch.models import MLP, LeNet5, ResNet20
 from largebatch.stats import GradientStatistics
+from largebatch.stats.strategy import MODES
 
 from _environment import machine
 
 RESULTS = Path(__file__).parent / "results" / "method_overhead.json"
 MICRO_BATCH = 128
-PAIRS = (("lena", "lsw"), ("clars", "lars"), ("adascale", "sgd"))
+PAIRS = (("lena", "lsw"), ("clars", "lars"), ("adascale", "sgd"), ("clars", "sgd"))
+INPUT_SHAPES = {"lenet5-bn": (1, 28, 28), "mlp": (784,), "resnet20": (3, 32, 32)}
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
 
 def models() -> dict[str, Callable[[], nn.Module]]:
-    return {"lenet5-bn": lambda: LeNet5(batch_norm=True), "mlp": MLP}
+    return {"lenet5-bn": lambda: LeNet5(batch_norm=True), "mlp": MLP, "resnet20": lambda: ResNet20(in_channels=3)}
 
 
 def make_contender(name: str, model: nn.Module, n: int, steps: int):
@@ -79,8 +88,9 @@ def make_contender(name: str, model: nn.Module, n: int, steps: int):
     if name == "lena":
         opt = largebatch.LENA(model.parameters(), stats=GradientStatistics(model), base_iterations=steps * n, **sgd)
         return opt, torch.optim.lr_scheduler.ExponentialLR(opt, 0.01 ** (1 / steps))
-    if name == "clars":
-        stats = GradientStatistics(model, per_example=True)
+    if name == "clars" or name.startswith("clars:"):
+        strategy = name.partition(":")[2] or "rule"
+        stats = GradientStatistics(model, per_example=True, per_example_strategy=strategy)
         return largebatch.CLARS(model.parameters(), stats=stats, lr=LR * n, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), None
     if name == "adascale":
         opt = largebatch.AdaScale(model.parameters(), stats=GradientStatistics(model), **sgd)
@@ -121,18 +131,21 @@ def time_round_robin(steps: dict[str, Callable[[], float]], rounds: int, warmup:
     return times, backwards
 
 
-def benchmark_model(name: str, build: Callable[[], nn.Module], n: int, rounds: int, warmup: int) -> dict:
+def benchmark_model(
+    name: str, build: Callable[[], nn.Module], n: int, rounds: int, warmup: int, clars_strategies: tuple[str, ...] = ()
+) -> dict:
     torch.manual_seed(0)
     base = build()
     g = torch.Generator().manual_seed(1)
-    shape = (1, 28, 28) if name.startswith("lenet") else (784,)
+    shape = INPUT_SHAPES[name]
     batches = [
         (torch.randn(MICRO_BATCH, *shape, generator=g), torch.randint(0, 10, (MICRO_BATCH,), generator=g))
         for _ in range(n)
     ]
     total = warmup + rounds
+    pairs = PAIRS + tuple((f"clars:{s}", ref) for s in clars_strategies for ref in ("lars", "sgd"))
     steps = {}
-    for contender in [c for pair in PAIRS for c in pair]:
+    for contender in dict.fromkeys(c for pair in pairs for c in pair):
         model = copy.deepcopy(base).train()
         opt, scheduler = make_contender(contender, model, n, total)
         steps[contender] = training_step(model, opt, scheduler, batches)
@@ -145,7 +158,7 @@ def benchmark_model(name: str, build: Callable[[], nn.Module], n: int, rounds: i
         for k in times
     }
     ratios, paired = {}, {}
-    for method, reference in PAIRS:
+    for method, reference in pairs:
         ratios[f"{method}/{reference}"] = median_ms[method] / median_ms[reference]
         paired[f"{method}/{reference}"] = statistics.median(a / b for a, b in zip(times[method], times[reference]))
     return {
@@ -168,25 +181,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 timed rounds, 2 warm-up rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (one step of each contender)")
     parser.add_argument("--micro-batches", type=int, default=4, help="n: micro-batches of 128 per step")
-    parser.add_argument("--models", default="lenet5-bn,mlp")
+    parser.add_argument("--models", default="lenet5-bn,mlp", help=f"of {','.join(models())}")
+    parser.add_argument("--clars-strategies", default="", help="also CLARS with these per-example strategies")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     rounds = args.rounds or (8 if args.quick else 30)
     warmup = 2 if args.quick else 5
     torch.set_num_threads(args.threads)
+    clars_strategies = tuple(filter(None, args.clars_strategies.split(",")))
+    unknown = sorted(set(args.models.split(",")) - set(models())) + sorted(set(clars_strategies) - set(MODES))
+    if unknown:
+        parser.error(f"unknown --models or --clars-strategies: {', '.join(unknown)}")
 
     load_before = os.getloadavg()  # the machine is shared: record how busy it was
     rows = []
     for name in args.models.split(","):
-        row = benchmark_model(name, models()[name], args.micro_batches, rounds, warmup)
+        row = benchmark_model(name, models()[name], args.micro_batches, rounds, warmup, clars_strategies)
         rows.append(row)
         print(f"{name} (B = {row['global_batch']}, {row['parameters']} parameters):")
         for key, value in row["median_ms"].items():
             parts = row["median_ms_breakdown"][key]
-            print(f"  {key:9s} {value:8.2f} ms  (backwards {parts['backwards']:7.2f}, step {parts['step']:6.2f})")
+            print(f"  {key:19s} {value:8.2f} ms  (backwards {parts['backwards']:7.2f}, step {parts['step']:6.2f})")
         for key, value in row["ratios_of_medians"].items():
-            print(f"  {key:15s} {value:6.3f}x   (median of round ratios {row['median_of_round_ratios'][key]:.3f}x)")
+            print(f"  {key:24s} {value:6.3f}x   (median of round ratios {row['median_of_round_ratios'][key]:.3f}x)")
     load_after = os.getloadavg()
     results = {
         **machine(),
