@@ -1,118 +1,30 @@
-"""Warm-up modes for every method, and the study command end to end on a slice of Fashion-MNIST."""
+"""The study command end to end on a slice of Fashion-MNIST: run, resume, restore from the summaries, commit, and amendments that change a family's rate."""
 
 from __future__ import annotations
 
-import io
 import json
-import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from _cli_data import needs_fashion_mnist
-from torch import nn
+from _study_records import run_record
 
 from largebatch.cli import main
-from largebatch.train.config import TrainConfig
-from largebatch.train.methods import RunShape, build, get_method, state_aware_theta, warmup_mode, warmup_steps
+from largebatch.report.study import write_study_report
+from largebatch.study import (
+    StudySpec,
+    collect,
+    restore_committed,
+)
+from largebatch.study.committer import Committer
+from largebatch.study.phases import ablation_config, ablation_runs, sweep_spec
+from largebatch.study.run import set_aside_superseded
+from largebatch.train.methods import get_method
+from largebatch.train.sweep import finished_differently, run_sweep
 
-# The rate sequences are read without optimiser steps: torch's reminder about the order does not apply.
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-
-BASE_LR = 0.1
-
-
-def shape(batch: int, warmup: str, epochs: int = 10, steps_per_epoch: int = 20, decay_to=None) -> RunShape:
-    return RunShape(base_lr=BASE_LR, base_batch=128, batch=batch, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                    decay_to=decay_to, warmup=warmup)
-
-
-def rates(method: str, run: RunShape, steps: int) -> list[float]:
-    """The group rate the optimiser would use at each of the first ``steps`` updates (no gradients needed)."""
-    optimizer, scheduler = build(get_method(method), nn.Linear(3, 2), run)
-    out = []
-    for _ in range(steps):
-        out.append(float(optimizer.param_groups[0]["lr"]))
-        if scheduler is not None:
-            scheduler.step()
-    return out
-
-
-@pytest.mark.parametrize("method", ["sgd", "lsw", "lars", "clars"])
-def test_no_warmup_starts_at_the_scaled_rate(method):
-    assert rates(method, shape(1024, "none"), 3) == pytest.approx([BASE_LR * 8] * 3)
-
-
-@pytest.mark.parametrize("method", ["sgd", "lsw", "clars"])
-def test_fixed_warmup_rises_linearly_from_eta0_to_the_scaled_rate(method):
-    run = shape(1024, "fixed")
-    steps = warmup_steps(get_method(method), run)
-    assert steps == round(0.055 * 10 * 20) == 11
-    got = rates(method, run, steps + 3)
-    expected = [BASE_LR + (BASE_LR * 8 - BASE_LR) * t / steps for t in range(steps)] + [BASE_LR * 8] * 3
-    assert got == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("method, peak", [("lsw", 8 * BASE_LR), ("sqrt", math.sqrt(8) * BASE_LR)])
-def test_state_aware_warmup_of_a_fixed_scaling_method_counts_B_over_b_per_update(method, peak):
-    run = shape(1024, "state-aware")
-    theta = state_aware_theta(run)  # alpha T1 = 0.05 * (200 steps * 8) = 80 base-batch iterations
-    assert theta == pytest.approx(80)
-    got = rates(method, run, 12)
-    expected = [peak * min((t + 1) * 8 / theta, 1.0) for t in range(12)]
-    assert got == pytest.approx(expected)
-    assert warmup_steps(get_method(method), run) == 10  # every layer ends at update theta / (B/b)
-
-
-def test_state_aware_ramp_multiplies_the_decay():
-    run = shape(1024, "state-aware", decay_to=0.01)
-    got = rates("lsw", run, 12)
-    gamma = 0.01 ** (1 / 200)
-    assert got[3] == pytest.approx(0.8 * (4 * 8 / 80) * gamma**3)
-    assert got[11] == pytest.approx(0.8 * gamma**11)
-
-
-def test_lena_modes_switch_its_own_warmup_and_fixed_starts_at_one_nth():
-    for mode, on in [("default", True), ("state-aware", True), ("none", False), ("fixed", False)]:
-        optimizer, _ = build(get_method("lena"), nn.Linear(3, 2), shape(1024, mode))
-        assert all(g["warmup"] is on for g in optimizer.param_groups), mode
-    got = rates("lena", shape(1024, "fixed"), 12)
-    assert got[0] == pytest.approx(BASE_LR / 8) and got[11] == pytest.approx(BASE_LR)
-    assert rates("lena", shape(1024, "none"), 2) == pytest.approx([BASE_LR] * 2)
-
-
-def test_adascale_warmups_run_on_its_clock():
-    assert rates("adascale", shape(1024, "fixed"), 1) == pytest.approx([BASE_LR / 8])
-    theta = state_aware_theta(shape(1024, "state-aware"))
-    assert rates("adascale", shape(1024, "state-aware"), 1) == pytest.approx([BASE_LR * 1 / theta])
-    assert warmup_mode(get_method("adascale"), shape(1024, "default")) == "none"
-
-
-@pytest.mark.parametrize("method", ["lsw", "adascale", "lena"])
-@pytest.mark.parametrize("mode", ["fixed", "state-aware"])
-def test_warmup_schedulers_checkpoint_and_resume(method, mode):
-    run = shape(1024, mode, decay_to=0.01)
-    optimizer, scheduler = build(get_method(method), nn.Linear(3, 2), run)
-    for _ in range(3):
-        scheduler.step()
-    buffer = io.BytesIO()
-    # Must pickle (checkpoints hold it); chainable schedulers keep the rate in the optimiser's groups.
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    optimizer2, scheduler2 = build(get_method(method), nn.Linear(3, 2), run)
-    optimizer2.load_state_dict(saved["optimizer"])
-    scheduler2.load_state_dict(saved["scheduler"])
-    scheduler.step()
-    scheduler2.step()
-    assert optimizer2.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
-
-
-def test_warmup_mode_is_part_of_a_run_but_default_keeps_old_checkpoints_resumable():
-    assert "warmup" not in TrainConfig().run_identity()
-    assert TrainConfig(warmup="none").run_identity()["warmup"] == "none"
-    with pytest.raises(ValueError, match="--warmup must be one of"):
-        TrainConfig(warmup="sometimes").validate()
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 # -- the study command ---------------------------------------------------------------------
@@ -204,68 +116,181 @@ def test_study_tunes_sweeps_ablates_writes_the_page_and_resumes(tmp_path, capsys
     assert (tmp_path / "docs" / "results.md").read_text() == page
 
 
-def test_study_refuses_a_bad_specification(tmp_path, capsys):
-    spec = tmp_path / "bad.toml"
-    spec.write_text('name = "x"\nmethods = ["sgd"]\nbatches = [128]\nseeds = [0]\ntune_grid = [0.1]\n'
-                    'models = [{name = "mlp", epochs = 1}]\nbatch_sizes = [1]\n')
-    assert main(["study", "--spec", str(spec), "--estimate-only"]) == 2
-    assert "unknown key(s) in the study specification: batch_sizes" in capsys.readouterr().err
-    assert main(["study", "--preset", "nope"]) == 2
-    assert "unknown preset 'nope'" in capsys.readouterr().err
+# -- committing ---------------------------------------------------------------------------------
+
+def test_commits_are_time_based(tmp_path, monkeypatch):
+    for key, value in (("GIT_AUTHOR_NAME", "t"), ("GIT_AUTHOR_EMAIL", "t@t"), ("GIT_COMMITTER_NAME", "t"),
+                       ("GIT_COMMITTER_EMAIL", "t@t")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    spec = StudySpec.load(preset="paper-small", run_dir=str(tmp_path / "runs"), artifacts="results", out="page.md")
+    now = [0.0]
+    committer = Committer(spec, True, lambda line: None, every=20 * 60, clock=lambda: now[0])
+
+    def commits() -> int:
+        out = subprocess.run(["git", "log", "--oneline"], capture_output=True, text=True).stdout
+        return len(out.splitlines())
+
+    now[0] = 10 * 60
+    committer.finished_run()
+    assert commits() == 0 and (tmp_path / "results" / "summaries.json").exists()
+    now[0] = 21 * 60
+    committer.finished_run()
+    assert commits() == 1
+    (tmp_path / "results" / "extra.txt").write_text("x")  # something new to commit
+    now[0] = 30 * 60
+    committer.finished_run()  # 9 minutes after the last commit
+    assert commits() == 1
+    committer.commit("phase end")
+    assert commits() == 2 and "phase end" in committer.commits[-1]
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+TINY_V2 = """
+name = "tiny-v2"
+methods = ["lsw", "as", "adascale", "lars", "clars", "lena"]
+batches = [128, 256]
+seeds = [0, 1]
+tune_grid = [0.01, 0.1]
+tune_grids = {{lars = [1.0, 3.0]}}
+tune_extend = 1
+plateau_lr = 0.1
+plateau_tolerance = 0.99
+min_updates = 3
+adascale_cap = 2.0
+ablation_methods = ["as", "lena"]
+ablation_batches = [256]
+ablation_seeds = [0]
+train_limit = 512
+test_limit = 200
+val_size = 200
+evals_per_epoch = 2
+early_epochs = 1
+layer_every = 1
+layer_samples = 5
+run_dir = "{root}/runs"
+artifacts = "{root}/results"
+out = "{root}/docs/results.md"
+benchmarks = "{root}/none"
+
+[[models]]
+name = "mlp"
+epoch_candidates = [1, 2]
+"""
 
 
 @needs_fashion_mnist
-def test_train_takes_the_warmup_mode_and_records_it(tmp_path):
-    from _cli_data import SLICE
+@pytest.mark.slow
+def test_v2_pipeline_end_to_end_and_the_page_from_summaries_alone(tmp_path, capsys):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY_V2.format(root=tmp_path))
+    assert main(["study", "--spec", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("Estimated wall time") < out.index("plateau mlp sgd batch 128 2 epochs seed 0")
+    # 512 images at 256: 2 updates per epoch, 3 updates need 2 epochs: candidate 1 is not eligible
+    assert "plateau mlp sgd batch 128 1 epochs" not in out and "E = 2" in out
 
-    run = tmp_path / "lena-none"
-    assert main(["train", "--method", "lena", "--warmup", "none", "--batch", "256", "--epochs", "1",
-                 "--layer-every", "1", "--run-dir", str(run), *SLICE]) == 0
-    config = json.loads((run / "config.json").read_text())
-    assert config["config"]["warmup"] == "none"
-    last = json.loads((run / "layers.jsonl").read_text().splitlines()[-1])
-    assert set(last["warmup_end"].values()) == {-1.0}  # no warm-up: no layer has an end point (-1)
+    summaries = json.loads((tmp_path / "results" / "summaries.json").read_text())
+    decision = summaries["plateau"]["mlp"]
+    assert decision["epochs"] == 2 and decision["rule_met"] and decision["min_epochs"] == 2
+    plateau = sorted((r["epochs"], r["seed"]) for r in summaries["runs"] if r["phase"] == "plateau")
+    assert plateau == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    sweep = [r for r in summaries["runs"] if r["phase"] == "sweep"]
+    assert {r["epochs"] for r in sweep} == {2} and len(sweep) == 6 * 2 * 2 + 2  # + the sgd baselines
+    for family, entry in summaries["tuning"]["mlp"].items():
+        assert entry["initial_grid"] == ([1.0, 3.0] if family == "lars" else [0.01, 0.1])
+        assert len(entry["final_grid"]) >= len(entry["initial_grid"])
+        assert entry["inside"] or len(entry["extended"]) == 1  # extended while at an end, once at most here
+    stops = [r for r in sweep if r["method"] == "adascale"]
+    assert all(r["stopped"] in ("t1", "cap") and r["epochs_used"] <= 4 for r in stops)
+    assert all(r["steps"] == r["epochs"] * r["steps_per_epoch"] for r in sweep if r["method"] == "as")
+    lena = next(r for r in sweep if r["method"] == "lena" and r["batch"] == 256 and r["seed"] == 0)
+    assert lena["layer_series"]["quantity"] == "gains" and len(lena["layer_series"]["step"]) <= 5
+    assert all("cpu" in r["evals"] and r["train_cpu_seconds"] > 0 for r in sweep)
+    ablation = sorted((r["method"], r["warmup"]) for r in summaries["runs"] if r["phase"] == "ablation")
+    assert ablation == [("as", "fixed"), ("as", "state-aware"), ("lena", "fixed"), ("lena", "none")]
+
+    page = (tmp_path / "docs" / "results.md").read_text()
+    for heading in ("## Verdicts", "## mlp: the epoch budget", "## mlp: base-rate tuning",
+                    "## mlp: test accuracy, iterations and time to target", "## mlp: where each AdaScale run stopped",
+                    "## mlp: LENA's per-layer gains", "## mlp: warm-up ablation", "## Time measurement"):
+        assert heading in page
+
+    # again: nothing trains; then the page from summaries.json alone, without the run directories
+    assert main(["study", "--spec", str(spec)]) == 0
+    assert ": training" not in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "docs" / "results.md").unlink()
+    assert main(["study", "--spec", str(spec), "--report-only"]) == 0
+    assert (tmp_path / "docs" / "results.md").read_text() == page
 
 
-def _timing_study(sgd_seconds):
-    """Sweep records of equal step counts: lsw and lena at 1 s and 1.05 s per update, sgd as given."""
-    spec = {"name": "t", "models": [{"name": "mlp", "epochs": 1}], "base_batch": 128,
-            "batches": [128, 1024], "methods": ["sgd", "lsw", "lena"]}
-    runs = [{"model": "mlp", "phase": "sweep", "method": m, "batch": 1024, "seed": 0, "steps": 10,
-             "train_seconds": 10 * t} for m, t in (("sgd", sgd_seconds), ("lsw", 1.0), ("lena", 1.05))]
-    from largebatch.report.study import Study
+# -- amendments: a family's rate changes after runs finished ---------------------------------------
 
-    return Study({"spec": spec, "runs": runs}, Path("."), Path("."))
-
-
-def test_time_per_update_claim_is_judged_only_on_undisturbed_times():
-    from largebatch.report.study_page import throughput_section
-    from largebatch.report.verdicts import lena_throughput
-
-    quiet = lena_throughput(_timing_study(sgd_seconds=1.02), "mlp")
-    assert quiet.status == "held" and quiet.numbers == (
-        "Measured +5.0% (wall time per update, mean over the large batches) (held: at most 7.5% slower).")
-    # sgd and lsw do the same work per update: 1.3x between them means the machine was busy
-    busy = _timing_study(sgd_seconds=1.3)
-    lines = throughput_section(busy, "mlp")
-    assert any("load moved these times" in line and "1.30" in line for line in lines)
-    assert lena_throughput(busy, "mlp").status == "inconclusive"
+def _restored_study(tmp_path, clars_lr: float):
+    """A paper-v2 study in tmp_path whose committed summaries hold CLARS and LARS sweep runs at rate 3."""
+    spec = StudySpec.load(preset="paper-v2", run_dir=str(tmp_path / "runs"), artifacts=str(tmp_path / "results"),
+                          out=str(tmp_path / "results.md"))
+    runs = [dict(run_record(method, batch, seed, 0.87 + 0.01 * seed, [0.8, 0.87]), base_lr=3.0, epochs=34,
+                 run=f"{method}-b{batch}-s{seed}")
+            for method in ("clars", "lars") for batch in (128, 16384) for seed in (0, 1)]
+    runs.append(dict(run_record("clars", 16384, 0, 0.85, [0.8, 0.85], phase="ablation", warmup="fixed"),
+                     base_lr=3.0, epochs=34, run="clars-wfixed-b16384-s0"))
+    data = {"spec": spec.to_dict(), "environment": {}, "tuning": {}, "runs": runs}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summaries.json").write_text(json.dumps(data))
+    assert restore_committed(spec, lambda line: None) == len(runs)
+    sweep = sweep_spec(spec, spec.model("mlp"), 34)
+    sweep.lrs.update(lars=3.0, clars=clars_lr)
+    return spec, sweep
 
 
-def test_a_tuned_rate_at_the_end_of_its_grid_is_flagged():
-    from largebatch.study import StudySpec
-    from largebatch.study.records import method_table
+def test_a_finished_run_at_another_base_rate_is_not_taken_for_the_new_one(tmp_path):
+    spec, sweep = _restored_study(tmp_path, clars_lr=30.0)
+    assert get_method("clars").family == "clars" != get_method("lars").family  # one tuned rate each
+    assert finished_differently(sweep.config("clars", 16384, 0)) == "base rate 3, not 30"
+    assert finished_differently(sweep.config("lars", 16384, 0)) is None
+    assert finished_differently(sweep.config("lamb", 16384, 0)) is None  # not run at all
+    sweep.methods, sweep.batches, sweep.seeds, sweep.lrs = ["clars"], [128, 16384], [0, 1], {"clars": 30.0}
+    refused = "finished as another run \\(base rate 3, not 30\\): move it away, or use another --run-dir"
+    with pytest.raises(ValueError, match=refused):
+        run_sweep(sweep, log=lambda line: None)
+    assert not (Path(sweep.run_dir) / "sweep.json").exists()  # refused before writing anything
 
-    spec = dict(StudySpec.load(preset="paper-small").to_dict(), models=[{"name": "mlp", "epochs": 1}])
-    table = method_table(StudySpec.load(preset="paper-small"))
-    tuning = {"mlp": {"sgd": {"lr": 1.0, "grid": {"0.1": 0.8, "1": 0.9, "10": 0.1}},
-                      "lars": {"lr": 10.0, "grid": {"0.1": 0.5, "1": 0.7, "10": 0.9}}}}
-    from largebatch.report.study import Study
 
-    study = Study({"spec": spec, "methods": table, "tuning": tuning, "runs": []}, Path("."), Path("."))
-    from largebatch.report.study_page import tuning_section
+def test_superseded_runs_are_set_aside_kept_in_the_summaries_and_listed_on_the_page(tmp_path):
+    spec, sweep = _restored_study(tmp_path, clars_lr=30.0)
+    model_root = tmp_path / "runs" / "mlp"
+    ablation = [ablation_config(sweep, r) for r in ablation_runs(spec, spec.model("mlp")) if r.same_as is None]
+    configs = [sweep.config(m, b, s) for m in ("clars", "lars") for b in (128, 16384) for s in (0, 1)] + ablation
+    lines = []
+    assert set_aside_superseded(configs, model_root, lines.append) == 5  # 4 sweep runs and 1 ablation run
+    assert all("base rate 3, not 30" in line for line in lines)
+    assert not (model_root / "runs" / "clars-b128-s0").exists() and (model_root / "runs" / "lars-b128-s0").exists()
+    assert (model_root / "superseded" / "ablation" / "runs" / "clars-wfixed-b16384-s0" / "summary.json").exists()
+    assert set_aside_superseded(configs, model_root, lines.append) == 0  # nothing left to set aside
 
-    lines = tuning_section(study, "mlp")
-    assert [line.split(" | ")[0] for line in lines if "**no**" in line] == ["| lars"]
-    assert study.caveats("mlp", ("clars", "lena")) == "the lars family's best rate is an end of its tuning grid"
-    assert study.caveats("mlp", ("lena", "lsw")) == ""
+    collect(spec)
+    data = json.loads((tmp_path / "results" / "summaries.json").read_text())
+    superseded = sorted((r["superseded_phase"], r["run"]) for r in data["runs"] if r["phase"] == "superseded")
+    assert superseded == [("ablation", "ablation/runs/clars-wfixed-b16384-s0"), ("sweep", "runs/clars-b128-s0"),
+                          ("sweep", "runs/clars-b128-s1"), ("sweep", "runs/clars-b16384-s0"),
+                          ("sweep", "runs/clars-b16384-s1")]
+    assert sorted(r["run"] for r in data["runs"] if r["phase"] == "sweep") == [
+        "lars-b128-s0", "lars-b128-s1", "lars-b16384-s0", "lars-b16384-s1"]
+
+    # a new machine: the committed summaries bring the set-aside runs back where they were, unchanged
+    shutil.rmtree(tmp_path / "runs")
+    restore_committed(spec, lambda line: None)
+    assert (model_root / "superseded" / "runs" / "clars-b128-s0" / "summary.json").exists()
+    collect(spec)
+    assert json.loads((tmp_path / "results" / "summaries.json").read_text())["runs"] == data["runs"]
+
+    page = write_study_report(tmp_path / "results" / "summaries.json", tmp_path / "results.md").read_text()
+    amendments = page[page.index("### Amendments to the protocol"):page.index("## mlp")]
+    assert "1. CLARS tunes its own base rate" in amendments
+    assert ("| mlp | sweep | clars | default | 3 | B = 128: 87.50 ± 0.71% (2); B = 16384: 87.50 ± 0.71% (2) "
+            "| base rate 3, not 30 |") in amendments
+    assert "lars-masked: lars-masked; lamb: lamb; clars: clars; lars: lars" in page
