@@ -49,6 +49,7 @@ the per-tensor overhead is not there and the copies would be pure traffic.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -317,12 +318,14 @@ class StackedLayout:
     def fits(self, optimizer_state, params: Sequence[Tensor], names: Sequence[str]) -> bool:
         """Whether each entry in ``names`` is held by every parameter or by none (else the
         step takes the tensors themselves: stacks cannot hold a state half new)."""
+        states = list(map(optimizer_state.__getitem__, params))
         for name in names:
+            entries = list(map(operator.methodcaller("get", name), states))
             kept = self._state.get(name)
-            if kept is not None and all(optimizer_state[p].get(name) is row for p, row in zip(params, kept[1])):
+            if kept is not None and all(map(operator.is_, entries, kept[1])):
                 continue
-            missing = sum(optimizer_state[p].get(name) is None for p in params)
-            if 0 < missing < len(params):
+            missing = entries.count(None)
+            if 0 < missing < len(entries):
                 return False
         return True
 
@@ -331,11 +334,11 @@ class StackedLayout:
         parameter has the entry yet: hand the new stacks to :meth:`adopt`). Entries that are not
         the rows of the stacks kept here (a loaded state dict, a replaced tensor) are stacked
         anew and replaced by the new rows."""
-        entries = [optimizer_state[p].get(name) for p in params]
+        entries = list(map(operator.methodcaller("get", name), map(optimizer_state.__getitem__, params)))
         kept = self._state.get(name)
-        if kept is not None and all(a is b for a, b in zip(entries, kept[1])):
+        if kept is not None and all(map(operator.is_, entries, kept[1])):
             return kept[0]
-        if all(e is None for e in entries):
+        if entries.count(None) == len(entries):
             return [None] * len(self.sizes)
         stacks = self.stack(entries)  # type: ignore[arg-type]
         self.adopt(optimizer_state, params, name, stacks)

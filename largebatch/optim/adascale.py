@@ -84,7 +84,7 @@ def adascale_gain(
     n may be a 0-d tensor (example statistics, n = N/b): then the n = 1 case is a
     ``torch.where``, not a branch, and nothing is read back to the host.
 
-    ``state`` holds stacked per-parameter vectors: the smoothed per-layer
+    ``state`` holds per-parameter vectors: the smoothed per-layer
     estimates (their sums over layers are the model's smoothed estimates,
     since the average is linear), the shared average weight, tau and the step.
     """
@@ -259,14 +259,14 @@ class AdaScale(StatisticsOptimizer):
         # layer estimates over the stepped parameters, the model-wide clock over all parameters
         layers = self.state_vectors("layers")
         clock = self.state_vectors("clock")
-        stacked = layers.vectors(self.state, states, ("step", "var_avg", "sq_avg"), dtype)
+        state = layers.vectors(self.state, states, ("step", "var_avg", "sq_avg"), dtype)
         shared = clock.vectors(self.state, all_states, ("avg_weight", "progress"), dtype)
         if len(states) == len(all_states):  # every parameter stepped (the usual case): the same order
-            stacked.update(shared)
+            state.update(shared)
         else:
             positions = self._positions(params)
-            stacked.update({key: value.index_select(0, positions.to(value.device)) for key, value in shared.items()})
-        new_state, gain, layer_gain = adascale_gain(A, B, stacked, n=n)
+            state.update({key: value.index_select(0, positions.to(value.device)) for key, value in shared.items()})
+        new_state, gain, layer_gain = adascale_gain(A, B, state, n=n)
         layers.write({key: new_state[key] for key in ("step", "var_avg", "sq_avg")})
         clock.write({key: new_state[key][0].clone() for key in ("avg_weight", "progress")})  # may alias the vector
         rates = gain * group_vector(groups_of, "lr", params[0].device, dtype)  # r_t * eta0(tau_t)

@@ -90,11 +90,12 @@ def scaled_momentum_(
     if s is None:  # the buffer holds d; the rate multiplies it on its way into the weights
         neg_step = neg_outer = _each(per_layer, -o, 0)
         into_buffer = seed = neg_m_outer = None
-    else:  # the buffer holds s * d
-        neg_step = _each(per_layer, -(s if not isinstance(o, Tensor) and o == 1.0 else s * o), 0)
+    else:  # the buffer holds s * d; each scale formed only where the update uses it
+        direct = not moving or nesterov  # s * d goes into the weights
+        neg_step = _each(per_layer, -(s if not isinstance(o, Tensor) and o == 1.0 else s * o), 0) if direct else None
         into_buffer = _each(per_layer, s if dampening == 0 else s * (1 - dampening), 1) if moving else None
         seed = into_buffer if dampening == 0 or not moving else _each(per_layer, s, 2)
-        neg_outer = -o if moving else None
+        neg_outer = -o if moving and not nesterov else None
         neg_m_outer = -momentum * o if moving and nesterov else None
     options = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, scaled=s is not None,
                    owns_directions=owns_directions, decay=decay)
@@ -192,7 +193,7 @@ class Part:
     def __init__(self, group: dict, params: list[Tensor], start: int, layout: Layout) -> None:
         self.group, self.params, self.start, self.end = group, params, start, start + len(params)
         self.layout = layout
-        self.weights, self.grads = layout.enter(params, [p.grad for p in params])
+        self.weights, self.grads = layout.enter(params, list(map(operator.attrgetter("grad"), params)))
 
     def in_layout_order(self, vector: Tensor) -> Tensor:
         """This part's slice of a per-parameter [P] vector, in the layout's order."""

@@ -85,7 +85,7 @@ class LAMB(LayerwiseOptimizer):
         maximize: ascend instead of descend (default: False).
         foreach: multi-tensor path (``None``, the default, means True); on it
             a list of many small CPU tensors of few shapes is stepped as one stack
-            per shape (:mod:`largebatch.optim._stacked`), with the same results.
+            per shape (:class:`largebatch.optim._layout.StackedLayout`), with the same results.
         fused: run the per-tensor update compiled with ``torch.compile``
             (dynamic shapes, so one compilation serves every tensor; cached
             per configuration; eager with a warning where it cannot compile).
@@ -145,12 +145,13 @@ class LAMB(LayerwiseOptimizer):
         """The functional core on the group's lists, as its layout holds them (the state is
         created per parameter, as ``torch.optim.Adam`` does, then laid out)."""
         group, layout = part.group, part.layout
-        for p in part.params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = list(map(self.state.__getitem__, part.params))
+        if not all(states):
+            for p, state in zip(part.params, states):
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         exp_avgs, exp_avg_sqs, steps = (layout.state(self.state, part.params, name) for name in self._state_names)
         ratios = lamb(
             part.weights, part.grads, exp_avgs, exp_avg_sqs, steps,
@@ -476,7 +477,7 @@ def _lamb_device_step(
             torch._foreach_addcmul_(updates, params, per_layer(weight_decay / c))
 
     if adapt:
-        # ||u|| = c * ||updates||, as one vectorised op on the stacked norms.
+        # ||u|| = c * ||updates||, as one vectorised op on the norm vectors.
         weight_norms, update_norms = norms([params, updates])
         if c is not None:
             update_norms = update_norms * c

@@ -102,7 +102,7 @@ class LARS(LayerwiseOptimizer):
         maximize: ascend instead of descend (default: False).
         foreach: multi-tensor path (``None``, the default, means True); on it
             a list of many small CPU tensors of few shapes is stepped as one stack
-            per shape (:mod:`largebatch.optim._stacked`), with the same results.
+            per shape (:class:`largebatch.optim._layout.StackedLayout`), with the same results.
         fused: run the multi-tensor core compiled with ``torch.compile``
             (cached per configuration; eager with a warning where it cannot
             compile) (default: False).

@@ -97,7 +97,7 @@ def lena_rates(
 
     Inputs are vectors over the P stepped parameters: this step's A and B per
     parameter (with example statistics, ``A_eq`` and n = N/b, possibly a 0-d
-    tensor: ``largebatch.stats.estimators.example_gain_statistics``), the stacked state (keys ``_STAT_KEYS``), and per-parameter
+    tensor: ``largebatch.stats.estimators.example_gain_statistics``), the state as per-parameter vectors (keys ``_STAT_KEYS``), and per-parameter
     hyperparameters (``lr`` = eta0 * decay(t), ``theta`` = alpha * T1, ``eps``,
     ``warmup`` and ``adapt`` as bool; ``adapt`` False: gain 1 and no warm-up, momentum SGD at
     ``lr``; None: every layer adapted). ``layer_index`` maps each parameter to its layer
