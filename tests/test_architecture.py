@@ -92,3 +92,14 @@ def test_report_never_imports_the_training_harness():
     for name, targets in edges.items():
         if name.startswith("largebatch.report"):
             assert not targets & harness, f"{name} imports {sorted(targets & harness)}"
+
+
+def test_files_and_classes_stay_small():
+    """A reader finds an algorithm in one short file: no module over 600 lines, no class over 25 methods."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 600, f"{path.relative_to(PACKAGE.parent)}: {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                methods = sum(isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) for m in node.body)
+                assert methods <= 25, f"{path.relative_to(PACKAGE.parent)}: class {node.name} has {methods} methods"

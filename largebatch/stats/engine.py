@@ -334,7 +334,9 @@ class GradientStatistics:
         """The backward's graph has run: every norm of it is taken."""
         self._count_forwards()
         self._in_backward = False
-        self._add_backward()
+        if self.sample == "micro_batch" and not self._backward_added:  # this backward's norms, added once
+            self._local_sq.add_(self._backward_sq)
+            self._backward_added = True
         if self.ddp is None:
             self._snapshot_grad_sq_norms()
             return
@@ -349,12 +351,6 @@ class GradientStatistics:
         # waits for the gradient reductions and writes the averaged gradients
         # into p.grad.
         torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
-
-    def _add_backward(self) -> None:
-        """Add this backward's per-micro-batch norms to the step's sums (once)."""
-        if self.sample == "micro_batch" and not self._backward_added:
-            self._local_sq.add_(self._backward_sq)
-            self._backward_added = True
 
     def _after_backward(self) -> None:
         """Under DDP, after its finalize: p.grad holds the averaged gradient."""

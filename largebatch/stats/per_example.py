@@ -79,7 +79,7 @@ from torch.nn.utils import parametrize
 from . import _ghost
 from .strategy import Choice, Chooser, fixed_choice
 from .layers import Call, Deferred, FallbackRule, Forward, Rule, batch_size, rule_class, sequence_first_layers
-from .layers.base import is_reshape_of_base
+from .layers.base import describe, is_reshape_of_base
 
 __all__ = ["PerExampleNorms"]
 
@@ -185,7 +185,7 @@ class PerExampleNorms:
         self._tapped_now = 0
         self.tapped_calls = 0
         self._deferred: list[Deferred] = []  # those that received a gradient in this backward
-        self._module_names: dict[nn.Module, str] = {}
+        self.module_names: dict[nn.Module, str] = {}
         self._plan_modules(model)
         self._register(model)
 
@@ -215,7 +215,7 @@ class PerExampleNorms:
             if rule.params is not None and not set(tracked) <= rule.params:
                 rule = self._rule(FallbackRule)  # parameters of its own beside the formula's
             label = module_name or type(module).__name__
-            self._module_names[module] = label
+            self.module_names[module] = label
             if rule.refuses(module):
                 raise ValueError(
                     f"module {label!r} ({type(module).__name__}) is not supported: no per-example "
@@ -353,7 +353,7 @@ class PerExampleNorms:
         if rule.deferred:
             return rule.on_forward(module, args, kwargs, output)
         if not isinstance(output, Tensor):  # (not from the modules with formulas)
-            raise TypeError(f"{self._describe(module)} returned {type(output).__name__}, not a tensor")
+            raise TypeError(f"{describe(self.module_names, module)} returned {type(output).__name__}, not a tensor")
         if not output.requires_grad and not tapped:  # (a tapped output requires grad once tapped)
             return None
         layer_input = args[0] if args else None
@@ -364,7 +364,7 @@ class PerExampleNorms:
             args = (args[0].transpose(0, 1),)
         batch = batch_size(args, {})
         if batch is None:
-            raise RuntimeError(f"{self._describe(module)} was called without a batched tensor input")
+            raise RuntimeError(f"{describe(self.module_names, module)} was called without a batched tensor input")
         call = Call(
             module=module,
             rule=rule,
@@ -386,9 +386,6 @@ class PerExampleNorms:
                 target = replacement = output.clone()
         target.register_hook(functools.partial(self._on_output_grad, call))
         return replacement
-
-    def _describe(self, module: nn.Module) -> str:
-        return f"module {self._module_names[module]!r} ({type(module).__name__})"
 
     def _count_call(self, module: nn.Module) -> Forward:
         if self._forward is None:
@@ -441,7 +438,7 @@ class PerExampleNorms:
         self._ensure_finalize()
         if record.done:
             raise RuntimeError(
-                f"{self._describe(record.call.module)}: a gradient reached it after its per-example norms "
+                f"{describe(self.module_names, record.call.module)}: a gradient reached it after its per-example norms "
                 "were formed (flush() came too early in the backward)"
             )
         if not record.grads:

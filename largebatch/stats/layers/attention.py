@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import _ghost
-from .base import Call, Deferred, Rule
+from .base import Call, Deferred, Rule, describe
 
 __all__ = ["AttentionRule", "sequence_first_layers"]
 
@@ -133,7 +133,7 @@ class _AttentionTap(TorchFunctionMode):
             query = args[0] if args else kwargs["query"]
             if query.dim() != 3:
                 raise ValueError(
-                    f"{self.norms._describe(self.record.call.module)}: per-example norms need a batched (3-d) input"
+                    f"{describe(self.norms.module_names, self.record.call.module)}: per-example norms need a batched (3-d) input"
                 )
             self.record.call.batch = query.shape[1]  # the functional's layout: (L, B, E)
             self.inside = True
@@ -168,7 +168,7 @@ class _AttentionTap(TorchFunctionMode):
             if t.shape[1:] == p.shape[1:] and t.stride() == p.stride() and offset % p.stride(0) == 0:
                 return name, offset // p.stride(0)
             raise RuntimeError(
-                f"{self.norms._describe(self.record.call.module)}: {name} is used in a way the attention "
+                f"{describe(self.norms.module_names, self.record.call.module)}: {name} is used in a way the attention "
                 "rule does not know (not a block of its rows)"
             )
         return None

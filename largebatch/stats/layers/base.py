@@ -143,3 +143,8 @@ def is_reshape_of_base(view: Tensor) -> bool:
         and view.numel() == base.numel()
         and view.storage_offset() == base.storage_offset()
     )
+
+
+def describe(names: dict[nn.Module, str], module: nn.Module) -> str:
+    """A module as error messages name it: its name in the model and its type."""
+    return f"module {names[module]!r} ({type(module).__name__})"

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .base import Call, Deferred, Rule
+from .base import Call, Deferred, Rule, describe
 
 __all__ = ["FallbackRule", "batch_size"]
 
@@ -36,14 +36,14 @@ class FallbackRule(Rule):
         """(batch, arg dims, kwarg dims, output dims): the example dimension of each tensor (None: not batched)."""
         batch = batch_size(args, kwargs)
         if batch is None:
-            raise RuntimeError(f"{self.norms._describe(module)} was called without a batched tensor input")
+            raise RuntimeError(f"{describe(self.norms.module_names, module)} was called without a batched tensor input")
         dims = lambda tree: tree_map(  # noqa: E731
             lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch else None, tree
         )
         for j in hooked:
             if leaves[j].dim() == 0 or leaves[j].shape[0] != batch:
                 raise RuntimeError(
-                    f"{self.norms._describe(module)} returned a tensor of shape {tuple(leaves[j].shape)} "
+                    f"{describe(self.norms.module_names, module)} returned a tensor of shape {tuple(leaves[j].shape)} "
                     f"that requires grad, without the example dimension (dimension 0, size {batch})"
                 )
         return batch, dims(args), dims(kwargs), {j: 0 for j in hooked}
@@ -73,7 +73,7 @@ class FallbackRule(Rule):
                 grads = self.per_example_grads(record, list(tracked))
         except Exception as error:  # name the module: torch.func's messages do not
             raise RuntimeError(
-                f"{self.norms._describe(record.call.module)}: its per-example gradients by torch.func failed (the "
+                f"{describe(self.norms.module_names, record.call.module)}: its per-example gradients by torch.func failed (the "
                 f"fallback needs a deterministic module: no dropout in train mode): {error}"
             ) from error
         return [(k, grads[name], "func-fallback") for name, k in tracked.items()]

@@ -17,7 +17,7 @@ from torch.func import grad
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_map
 
-from .base import Deferred
+from .base import Deferred, describe
 from .fallback import FallbackRule
 
 __all__ = ["RecurrentRule"]
@@ -26,15 +26,15 @@ __all__ = ["RecurrentRule"]
 class RecurrentRule(FallbackRule):
     def dims(self, module: nn.RNNBase, args: tuple, kwargs: dict, leaves: list, hooked: list[int]):
         """The input has the examples at 0 (``batch_first``) or 1; every hidden state (h_0, c_0, h_n, c_n) at 1."""
-        describe = self.norms._describe(module)
+        name = describe(self.norms.module_names, module)
         x = args[0] if args else kwargs.get("input")
         if isinstance(x, PackedSequence):
-            raise ValueError(f"{describe}: per-example norms need a padded batch, not a PackedSequence")
+            raise ValueError(f"{name}: per-example norms need a padded batch, not a PackedSequence")
         if not isinstance(x, Tensor) or x.dim() != 3:
-            raise ValueError(f"{describe}: per-example norms need a batched (3-d) input")
+            raise ValueError(f"{name}: per-example norms need a batched (3-d) input")
         if module.training and module.dropout > 0 and module.num_layers > 1:
             raise RuntimeError(
-                f"{describe} applies dropout between its layers in train mode; its per-example "
+                f"{name} applies dropout between its layers in train mode; its per-example "
                 "gradients come from re-running it, which would draw other masks (use dropout=0)"
             )
         dim = 0 if module.batch_first else 1
