@@ -69,6 +69,7 @@ def _config_from(args: argparse.Namespace, **overrides):
         decay_to=None if args.decay == "none" else args.decay_to, eval_every=args.eval_every,
         layer_every=args.layer_every, progress=not args.no_progress, device=args.device,
         precision=args.precision, threads=args.threads, statistics=args.statistics, clock_cap=args.clock_cap,
+        augment=args.augment,
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -171,7 +172,7 @@ def _advise(args: argparse.Namespace) -> int:
     config = AdviseConfig(
         model=args.model, batch=args.batch, micro_batch=args.micro_batch, steps=args.steps, lr=args.lr,
         seed=args.seed, dataset=_dataset_name(args), data_dir=args.data_dir, train_limit=args.train_limit,
-        run_dir=args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
+        val_size=args.val_size, run_dir=args.run_dir, checkpoint=args.checkpoint, device=args.device, threads=args.threads,
     )
     print(format_advice(advise_run(config)))
     return 0
@@ -211,8 +212,12 @@ def _is_main_process() -> bool:
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     from .data import DATASETS
 
-    p.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default fashion-mnist)")
-    p.add_argument("--data-dir", default=None, help="directory of MNIST-format idx files")
+    p.add_argument("--dataset", default=None,
+                   help=f"one of {', '.join(DATASETS)} (default fashion-mnist), or package.module:callable, your own "
+                   "(returns the train and test sets; docs/guide.md, 'Your own model and data')")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of MNIST-format idx files; for cifar10/cifar100 the cifar-10-batches-py or "
+                   "cifar-100-python folder (or its parent); for npz the directory of train.npz and test.npz")
     p.add_argument("--train-limit", type=int, default=None, help="use only this many training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only this many test images")
     p.add_argument("--val-size", type=int, default=5000, help="validation images held out of training")
@@ -221,7 +226,10 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .models import MODELS
 
-    p.add_argument("--model", default="mlp", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--model", default="mlp", help=_model_help(MODELS))
+    p.add_argument("--augment", choices=("none", "crop-flip"), default="none",
+                   help="crop-flip: a random crop of the image padded by 4 pixels and a random horizontal flip, "
+                   "on the training device, drawn per epoch from the seed (default none)")
     p.add_argument("--micro-batch", type=int, default=128, help="examples per forward/backward (per rank)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--base-batch", type=int, default=128, help="the batch the base rate was tuned at")
@@ -246,6 +254,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32; bf16: bfloat16 autocast; fp16: float16 autocast with a GradScaler")
     _add_data_arguments(p)
+
+
+def _model_help(models: tuple[str, ...]) -> str:
+    return (f"one of {', '.join(models)}, or package.module:callable, your own: imported from the working "
+            "directory or the Python path and called with num_classes, in_channels and image_size")
 
 
 def _add_machine_arguments(p: argparse.ArgumentParser) -> None:
@@ -327,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.set_defaults(func=_study)
 
     advise = sub.add_parser("advise", help="measure the gradient noise scale and say which batch sizes pay")
-    advise.add_argument("--model", default="mlp", help=f"one of {', '.join(MODELS)}")
+    advise.add_argument("--model", default="mlp", help=_model_help(MODELS))
     advise.add_argument("--batch", type=int, default=1024, help="batch of the measurement")
     advise.add_argument("--micro-batch", type=int, default=128, help="examples per gradient sample")
     advise.add_argument("--steps", type=int, default=30, help="training steps to measure over")
@@ -366,7 +379,7 @@ def _one_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines() or [type(error).__name__]
     if isinstance(error, DatasetNotFoundError):
         # The full how-to is in the exception for library users; the command line keeps to one line.
-        return lines[0] + " Install dataset-fashion-mnist (./dev setup) or pass --data-dir."
+        return " ".join(part for part in (lines[0], error.hint) if part)
     return " ".join(line.strip() for line in lines)
 
 

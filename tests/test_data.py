@@ -90,7 +90,7 @@ def test_split_is_seeded_disjoint_and_standardised(tmp_path):
 
 def test_unknown_dataset_and_bad_val_size(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
-        load_dataset("cifar10")
+        load_dataset("svhn")
     make_idx_dir(tmp_path / "d", n_train=20)
     with pytest.raises(ValueError, match="val_size"):
         load_dataset("idx", data_dir=tmp_path / "d", val_size=20)

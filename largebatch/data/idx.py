@@ -23,7 +23,12 @@ _IDX_DTYPES = {
 }
 
 
-class IdxFormatError(ValueError):
+class DataFormatError(ValueError):
+    """A data file is missing a part, truncated, or holds what its format does not allow; the message is one
+    line naming the file and what was expected."""
+
+
+class IdxFormatError(DataFormatError):
     """An idx file is truncated, has a bad header, or is not an idx file."""
 
 

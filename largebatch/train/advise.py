@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..data import load_dataset
-from ..models import MODELS, build_model
+from ..models import build_model, check_model_name
 from .loop import accumulate_gradients, batch_indices, epoch_permutation
 from ..records import CONFIG, read_json, write_json
 from .rundir import prepare_run_dir
@@ -59,6 +59,7 @@ class AdviseConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     train_limit: int | None = None
+    val_size: int = 5000  # held out of the training images, as in training: advice is measured on the rest
     run_dir: str | None = None
     checkpoint: str | None = None  # a run directory or its checkpoint.pt: measure that model, no updates
     device: str | None = None
@@ -67,8 +68,7 @@ class AdviseConfig:
     def validate(self) -> None:
         from .config import check_device
 
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        check_model_name(self.model)
         if self.micro_batch < 1 or self.batch % self.micro_batch or self.batch // self.micro_batch < 2:
             raise ValueError(
                 f"--batch {self.batch} must be a multiple of --micro-batch {self.micro_batch} with at least "
@@ -348,12 +348,13 @@ def _device(config: AdviseConfig) -> torch.device:
 
 def _from_scratch(config: AdviseConfig) -> Advice:
     """Per-layer statistics over a short momentum-SGD run from initialisation, averaged over its steps."""
-    data = load_dataset(config.dataset, data_dir=config.data_dir, train_limit=config.train_limit)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, train_limit=config.train_limit,
+                        val_size=config.val_size)
     if len(data.train) < config.batch:
         raise ValueError(f"--batch {config.batch} is larger than the training set ({len(data.train)} images)")
     device = _device(config)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.num_classes, data.image_shape[0], data.image_shape[-1]).to(device)
+    model = build_model(config.model, data.num_classes, data.image_shape[0], data.image_size).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
     accumulator = _Accumulator(model)
     step, epoch = 0, 0

@@ -12,8 +12,9 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..data import DATASETS
-from ..models import MODELS
+from ..data import check_dataset_name
+from ..data.augment import AUGMENTATIONS
+from ..models import check_model_name
 from .methods import DEFAULT_DECAY_TO, DEFAULT_WARMUP_FRACTION, STATISTICS_MODES, WARMUP_MODES, get_method, methods
 
 # Fields that may differ between a run and its resumption.
@@ -46,6 +47,7 @@ class TrainConfig:
     test_limit: int | None = None
     val_size: int = 5000
     split_seed: int = 0  # the train/validation split, the same for every run of a sweep
+    augment: str = "none"  # none | crop-flip (random 4-pixel-padded crop and horizontal flip, seeded per epoch)
     warmup_fraction: float = DEFAULT_WARMUP_FRACTION
     warmup: str = "default"  # none | fixed | state-aware | default (the method's own)
     statistics: str = "micro_batch"  # LENA and AdaScale: micro_batch samples | example (per-example norms)
@@ -83,6 +85,8 @@ class TrainConfig:
             del identity["precision"]
         if identity["statistics"] == "micro_batch":
             del identity["statistics"]
+        if identity["augment"] == "none":
+            del identity["augment"]
         if not identity["noise_scale"]:
             del identity["noise_scale"]
         if not get_method(self.method).ends_on_clock:
@@ -92,10 +96,10 @@ class TrainConfig:
     def validate(self, world_size: int = 1) -> None:
         """Raise ValueError with a one-line message for any bad setting."""
         get_method(self.method)
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        check_model_name(self.model)
+        check_dataset_name(self.dataset)
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         for name in ("batch", "micro_batch", "epochs", "base_batch", "layer_every", "max_steps", "train_limit",
                      "test_limit", "threads"):
             value = getattr(self, name)

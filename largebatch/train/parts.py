@@ -21,8 +21,7 @@ from .noise import NoiseScaleProbe
 
 def make_model(config: TrainConfig, data: ImageDataset, device: torch.device) -> nn.Module:
     torch.manual_seed(config.seed)
-    channels, size = data.image_shape[0], data.image_shape[-1]
-    return build_model(config.model, data.num_classes, channels, size).to(device)
+    return build_model(config.model, data.num_classes, data.image_shape[0], data.image_size).to(device)
 
 
 @dataclass

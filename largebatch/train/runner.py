@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..records import LAYER_DEFINITION, LAYERS, METRICS, SUMMARY, write_json
 from ..data import ImageDataset, load_dataset
+from ..data.augment import crop_flip, crop_flip_draws
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, available_cores
@@ -150,6 +151,7 @@ class _Run:
         self.signal: int | None = None  # the first SIGINT/SIGTERM received
         self.finished_summary: dict | None = None  # set by start() when resuming a finished run
         self._layer_values: dict = {}
+        self._draws: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's crop-flip draws
 
     def start(self, asked_to_resume: bool = False) -> None:
         start = self.directory.start(self.parts, self.describe(), asked_to_resume)
@@ -283,6 +285,9 @@ class _Run:
         """Finish the current epoch ("finished"), or stop inside it: "max_steps", "interrupted", "diverged"."""
         config, position = self.config, self.position
         order = epoch_permutation(len(self.data.train), config.seed, position.epoch)
+        # Like the order, the epoch's augmentation is a function of (seed, epoch): a resumed run redraws it.
+        self._draws = (crop_flip_draws(len(self.data.train), epoch_seed(config.seed, position.epoch))
+                       if config.augment == "crop-flip" else None)
         for indices in batch_indices(order, config.batch, position.step_in_epoch):
             record, stop = self._step(indices)
             metrics.write(record)
@@ -320,6 +325,9 @@ class _Run:
         local = distributed.rank_slice(indices, context)
         images = self.data.train.images[local].to(context.device, non_blocking=True)
         labels = self.data.train.labels[local].to(context.device, non_blocking=True)
+        if self._draws is not None:
+            offsets, flips = self._draws
+            images = crop_flip(images, offsets[local], flips[local], self.data.fill)
         self.optimizer.zero_grad(set_to_none=True)
         if self.parts.noise is not None:
             self.parts.noise.reset()
