@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..records import LAYER_DEFINITION, LAYERS, METRICS, SUMMARY, write_json
+from ..records import LAYER_DEFINITION, LAYERS, METRICS, SUMMARY, read_jsonl, write_json
 from ..data import ImageDataset, load_dataset
 from ..data.augment import crop_flip, crop_flip_draws
 from . import checkpoint as ckpt
@@ -47,6 +47,7 @@ from .loop import (
 from .methods import peak_lr, warmup_steps
 from .metrics import JsonlLog, TensorBoard, layer_record, tensorboard_installed
 from .faults import maybe_crash, maybe_signal
+from .health import Failure, LossWatch, label_entropy
 from .parts import build_parts
 from .rundir import RunDirectory
 
@@ -63,8 +64,10 @@ class Interrupted(Exception):
 def train(config: TrainConfig, *, asked_to_resume: bool = False) -> dict | None:
     """Run (or resume) one training run; returns its summary (None if ``max_steps`` stopped it first).
 
-    A diverged run (a non-finite loss) stops at that step; its summary has
-    ``diverged_at_step``. SIGINT or SIGTERM stop the run after the current
+    A failed run stops at the step it is found out: a non-finite loss, a
+    finite loss that explodes, or a loss that stays at chance (:mod:`.health`);
+    its summary has ``diverged_at_step`` and ``failure`` (kind "diverged" or
+    "collapsed", step, reason). SIGINT or SIGTERM stop the run after the current
     step, write a checkpoint at it and raise :class:`Interrupted`.
 
     ``config.resume`` continues from the run directory's checkpoint if there
@@ -145,8 +148,11 @@ class _Run:
         self.steps_per_epoch = self.shape.steps_per_epoch
         self.position = ckpt.Position(epoch_seed=epoch_seed(config.seed, 0))
         self.evals: list[dict] = []
-        self.diverged_at: int | None = None
+        self.diverged_at: int | None = None  # the step at which the run was stopped as failed (self.failure)
         self.diverged_loss = math.nan
+        self.failure: Failure | None = None
+        self.watch = LossWatch(self.data.num_classes,
+                               label_entropy(torch.bincount(self.data.train.labels).tolist()))
         self.load_start = load_average()
         self.signal: int | None = None  # the first SIGINT/SIGTERM received
         self.finished_summary: dict | None = None  # set by start() when resuming a finished run
@@ -156,6 +162,25 @@ class _Run:
     def start(self, asked_to_resume: bool = False) -> None:
         start = self.directory.start(self.parts, self.describe(), asked_to_resume)
         self.position, self.evals, self.finished_summary = start.position, start.evals, start.finished_summary
+        if self.position.step and self.finished_summary is None:
+            self._replay_watch()
+
+    def _replay_watch(self) -> None:
+        """The loss watch as it was at the checkpoint, from the steps logged up to it: a resumed run judges
+        the same windows as one that was never stopped. Every rank reads the log (rank 0 may have truncated
+        it to the checkpoint already, hence the filter)."""
+        for record in read_jsonl(self.run_dir / METRICS):
+            step = record.get("step", 0)
+            if record.get("kind") != "step" or step > self.position.step:
+                continue
+            self.watch.add(record["loss"])
+            if self._window_ends(step):
+                self.watch.window_end(step)
+
+    def _window_ends(self, step: int) -> bool:
+        """Whether an evaluation follows ``step``: the end of each loss window the watch judges."""
+        every = self.config.eval_every
+        return step % self.steps_per_epoch == 0 or bool(every and step % every == 0)
 
     def describe(self) -> dict:
         return {
@@ -241,8 +266,8 @@ class _Run:
         if main:
             write_json(self.run_dir / SUMMARY, summary)
             if outcome == "diverged":
-                print(f"largebatch: {config.method} batch {config.batch} diverged at step {self.diverged_at} "
-                      f"(loss {summary['diverged_loss']}); stopped, summary in {self.run_dir}",
+                print(f"largebatch: {config.method} batch {config.batch} {self.failure.kind} at step "
+                      f"{self.diverged_at} ({self.failure.reason}); stopped, summary in {self.run_dir}",
                       file=sys.stderr, flush=True)
         return summary
 
@@ -297,8 +322,13 @@ class _Run:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}", refresh=False)
             if not math.isfinite(record["loss"]):
-                self.diverged_at, self.diverged_loss = position.step, record["loss"]
-                return "diverged"
+                return self._failed(Failure("diverged", position.step, f"the loss was not finite ({record['loss']})",
+                                            record["loss"]))
+            self.watch.add(record["loss"])
+            if self._window_ends(position.step):
+                failure = self.watch.window_end(position.step)
+                if failure is not None:
+                    return self._failed(failure)
             maybe_crash(position.step, self.context, self.run_dir)
             end_of_epoch = position.step_in_epoch == self.steps_per_epoch
             if end_of_epoch or (config.eval_every and position.step % config.eval_every == 0):
@@ -316,6 +346,11 @@ class _Run:
             if config.checkpoint_every and position.step % config.checkpoint_every == 0:
                 self._save_checkpoint()
         return "finished"
+
+    def _failed(self, failure: Failure) -> str:
+        self.failure = failure
+        self.diverged_at, self.diverged_loss = failure.step, failure.loss
+        return "diverged"
 
     def _step(self, indices: torch.Tensor) -> tuple[dict, bool]:
         """One update; returns its record and whether any rank was asked to stop (SIGINT/SIGTERM)."""
@@ -399,6 +434,7 @@ class _Run:
             "final_val_accuracy": val[-1] if val else None,
             "diverged_at_step": self.diverged_at,
             "diverged_loss": None if self.diverged_at is None else str(self.diverged_loss),
+            "failure": None if self.failure is None else self.failure.record(),
             "world_size": self.context.world_size,
             "machine": {
                 "device": str(self.context.device), "precision": self.config.precision,
