@@ -398,11 +398,12 @@ def _main(argv: list[str] | None) -> int:
     # (train() sets it again for the calling thread; see runner.train).
     import torch
 
-    torch.set_flush_denormal(True)
-    args = build_parser().parse_args(argv)
-    made = _new_directory(getattr(args, "run_dir", None))
+    flushed = torch.set_flush_denormal(True)
     code = 1
+    made = None
     try:
+        args = build_parser().parse_args(argv)
+        made = _new_directory(getattr(args, "run_dir", None))
         code = _run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
@@ -415,6 +416,8 @@ def _main(argv: list[str] | None) -> int:
     finally:
         if code != 0 and made is not None:
             _remove_if_empty(made)
+        if flushed:  # a caller in the same process (a test, a notebook) gets its floats back as they were
+            torch.set_flush_denormal(False)
 
 
 def _run(args: argparse.Namespace) -> int:
