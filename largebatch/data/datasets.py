@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .idx import DataFormatError, IdxFormatError, read_idx
+from .idx import IdxFormatError, read_idx
 
 _CHECKOUT_DATA = Path(__file__).resolve().parents[2] / ".data"
 FASHION_MNIST_DIRS = (

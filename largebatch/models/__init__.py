@@ -52,4 +52,4 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1,
     return ResNet18(num_classes, in_channels)
 
 
-__all__ = ["MLP", "LeNet5", "ResNet18", "ResNet20", "MODELS", "build_model", "check_model_name"]
+__all__ = ["MLP", "MODELS", "LeNet5", "ResNet18", "ResNet20", "build_model", "check_model_name"]

@@ -50,8 +50,9 @@ def import_callable(name: str, option: str) -> Callable:
                              f"has no attribute {attribute!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise ValueError(f"{option} {name}: {attribute} is an object of type {type(target).__name__}, not a "
-                         "callable")
+        # ValueError, as for every bad input: the command line reports it in one line.
+        raise ValueError(f"{option} {name}: {attribute} is an object of type {type(target).__name__}, "  # noqa: TRY004
+                         "not a callable")
     return target
 
 
