@@ -6,9 +6,9 @@ layout (the step never asks which one it has):
 
 * ``enter(params, grads)`` / ``leave(params)``: the lists a step works on,
   and writing the stepped weights back where they are copies;
-* ``state(optimizer_state, params, name)`` / ``adopt(...)``: a state entry
-  as the step's lists (``None`` where a parameter has none yet), and keeping
-  the new ones;
+* ``state(states, name)`` / ``adopt(...)``: an entry of the parameters' state
+  dicts as the step's lists (``None`` where a parameter has none yet), and
+  keeping the new ones;
 * ``scratch(params, workspace)``: scratch shaped like the lists, or ``None``;
 * ``norms(lists)``: the per-layer L2 norms of several lists, one 1-D tensor
   per list (in the layout's order);
@@ -73,11 +73,11 @@ class Layout(Protocol):
 
     def leave(self, params: Sequence[Tensor]) -> None: ...
 
-    def fits(self, optimizer_state, params: Sequence[Tensor], names: Sequence[str]) -> bool: ...
+    def fits(self, states: Sequence[dict], names: Sequence[str]) -> bool: ...
 
-    def state(self, optimizer_state, params: Sequence[Tensor], name: str) -> list[Tensor | None]: ...
+    def state(self, states: Sequence[dict], name: str) -> list[Tensor | None]: ...
 
-    def adopt(self, optimizer_state, params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None: ...
+    def adopt(self, states: Sequence[dict], params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None: ...
 
     def scratch(self, params: Sequence[Tensor], workspace: Workspace) -> list[Tensor] | None: ...
 
@@ -109,15 +109,15 @@ class TensorLayout:
     def leave(self, params: Sequence[Tensor]) -> None:
         """Nothing to write back: the step worked on the parameters themselves."""
 
-    def fits(self, optimizer_state, params: Sequence[Tensor], names: Sequence[str]) -> bool:
+    def fits(self, states: Sequence[dict], names: Sequence[str]) -> bool:
         return True
 
-    def state(self, optimizer_state, params: Sequence[Tensor], name: str) -> list[Tensor | None]:
-        return [optimizer_state[p].get(name) for p in params]
+    def state(self, states: Sequence[dict], name: str) -> list[Tensor | None]:
+        return list(map(operator.methodcaller("get", name), states))
 
-    def adopt(self, optimizer_state, params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None:
-        for p, t in zip(params, tensors):
-            optimizer_state[p][name] = t
+    def adopt(self, states: Sequence[dict], params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None:
+        for state, t in zip(states, tensors):
+            state[name] = t
 
     def scratch(self, params: Sequence[Tensor], workspace: Workspace) -> list[Tensor] | None:
         return workspace.like(params)
@@ -193,13 +193,13 @@ class ShardedLayout(TensorLayout):
     def enter(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         return [local(p) for p in params], [local(g) for g in grads]
 
-    def state(self, optimizer_state, params: Sequence[Tensor], name: str) -> list[Tensor | None]:
-        return [local(optimizer_state[p].get(name)) for p in params]
+    def state(self, states: Sequence[dict], name: str) -> list[Tensor | None]:
+        return [local(state.get(name)) for state in states]
 
-    def adopt(self, optimizer_state, params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None:
+    def adopt(self, states: Sequence[dict], params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None:
         """New state from local shards: kept as DTensors laid out like their parameters."""
-        for p, t in zip(params, tensors):
-            optimizer_state[p][name] = as_sharded_like(t, p)
+        for state, p, t in zip(states, params, tensors):
+            state[name] = as_sharded_like(t, p)
 
     def scratch(self, params: Sequence[Tensor], workspace: Workspace) -> list[Tensor] | None:
         kept = workspace.like(params)
@@ -253,6 +253,8 @@ class StackedLayout:
         self._broadcast = [(-1,) + (1,) * len(shape) for shape in self.shapes]
         self._scratch: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
         self._state: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+        # the step's list of state dicts last found to hold the kept rows, and for which entries
+        self._checked: tuple[Sequence[dict] | None, set[str]] = (None, set())
 
     @staticmethod
     def suits(params: Sequence[Tensor]) -> bool:
@@ -315,41 +317,51 @@ class StackedLayout:
         """Scratch stacks for d = g + wd * w or an update (kept here, not in ``workspace``)."""
         return self._kept(params[0], "updates")[0]
 
-    def fits(self, optimizer_state, params: Sequence[Tensor], names: Sequence[str]) -> bool:
+    def _holds(self, states: Sequence[dict], name: str) -> bool:
+        """Whether the entries ``name`` of ``states`` are the rows kept here; checked once per
+        step's list of state dicts (a pass over every entry, by identity)."""
+        if self._checked[0] is states and name in self._checked[1]:
+            return True
+        kept = self._state.get(name)
+        if kept is None or not all(map(operator.is_, map(operator.methodcaller("get", name), states), kept[1])):
+            return False
+        if self._checked[0] is not states:
+            self._checked = (states, set())
+        self._checked[1].add(name)
+        return True
+
+    def fits(self, states: Sequence[dict], names: Sequence[str]) -> bool:
         """Whether each entry in ``names`` is held by every parameter or by none (else the
         step takes the tensors themselves: stacks cannot hold a state half new)."""
-        states = list(map(optimizer_state.__getitem__, params))
         for name in names:
-            entries = list(map(operator.methodcaller("get", name), states))
-            kept = self._state.get(name)
-            if kept is not None and all(map(operator.is_, entries, kept[1])):
+            if self._holds(states, name):
                 continue
-            missing = entries.count(None)
-            if 0 < missing < len(entries):
+            missing = list(map(operator.methodcaller("get", name), states)).count(None)
+            if 0 < missing < len(states):
                 return False
         return True
 
-    def state(self, optimizer_state, params: Sequence[Tensor], name: str) -> list[Tensor | None]:
-        """The stacks whose rows are ``optimizer_state[p][name]`` (``None`` per stack when no
+    def state(self, states: Sequence[dict], name: str) -> list[Tensor | None]:
+        """The stacks whose rows are the entries ``name`` of ``states`` (``None`` per stack when no
         parameter has the entry yet: hand the new stacks to :meth:`adopt`). Entries that are not
         the rows of the stacks kept here (a loaded state dict, a replaced tensor) are stacked
         anew and replaced by the new rows."""
-        entries = list(map(operator.methodcaller("get", name), map(optimizer_state.__getitem__, params)))
-        kept = self._state.get(name)
-        if kept is not None and all(map(operator.is_, entries, kept[1])):
-            return kept[0]
+        if self._holds(states, name):
+            return self._state[name][0]
+        entries = list(map(operator.methodcaller("get", name), states))
         if entries.count(None) == len(entries):
             return [None] * len(self.sizes)
         stacks = self.stack(entries)  # type: ignore[arg-type]
-        self.adopt(optimizer_state, params, name, stacks)
+        self.adopt(states, (), name, stacks)
         return stacks
 
-    def adopt(self, optimizer_state, params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None:
-        """Keep the stacks ``tensors`` as state ``name``; their rows become ``optimizer_state[p][name]``."""
+    def adopt(self, states: Sequence[dict], params: Sequence[Tensor], name: str, tensors: list[Tensor]) -> None:
+        """Keep the stacks ``tensors`` as state ``name``; their rows become the entries of ``states``."""
         rows = self.rows(tensors)
-        for p, row in zip(params, rows):
-            optimizer_state[p][name] = row
+        for state, row in zip(states, rows):
+            state[name] = row
         self._state[name] = (tensors, rows)
+        self._checked = (None, set())
 
     def norms(self, lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         """Per list of stacks, the L2 norm of every row, in stack order."""
@@ -382,11 +394,12 @@ class Layouts:
     def __init__(self) -> None:
         self.chosen: dict[tuple[int, ...], Layout] = {}
 
-    def of(self, params: Sequence[Tensor], *, foreach: bool = True, state=None, names: Sequence[str] = ()) -> Layout:
+    def of(self, params: Sequence[Tensor], *, foreach: bool = True, states: Sequence[dict] | None = None,
+           names: Sequence[str] = ()) -> Layout:
         """Sharded for DTensor parameters; stacked for many small CPU tensors of few shapes on
-        the foreach path; else the tensors themselves. A layout that cannot hold the state
-        ``names`` of ``state`` as it is (stacks, some entries new) gives way to the tensors
-        themselves for this step."""
+        the foreach path; else the tensors themselves. A layout that cannot hold the entries
+        ``names`` of the parameters' state dicts ``states`` as they are (stacks, some entries
+        new) gives way to the tensors themselves for this step."""
         key = tuple(map(id, params))
         layout = self.chosen.get(key)
         if layout is None:
@@ -400,7 +413,7 @@ class Layouts:
             else:
                 layout = TensorLayout(params)
             self.chosen[key] = layout
-        if state is not None and names and not layout.fits(state, params, names):
+        if states is not None and names and not layout.fits(states, names):
             return TensorLayout(params)
         return layout
 

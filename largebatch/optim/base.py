@@ -187,12 +187,12 @@ def stepped_parameters(param_groups: Sequence[dict], method: str) -> tuple[list[
 
 class Part:
     """One parameter group's stepped parameters in this step: positions ``start:end`` of the
-    step's parameter list, the group's layout and the lists the update works on (the
-    layout's: the tensors, their local shards, or stacks filled once per step)."""
+    step's parameter list, their state dicts, the group's layout and the lists the update
+    works on (the layout's: the tensors, their local shards, or stacks filled once per step)."""
 
-    def __init__(self, group: dict, params: list[Tensor], start: int, layout: Layout) -> None:
+    def __init__(self, group: dict, params: list[Tensor], start: int, layout: Layout, states: list[dict]) -> None:
         self.group, self.params, self.start, self.end = group, params, start, start + len(params)
-        self.layout = layout
+        self.layout, self.states = layout, states
         self.weights, self.grads = layout.enter(params, list(map(operator.attrgetter("grad"), params)))
 
     def in_layout_order(self, vector: Tensor) -> Tensor:
@@ -281,8 +281,9 @@ class LayerwiseOptimizer(Optimizer):
         for group, indices in zip(self.param_groups, stepped):
             if indices:
                 ps = params[start : start + len(indices)]
-                layout = self._layouts.of(ps, foreach=self._multi_tensor(group), state=self.state, names=self._state_names)
-                parts.append(Part(group, ps, start, layout))
+                states = list(map(self.state.__getitem__, ps))  # looked up once a step (hashing is Python)
+                layout = self._layouts.of(ps, foreach=self._multi_tensor(group), states=states, names=self._state_names)
+                parts.append(Part(group, ps, start, layout, states))
                 start += len(indices)
         scales, vectors = self._scales(parts, params, groups_of, source)
         per_part = []
@@ -304,7 +305,7 @@ class LayerwiseOptimizer(Optimizer):
         scratch = layout.scratch(part.params, self._workspace) if foreach and weight_decay != 0 else None
         d = directions(part.weights, part.grads, weight_decay, maximize=group["maximize"], workspace=scratch)
         momentum = group["momentum"] != 0
-        buffers = layout.state(self.state, part.params, "momentum_buffer") if momentum else [None] * len(d)
+        buffers = layout.state(part.states, "momentum_buffer") if momentum else [None] * len(d)
         new = momentum and any(b is None for b in buffers)
         scaled_momentum_(
             part.weights, d, buffers, inner=inner, outer=outer, momentum=group["momentum"],
@@ -312,7 +313,7 @@ class LayerwiseOptimizer(Optimizer):
             owns_directions=owns, decay=decay, foreach=foreach,
         )
         if new:
-            layout.adopt(self.state, part.params, "momentum_buffer", buffers)
+            layout.adopt(part.states, part.params, "momentum_buffer", buffers)
 
     # -- introspection
 

@@ -145,14 +145,13 @@ class LAMB(LayerwiseOptimizer):
         """The functional core on the group's lists, as its layout holds them (the state is
         created per parameter, as ``torch.optim.Adam`` does, then laid out)."""
         group, layout = part.group, part.layout
-        states = list(map(self.state.__getitem__, part.params))
-        if not all(states):
-            for p, state in zip(part.params, states):
+        if not all(part.states):
+            for p, state in zip(part.params, part.states):
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        exp_avgs, exp_avg_sqs, steps = (layout.state(self.state, part.params, name) for name in self._state_names)
+        exp_avgs, exp_avg_sqs, steps = (layout.state(part.states, name) for name in self._state_names)
         ratios = lamb(
             part.weights, part.grads, exp_avgs, exp_avg_sqs, steps,
             **{k: group[k] for k in _HYPERPARAMETERS},

@@ -158,7 +158,7 @@ class LARS(LayerwiseOptimizer):
         """The functional core on the group's lists, as its layout holds them."""
         group, layout = part.group, part.layout
         momentum = group["momentum"] != 0
-        buffers = layout.state(self.state, part.params, "momentum_buffer") if momentum else [None] * len(part.weights)
+        buffers = layout.state(part.states, "momentum_buffer") if momentum else [None] * len(part.weights)
         new = momentum and any(b is None for b in buffers)
         ratios = lars(
             part.weights, part.grads, buffers,
@@ -168,7 +168,7 @@ class LARS(LayerwiseOptimizer):
             layout=layout,
         )
         if new:
-            layout.adopt(self.state, part.params, "momentum_buffer", buffers)
+            layout.adopt(part.states, part.params, "momentum_buffer", buffers)
         return {"trust_ratio": ratios}
 
 
