@@ -96,7 +96,7 @@ def test_paper_v2_preset_states_the_protocol():
     assert spec.budget_hours == 16 and spec.commit_every_minutes <= 30
     # amendment 2: near-best rates on two seeds, the one-SE rule, rate / 3 on seed 0, the noise scale
     assert (spec.tune_seeds, spec.tune_rule, spec.sensitivity_seeds, spec.noise_scale) == (2, "one-se", [0], True)
-    assert spec.grid_of("lars-masked") == spec.grid_of("lars") and len(spec.amendments) == 2
+    assert spec.grid_of("lars-masked") == spec.grid_of("lars") and len(spec.amendments) == 3
     assert StudySpec.load(preset="paper-small").models[0].epochs == 5  # the first study still regenerates
 
 
