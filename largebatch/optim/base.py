@@ -44,17 +44,21 @@ Scale = Union[float, Tensor]
 
 def directions(
     params: list[Tensor], grads: list[Tensor], weight_decay: float, *, maximize: bool,
-    workspace: list[Tensor] | None = None,
+    workspace: list[Tensor] | None = None, foreach: bool = True,
 ) -> list[Tensor]:
-    """d = (-g if maximize else g) + wd * w (coupled weight decay), one foreach op each.
+    """d = (-g if maximize else g) + wd * w (coupled weight decay), one foreach op each
+    (one op per tensor with ``foreach=False``).
 
     New tensors where anything is negated or added (written into ``workspace``, scratch
     shaped like the lists, when given); ``p.grad`` is never modified. The gradient
     statistics never see the decay term."""
     if maximize:
-        grads = torch._foreach_neg(grads)
+        grads = torch._foreach_neg(grads) if foreach else [-g for g in grads]
     if weight_decay != 0:
-        grads = into(workspace, torch.add, grads, params, alpha=weight_decay)
+        if foreach:
+            grads = into(workspace, torch.add, grads, params, alpha=weight_decay)
+        else:
+            grads = [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
     return grads
 
 
@@ -303,7 +307,8 @@ class LayerwiseOptimizer(Optimizer):
         foreach = self._multi_tensor(group)
         owns = group["maximize"] or weight_decay != 0
         scratch = layout.scratch(part.params, self._workspace) if foreach and weight_decay != 0 else None
-        d = directions(part.weights, part.grads, weight_decay, maximize=group["maximize"], workspace=scratch)
+        d = directions(part.weights, part.grads, weight_decay, maximize=group["maximize"], workspace=scratch,
+                       foreach=foreach)
         momentum = group["momentum"] != 0
         buffers = layout.state(part.states, "momentum_buffer") if momentum else [None] * len(d)
         new = momentum and any(b is None for b in buffers)
