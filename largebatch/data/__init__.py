@@ -1,9 +1,9 @@
 """Datasets that work offline, and the user's own (CIFAR folders, .npz files, a callable), with one seeded
 train/validation split."""
 
+from .checks import DatasetNotFoundError
 from .datasets import (
     DATASETS,
-    DatasetNotFoundError,
     ImageDataset,
     Split,
     check_dataset_name,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DatasetNotFoundError
+from .checks import DatasetNotFoundError
 from .idx import DataFormatError
 
 FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DatasetNotFoundError, check_labels
+from .checks import DatasetNotFoundError, check_labels
 from .idx import DataFormatError
 
 EXPECTED = "expected arrays x (N x C x H x W or N x H x W images) and y (N integer labels)"

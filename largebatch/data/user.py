@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..models.user import call_with, import_callable
-from .datasets import check_labels
+from .checks import check_labels
 from .idx import DataFormatError
 
 
