@@ -14,8 +14,15 @@ from .study_page import headline, page
 from .study_view import Study
 
 
+HEADLINE = "headline.md"  # beside summaries.json: the README's table, as of the page last written
+
+
 def write_study_report(summaries: str | Path, out: str | Path) -> Path:
-    """Write the Markdown page to ``out`` and its PNGs beside ``summaries``; returns the page's path."""
+    """Write the Markdown page to ``out``, and its PNGs and the README's headline table (``headline.md``)
+    beside ``summaries``; returns the page's path.
+
+    The README quotes the headline of the page last written, not of the summaries as they grow: a study
+    commits its summaries while it runs, and a table of half-finished reruns is not a verdict."""
     summaries, out = Path(summaries), Path(out)
     if not summaries.exists():
         raise ValueError(f"{summaries} does not exist: run the study first")
@@ -24,6 +31,7 @@ def write_study_report(summaries: str | Path, out: str | Path) -> Path:
     lines = page(study)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
+    (summaries.parent / HEADLINE).write_text("\n".join(headline(study)) + "\n")
     return out
 
 
