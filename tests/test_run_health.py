@@ -38,23 +38,24 @@ def test_no_run_the_study_counts_as_healthy_is_flagged():
 
 
 def test_the_study_runs_that_failed_but_kept_going_are_flagged():
+    # main-sweep runs by (model, method, batch, seed, base rate), those a later rate set aside included
     by_key = {}
     for r in committed_runs():
-        if r["phase"] == "sweep":
-            by_key[(r["model"], r["method"], r["batch"], r["seed"])] = r
+        if r["phase"] == "sweep" or r.get("superseded_phase") == "sweep":
+            by_key[(r["model"], r["method"], r["batch"], r["seed"], r["base_lr"])] = r
     # CLARS at base rate 30 on the MLP exploded from 1K up without a non-finite loss, and ended at 10%.
     for batch in (1024, 2048, 4096, 8192):
         for seed in (0, 1, 2):
-            run = by_key[("mlp", "clars", batch, seed)]
+            run = by_key[("mlp", "clars", batch, seed, 30.0)]
             assert run.get("diverged_at_step") is None and run["final_test_accuracy"] <= 0.11
             failure = verdict(run)
             assert failure is not None and failure.kind == "diverged" and failure.step < run["steps"] / 4
     # CLARS on LeNet-5-BN at 1K and 2K sat at log 10 for hundreds of updates.
     for key in (("lenet5-bn", "clars", 1024, 1), ("lenet5-bn", "clars", 2048, 0), ("lenet5-bn", "clars", 2048, 1)):
-        failure = verdict(by_key[key])
+        failure = verdict(by_key[(*key, 30.0)])
         assert failure is not None and failure.kind == "collapsed" and "of chance (2.303)" in failure.reason
     # ... while seed 0 at 1K spent 104 updates at chance and recovered to 85%: not flagged.
-    recovered = by_key[("lenet5-bn", "clars", 1024, 0)]
+    recovered = by_key[("lenet5-bn", "clars", 1024, 0, 30.0)]
     assert healthy(recovered) and verdict(recovered) is None
 
 
