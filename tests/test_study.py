@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from _cli_data import needs_fashion_mnist
-from _study_records import run_record
+from _study_records import run_record, tiny_study
 
 from largebatch.cli import main
 from largebatch.report.study import write_study_report
@@ -29,36 +29,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # -- the study command ---------------------------------------------------------------------
 
-TINY_SPEC = """
-name = "tiny"
-methods = ["lsw", "lena"]
-batches = [128, 256]
-seeds = [0]
-tune_grid = [0.01, 0.1]
-ablation_methods = ["lena"]
-ablation_batches = [256]
-train_limit = 512
-test_limit = 200
-val_size = 200
-evals_per_epoch = 2
-early_epochs = 1
-layer_every = 1
-run_dir = "{root}/runs"
-artifacts = "{root}/results"
-out = "{root}/docs/results.md"
-benchmarks = "{benchmarks}"
-
-[[models]]
-name = "mlp"
-epochs = 1
-"""
+TINY_SPEC = dict(name="tiny", methods=["lsw", "lena"], batches=[128, 256], seeds=[0], tune_grid=[0.01, 0.1],
+                 ablation_methods=["lena"], ablation_batches=[256], evals_per_epoch=2)
 
 
 @needs_fashion_mnist
 def test_study_tunes_sweeps_ablates_writes_the_page_and_resumes(tmp_path, capsys):
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(TINY_SPEC.format(root=tmp_path, benchmarks=benchmarks))
+    spec = tiny_study(tmp_path, [{"name": "mlp", "epochs": 1}], **TINY_SPEC)
     assert main(["study", "--spec", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "Estimated wall time" in out and "total" in out
@@ -148,44 +125,17 @@ def test_commits_are_time_based(tmp_path, monkeypatch):
 
 # -- the pipeline ----------------------------------------------------------------------------------
 
-TINY_V2 = """
-name = "tiny-v2"
-methods = ["lsw", "as", "adascale", "lars", "clars", "lena"]
-batches = [128, 256]
-seeds = [0, 1]
-tune_grid = [0.01, 0.1]
-tune_grids = {{lars = [1.0, 3.0]}}
-tune_extend = 1
-plateau_lr = 0.1
-plateau_tolerance = 0.99
-min_updates = 3
-adascale_cap = 2.0
-ablation_methods = ["as", "lena"]
-ablation_batches = [256]
-ablation_seeds = [0]
-train_limit = 512
-test_limit = 200
-val_size = 200
-evals_per_epoch = 2
-early_epochs = 1
-layer_every = 1
-layer_samples = 5
-run_dir = "{root}/runs"
-artifacts = "{root}/results"
-out = "{root}/docs/results.md"
-benchmarks = "{root}/none"
-
-[[models]]
-name = "mlp"
-epoch_candidates = [1, 2]
-"""
+TINY_V2 = dict(name="tiny-v2", methods=["lsw", "as", "adascale", "lars", "clars", "lena"], batches=[128, 256],
+               seeds=[0, 1], tune_grid=[0.01, 0.1], tune_grids={"lars": [1.0, 3.0]}, tune_extend=1, plateau_lr=0.1,
+               plateau_tolerance=0.99, min_updates=3, adascale_cap=2.0, ablation_methods=["as", "lena"],
+               ablation_batches=[256], ablation_seeds=[0], evals_per_epoch=2, layer_samples=5)
 
 
 @needs_fashion_mnist
 @pytest.mark.slow
 def test_v2_pipeline_end_to_end_and_the_page_from_summaries_alone(tmp_path, capsys):
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(TINY_V2.format(root=tmp_path))
+    spec = tiny_study(tmp_path, [{"name": "mlp", "epoch_candidates": [1, 2]}], **TINY_V2,
+                      benchmarks=str(tmp_path / "none"))
     assert main(["study", "--spec", str(spec)]) == 0
     out = capsys.readouterr().out
     assert out.index("Estimated wall time") < out.index("plateau mlp sgd batch 128 2 epochs seed 0")

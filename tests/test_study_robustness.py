@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from _cli_data import needs_fashion_mnist
+from _study_records import tiny_study
 from torch import nn
 
 from largebatch.cli import main
@@ -75,41 +75,14 @@ def test_windowed_noise_scale_is_the_ratio_of_window_means():
     assert windowed_noise_scale([{"step": 1}], 2, 20) is None
 
 
-TINY = """
-name = "tiny-robust"
-methods = ["lsw", "lars"]
-batches = [128, 256]
-seeds = [0, 1]
-tune_grid = [0.01, 0.1]
-tune_grids = {{lars = [1.0, 3.0]}}
-tune_seeds = 2
-tune_rule = "one-se"
-tune_within = 0.9
-sensitivity_seeds = [0]
-noise_scale = true
-ablation_methods = []
-train_limit = 512
-test_limit = 200
-val_size = 200
-evals_per_epoch = 1
-early_epochs = 1
-layer_every = 1
-run_dir = "{root}/runs"
-artifacts = "{root}/results"
-out = "{root}/docs/results.md"
-benchmarks = "{benchmarks}"
-
-[[models]]
-name = "mlp"
-epochs = 1
-"""
+TINY = dict(name="tiny-robust", methods=["lsw", "lars"], batches=[128, 256], seeds=[0, 1], tune_grid=[0.01, 0.1],
+            tune_grids={"lars": [1.0, 3.0]}, tune_seeds=2, tune_rule="one-se", tune_within=0.9, sensitivity_seeds=[0],
+            noise_scale=True, ablation_methods=[], evals_per_epoch=1)
 
 
 @needs_fashion_mnist
 def test_study_runs_the_second_look_phases_and_resumes(tmp_path, capsys):
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(TINY.format(root=tmp_path, benchmarks=benchmarks))
+    spec = tiny_study(tmp_path, [{"name": "mlp", "epochs": 1}], **TINY)
     assert main(["study", "--spec", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "tune-seeds sgd lr 0.01 at batch 128 seed 1" in out and "tune-seeds lars lr 3 at batch 128 seed 1" in out
