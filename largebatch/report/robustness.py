@@ -1,6 +1,6 @@
 """The study page's second look: tuning on seeds, rate sensitivity and the gradient noise scale.
 
-Each function takes the page's :class:`largebatch.report.study.Study` (the
+Each function takes the page's :class:`largebatch.report.study_view.Study` (the
 records of summaries.json) and returns Markdown lines; nothing here trains or
 reads a run directory. The phases are described in
 :mod:`largebatch.study` and docs/study.md (amendment 2).
@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
-
 from .plots import noise_scale_over_training
-
-Study = Any  # largebatch.report.study.Study, the page's view of summaries.json (not imported: it imports this)
+from .study_view import Study
 
 TUNE_SEEDS, SENSITIVITY, NOISE_SCALE = "tune-seeds", "sensitivity", "noise-scale"
 FALL = 0.01  # a method "falls" at a batch where its mean accuracy is this far below the mean target
