@@ -1,6 +1,6 @@
 """LENA from one micro-batch per step (example statistics) against micro-batches of 128 (micro-batch statistics).
 
-The issue's measurement: the MLP on Fashion-MNIST, the study's protocol
+The measurement: the MLP on Fashion-MNIST, the study's protocol
 (docs/study.md: 5 epochs, base batch b = 128, base rate 0.1, seeds 0, 1, 2,
 test accuracy checked twice per epoch), LENA at B = 1024 and 8192
 

@@ -59,7 +59,7 @@ def test_the_study_runs_that_failed_but_kept_going_are_flagged():
     assert healthy(recovered) and verdict(recovered) is None
 
 
-def test_the_issues_exploding_loss_is_diverged_at_the_first_window_past_the_limit():
+def test_an_exploding_finite_loss_is_diverged_at_the_first_window_past_the_limit():
     windows = [(6, 2.3), (12, 14.0), (18, 7e4), (24, 7e6), (30, 1.5e12)]
     failure = judge_windows(windows, 10)
     assert failure.kind == "diverged" and failure.step == 18 and "above 1000 x log K" in failure.reason

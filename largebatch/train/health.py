@@ -10,7 +10,7 @@ the committed runs of the study v2 (results/study-v2/summaries.json, 336 runs wi
   The highest window of a run that ended clearly above chance (15% or more on ten classes) was 820 (LARS
   without the bias and normalisation tensors at 8K on the MLP, ending at 38%); 1000 x log K leaves a factor
   of 2.8 over it. Runs that exploded went through it on their way to 1e12 and beyond (CLARS at rate 30 on
-  the MLP from 1K up; the issue's CLARS example went 2.3, 14, 7e4, 7e6, 1.5e12).
+  the MLP from 1K up; CLARS at rate 10 on the MLP at 8K went 2.3, 14, 7e4, 7e6, 1.5e12).
 * Collapsed: windows whose mean lies within ``CHANCE_TOLERANCE`` x log K of log K, or of the entropy of
   the training labels (a model that predicts the class prior), for ``COLLAPSE_UPDATES`` updates in a row.
   The longest stretch at chance of a run that recovered was 104 updates (LeNet-5-BN, CLARS at 1K, seed 0,
