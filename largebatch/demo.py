@@ -6,8 +6,8 @@ epoch budget:
 1. the base batch (128) at the base rate eta0;
 2. a batch of 8192 with the rate scaled linearly (eta0 * 8192 / 128) and no
    warm-up (Goyal et al. 2017's rule, which fails this far out);
-3. the same batch with LARS (You et al. 2017), trust ratios per layer, biases
-   excluded from adaptation and weight decay.
+3. the same batch with LARS (You et al. 2017), a trust ratio for every tensor,
+   biases and normalisation weights excluded from weight decay.
 
 Large batches are formed from micro-batches by gradient accumulation, which
 gives the same gradient as one big batch for this BatchNorm-free model.
