@@ -34,7 +34,8 @@ def tune_seeds_lines(study: Study, model: str) -> list[str]:
         return []
     seeds = next(e["seeds"] for e in study.tuning[model].values() if e.get("seeds"))
     within = next(e["within"] for e in study.tuning[model].values() if e.get("within") is not None)
-    return [f"Rates within {100 * within:g} points of the first seed's best, on seeds {', '.join(map(str, seeds))} "
+    points = f"{100 * within:g} point" + ("" if 100 * within == 1 else "s")
+    return [f"Rates within {points} of the first seed's best, on seeds {', '.join(map(str, seeds))} "
             "(validation accuracy %, mean ± sd); the rate used is the smallest whose mean is within one standard "
             "error of the best mean (the one-standard-error rule, amendment 2):", "",
             "| family | rate: mean ± sd over seeds | best mean at | its standard error (points) | rate used | "
@@ -150,8 +151,8 @@ def noise_section(study: Study, model: str) -> list[str]:
              f"{len(series['noise_scale'])} windows of the run).", "",
              f"![B_noise over training]({study.link(path)})", ""]
     if start is not None:
-        lines += [f"B_noise was {start:,.0f} examples in the first window (to epoch {values[0][0]:g}) and "
-                  f"{end:,.0f} in the last measurable one (to epoch {values[-1][0]:g})"
+        lines += [f"B_noise was {start:,.0f} examples in the first window (to epoch {values[0][0]:.1f}) and "
+                  f"{end:,.0f} in the last measurable one (to epoch {values[-1][0]:.1f})"
                   + (f"; in {hidden} window(s) the mean |G|^2 was not positive (the noise hid the gradient)"
                      if hidden else "") + ".", ""]
     rows = []
