@@ -27,15 +27,6 @@ def _fresh_measurements():
     strategy.clear_measurements()
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def true_norms(model, x, target):
     """Per parameter: (sum of per-example norms, sum of squares) from torch.func per-example gradients."""
     model = copy.deepcopy(model)

@@ -22,12 +22,8 @@ RTOL = 1e-9
 
 
 @pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+def _float64(float64):
+    """Every test here runs in float64 (the shared fixture in conftest.py)."""
 
 
 def first(out):
